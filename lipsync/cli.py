@@ -1,0 +1,110 @@
+"""The `lipsync` command: parses arguments, loads config and calls each stage's `run(config)`.
+
+Exit codes: 0 done, 2 bad input or usage (one line naming what is wrong), 1 anything else.
+With --json the last line on stdout is one JSON object; progress and human output go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from lipsync.errors import BadInput
+
+Handler = Callable[[argparse.Namespace], dict[str, Any]]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises BadInput (exit 2, one line) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise BadInput(f"{self.prog}: {message}")
+
+
+def _common(p: argparse.ArgumentParser, ray: bool = False) -> None:
+    p.add_argument("--config", help="YAML config file (defaults are used for missing keys)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout as the last line")
+    if ray:
+        p.add_argument("--address", help="Ray cluster address (default: start a local embedded Ray)")
+
+
+def _synth(args: argparse.Namespace) -> dict[str, Any]:
+    from lipsync.config import load_config
+    from pipeline.synth import SynthConfig, run
+
+    overrides = {
+        "languages": args.languages,
+        "speakers": args.speakers,
+        "clips_per_speaker": args.clips_per_speaker,
+        "seconds": args.seconds,
+        "offset_frames": args.offset_frames,
+        "seed": args.seed,
+    }
+    cfg = load_config(SynthConfig, args.config, overrides)
+    return run(cfg, args.out, address=args.address)
+
+
+def _demo(args: argparse.Namespace) -> dict[str, Any]:
+    from lipsync.demo import run
+
+    return run(args.out, config_path=args.config, address=args.address)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line grammar (DESIGN.md's contract)."""
+    parser = _Parser(prog="lipsync", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("synth", help="generate a multilingual talking-face corpus with known timing")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--languages", help="comma-separated espeak-ng languages, e.g. en,es,hi")
+    p.add_argument("--speakers", type=int, help="speakers per language")
+    p.add_argument("--clips-per-speaker", type=int)
+    p.add_argument("--seconds", type=float, help="clip length in seconds")
+    p.add_argument("--offset-frames", type=int, help="delay (K>0) or advance (K<0) the audio by K frames")
+    p.add_argument("--seed", type=int)
+    _common(p, ray=True)
+    p.set_defaults(handler=_synth)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a generated corpus and a local Ray")
+    p.add_argument("out", help="output directory")
+    _common(p, ray=True)
+    p.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `lipsync` console script."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    want_json = "--json" in (argv if argv is not None else sys.argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+        result = args.handler(args)
+    except BadInput as exc:
+        print(f"lipsync: error: {exc}", file=sys.stderr)
+        if want_json:
+            print(json.dumps({"error": str(exc), "exit_code": 2}))
+        return 2
+    except KeyboardInterrupt:
+        print("lipsync: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: report and exit 1
+        traceback.print_exc(file=sys.stderr)
+        if want_json:
+            print(json.dumps({"error": f"{type(exc).__name__}: {exc}", "exit_code": 1}))
+        return 1
+    if want_json:
+        print(json.dumps(result, default=str))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

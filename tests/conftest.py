@@ -1,0 +1,48 @@
+"""Shared fixtures: one session-scoped local Ray, paths to the shared real clips, small corpora."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MEDIA = REPO.parent / "shared" / "media"
+
+# Keep Ray quiet and small on a 2-core machine.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (2 CPUs, small object store, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            object_store_memory=300 * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=False,
+            ignore_reinit_error=True,
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_media() -> Path:
+    """The real talking-face clips beside the checkout; tests using them skip when absent."""
+    if not SHARED_MEDIA.is_dir() or not (SHARED_MEDIA / "MANIFEST.tsv").is_file():
+        pytest.skip("../shared/media is not present")
+    return SHARED_MEDIA
+
+
+def require_tool(name: str) -> None:
+    """Fail loudly (not skip) when a system tool the project installs is missing."""
+    assert shutil.which(name), f"{name} is not installed; run `make venv` (installs system packages)"
