@@ -62,7 +62,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise BadInput(f"config {where or cls.__name__}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        raise BadInput(
+            f"config {where or cls.__name__}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+        )
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in data.items()}
     return cls(**kwargs)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -58,7 +59,9 @@ class _Voice(ctypes.Structure):
     ]
 
 
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event))
+_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event)
+)
 _LOCK = threading.Lock()  # espeak-ng keeps global state: one synthesis at a time per process
 
 
@@ -105,13 +108,15 @@ class VoiceStyle:
 @lru_cache(maxsize=1)
 def _library() -> tuple[ctypes.CDLL, int]:
     """Load and initialise libespeak-ng once per process; returns (lib, sample_rate)."""
-    path = ctypes.util.find_library("espeak-ng") or "libespeak-ng.so.1"
+    path = (
+        os.environ.get("LIPSYNC_ESPEAK_LIB") or ctypes.util.find_library("espeak-ng") or "libespeak-ng.so.1"
+    )
     try:
         lib = ctypes.CDLL(path)
     except OSError as exc:
         raise EspeakMissing(
-            "espeak-ng is not installed (libespeak-ng.so.1 not found); install it with "
-            "`apt-get install espeak-ng` or run `make venv`"
+            f"espeak-ng is not installed ({path} could not be loaded); install it with "
+            "`apt-get install espeak-ng libespeak-ng1` or run `make venv`"
         ) from exc
     lib.espeak_Initialize.restype = ctypes.c_int
     lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
@@ -201,7 +206,10 @@ def synthesize(text: str, language: str, style: VoiceStyle | None = None) -> Spe
     encoded = text.encode("utf-8") + b"\x00"
     with _LOCK:
         lib.espeak_SetSynthCallback(callback)
-        if lib.espeak_SetVoiceByName(voice.encode()) != 0 and lib.espeak_SetVoiceByName(language.encode()) != 0:
+        if (
+            lib.espeak_SetVoiceByName(voice.encode()) != 0
+            and lib.espeak_SetVoiceByName(language.encode()) != 0
+        ):
             raise BadInput(f"espeak-ng could not select voice {voice!r}")
         lib.espeak_SetParameter(_PARAM_RATE, int(style.rate_wpm), 0)
         lib.espeak_SetParameter(_PARAM_PITCH, int(style.pitch), 0)
@@ -212,14 +220,18 @@ def synthesize(text: str, language: str, style: VoiceStyle | None = None) -> Spe
     pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
     duration_ms = 1000.0 * len(pcm) / sample_rate
     phonemes = _timeline_from_events(events, duration_ms, language)
-    return Speech(pcm=pcm.astype(np.int16), sample_rate=sample_rate, phonemes=phonemes, language=language, text=text)
+    return Speech(
+        pcm=pcm.astype(np.int16), sample_rate=sample_rate, phonemes=phonemes, language=language, text=text
+    )
 
 
 def _is_pause(name: str) -> bool:
     return not name.strip() or name.strip().startswith("_")
 
 
-def _timeline_from_events(events: list[tuple[int, int, str]], duration_ms: float, language: str) -> list[Phoneme]:
+def _timeline_from_events(
+    events: list[tuple[int, int, str]], duration_ms: float, language: str
+) -> list[Phoneme]:
     """Phonemes start at their event's audio position and end where the next phoneme or pause starts."""
     marks = [(pos, name) for kind, pos, name in events if kind == _EVENT_PHONEME]
     end_marks = [pos for kind, pos, _ in events if kind in (_EVENT_END, _EVENT_MSG_TERMINATED)]
@@ -321,7 +333,9 @@ def cadence(phonemes: list[Phoneme]) -> dict[str, float]:
     }
 
 
-def openness_curve(phonemes: list[Phoneme], duration_ms: float, step_ms: float = 1.0, smooth_ms: float = 25.0) -> np.ndarray:
+def openness_curve(
+    phonemes: list[Phoneme], duration_ms: float, step_ms: float = 1.0, smooth_ms: float = 25.0
+) -> np.ndarray:
     """Target mouth openness every `step_ms`, co-articulated by Gaussian smoothing of the viseme targets.
 
     Silence is closed (0). The smoothing makes the mouth glide between shapes rather than jump.
@@ -338,7 +352,9 @@ def openness_curve(phonemes: list[Phoneme], duration_ms: float, step_ms: float =
     return np.convolve(np.pad(target, radius, mode="edge"), kernel, mode="valid")[:n]
 
 
-def openness_per_frame(phonemes: list[Phoneme], n_frames: int, fps: float = 25.0, shift_ms: float = 0.0) -> np.ndarray:
+def openness_per_frame(
+    phonemes: list[Phoneme], n_frames: int, fps: float = 25.0, shift_ms: float = 0.0
+) -> np.ndarray:
     """Timeline openness sampled at each video frame's centre (optionally shifted by `shift_ms`)."""
     duration_ms = 1000.0 * n_frames / fps + abs(shift_ms) + 100.0
     curve = openness_curve(phonemes, duration_ms)

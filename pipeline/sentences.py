@@ -1,0 +1,60 @@
+"""Built-in sentences per language for the generated corpus (espeak-ng language codes)."""
+
+from __future__ import annotations
+
+SENTENCES: dict[str, tuple[str, ...]] = {
+    "en": (
+        "The quick brown fox jumps over the lazy dog.",
+        "Please bring me a cup of warm milk before bed.",
+        "My mother baked a big apple pie for the party.",
+        "We will meet at the old bridge by the river at noon.",
+        "Bob put the map back in the blue box.",
+        "Open the window and let the fresh air in.",
+        "Maybe the bus will be late again this morning.",
+        "Good morning, my name is Paul and I am happy to be here.",
+    ),
+    "es": (
+        "Buenos días, me llamo Pablo y vivo en Madrid.",
+        "El perro marrón corre por el parque cada mañana.",
+        "Mañana vamos a comprar pan, manzanas y tomates.",
+        "Por favor, abre la ventana porque hace mucho calor.",
+        "Mi madre prepara una paella muy buena los domingos.",
+        "La biblioteca está abierta hasta las nueve de la noche.",
+        "Hablamos por teléfono ayer por la tarde.",
+        "Me gusta pasear por la playa al atardecer.",
+    ),
+    "hi": (
+        "आज मौसम बहुत अच्छा है और हम बाहर घूमने जाएंगे।",
+        "मेरा नाम अनीता है और मैं दिल्ली में रहती हूँ।",
+        "कृपया दरवाज़ा बंद कर दीजिए, बाहर बहुत ठंड है।",
+        "हम सब मिलकर इस काम को समय पर पूरा करेंगे।",
+        "बाज़ार से फल और सब्ज़ियाँ लेकर आओ।",
+        "पानी पीना सेहत के लिए बहुत ज़रूरी है।",
+        "यह किताब मुझे मेरे पिताजी ने दी थी।",
+        "बच्चे मैदान में फुटबॉल खेल रहे हैं।",
+    ),
+    "de": (
+        "Guten Morgen, mein Name ist Paul und ich wohne in Berlin.",
+        "Die Katze schläft auf dem warmen Sofa.",
+        "Bitte mach das Fenster auf, es ist sehr warm.",
+        "Morgen fahren wir mit dem Bus an den See.",
+    ),
+    "fr": (
+        "Bonjour, je m'appelle Paul et j'habite à Paris.",
+        "Le petit chat dort sur le canapé bleu.",
+        "Nous allons au marché acheter du pain et des pommes.",
+        "Ouvre la fenêtre, il fait très chaud aujourd'hui.",
+    ),
+    "it": (
+        "Buongiorno, mi chiamo Paolo e abito a Roma.",
+        "Il gatto bianco dorme sul divano.",
+        "Domani andiamo al mare con gli amici.",
+        "Per favore, apri la finestra perché fa caldo.",
+    ),
+    "pt": (
+        "Bom dia, o meu nome é Paulo e moro em Lisboa.",
+        "O gato preto dorme em cima da mesa.",
+        "Amanhã vamos à praia com a minha família.",
+        "Por favor, abre a janela porque está muito calor.",
+    ),
+}
