@@ -32,7 +32,9 @@ def run(out: str, config_path: str | None = None, address: str | None = None) ->
 
     root = Path(out)
     results: dict[str, Any] = {"out": str(root)}
-    synth_cfg = load_config(SynthConfig, None, {"languages": "en,es,hi", "speakers": 2, "clips_per_speaker": 2})
+    synth_cfg = load_config(
+        SynthConfig, None, {"languages": "en,es,hi", "speakers": 2, "clips_per_speaker": 2}
+    )
     corpus = _step("synth", results, synth, synth_cfg, str(root / "corpus"), address=address)
     results["corpus"] = corpus["manifest"]
     return results

@@ -46,3 +46,16 @@ def shared_media() -> Path:
 def require_tool(name: str) -> None:
     """Fail loudly (not skip) when a system tool the project installs is missing."""
     assert shutil.which(name), f"{name} is not installed; run `make venv` (installs system packages)"
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated en/es/hi corpus: 2 speakers per language, 1 clip of 4 s each, offset 0."""
+    from pipeline.synth import SynthConfig, run
+
+    out = tmp_path_factory.mktemp("synth_corpus")
+    run(
+        SynthConfig(languages=("en", "es", "hi"), speakers=2, clips_per_speaker=1, seconds=4.0, seed=0),
+        str(out),
+    )
+    return out

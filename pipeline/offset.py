@@ -1,0 +1,92 @@
+"""Model-free audio-video offset: mouth openness from landmarks against the audio envelope.
+
+Sign convention (DESIGN.md): `offset_frames > 0` means the audio lags the video — the sound arrives k
+frames after the mouth movement; fixing it means advancing the audio by k frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import uniform_filter1d
+
+
+@dataclass(frozen=True)
+class OffsetEstimate:
+    """The lag with the best correlation, its confidence and the whole correlation curve."""
+
+    offset_frames: int
+    confidence: float  # peak correlation minus the median over all lags (SyncNet's LSE-C idea)
+    peak_correlation: float
+    correlations: tuple[float, ...]  # for lags -max_lag..max_lag
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "offset_frames": self.offset_frames,
+            "confidence": round(self.confidence, 4),
+            "peak_correlation": round(self.peak_correlation, 4),
+        }
+
+
+def audio_envelope(pcm: np.ndarray, sample_rate: int, n_frames: int, fps: float) -> np.ndarray:
+    """Log RMS energy of the audio in each video frame's time span (frame i covers [i/fps, (i+1)/fps))."""
+    pcm = np.asarray(pcm, dtype=np.float32)
+    edges = np.round(np.arange(n_frames + 1) * sample_rate / fps).astype(int)
+    edges = np.clip(edges, 0, len(pcm))
+    power = np.concatenate([[0.0], np.cumsum(pcm.astype(np.float64) ** 2)])
+    counts = np.maximum(edges[1:] - edges[:-1], 1)
+    rms = np.sqrt((power[edges[1:]] - power[edges[:-1]]) / counts)
+    return np.log(rms + 1e-4).astype(np.float32)
+
+
+def _prepare(signal: np.ndarray, detrend_frames: int) -> np.ndarray:
+    """Fill gaps, remove slow trends (head motion, loudness drift) and z-score."""
+    x = np.asarray(signal, dtype=np.float64).copy()
+    bad = ~np.isfinite(x)
+    if bad.all():
+        return np.zeros_like(x)
+    if bad.any():
+        idx = np.arange(len(x))
+        x[bad] = np.interp(idx[bad], idx[~bad], x[~bad])
+    if detrend_frames > 1 and len(x) > detrend_frames:
+        x = x - uniform_filter1d(x, size=detrend_frames, mode="nearest")
+    std = x.std()
+    return (x - x.mean()) / std if std > 1e-9 else np.zeros_like(x)
+
+
+def lagged_correlations(mouth: np.ndarray, audio: np.ndarray, max_lag: int) -> np.ndarray:
+    """Pearson correlation of mouth(t) with audio(t + lag) for lag in -max_lag..max_lag (overlap only)."""
+    n = min(len(mouth), len(audio))
+    out = np.zeros(2 * max_lag + 1)
+    for i, lag in enumerate(range(-max_lag, max_lag + 1)):
+        a = mouth[max(0, -lag) : n - max(0, lag)]
+        b = audio[max(0, lag) : n - max(0, -lag)]
+        if len(a) < 8 or a.std() < 1e-9 or b.std() < 1e-9:
+            continue
+        out[i] = float(np.corrcoef(a, b)[0, 1])
+    return out
+
+
+def estimate_offset(
+    mouth_openness: np.ndarray,
+    pcm: np.ndarray,
+    sample_rate: int,
+    fps: float,
+    max_lag: int = 15,
+    detrend_seconds: float = 1.0,
+) -> OffsetEstimate:
+    """AV offset of a clip from its per-frame mouth openness and its audio (NaN openness = no face)."""
+    n = len(mouth_openness)
+    envelope = audio_envelope(pcm, sample_rate, n, fps)
+    window = max(3, int(round(detrend_seconds * fps)))
+    mouth = _prepare(mouth_openness, window)
+    audio = _prepare(envelope, window)
+    corr = lagged_correlations(mouth, audio, max_lag)
+    best = int(np.argmax(corr))
+    return OffsetEstimate(
+        offset_frames=best - max_lag,
+        confidence=float(corr[best] - np.median(corr)),
+        peak_correlation=float(corr[best]),
+        correlations=tuple(float(c) for c in corr),
+    )
