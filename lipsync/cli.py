@@ -49,6 +49,23 @@ def _synth(args: argparse.Namespace) -> dict[str, Any]:
     return run(cfg, args.out, address=args.address)
 
 
+def _preprocess(args: argparse.Namespace) -> dict[str, Any]:
+    from lipsync.config import load_config
+    from pipeline.preprocess import run
+    from pipeline.stages import PreprocessConfig
+
+    overrides = {"resources.workers": args.workers}
+    return run(
+        load_config(PreprocessConfig, args.config, overrides), args.input, args.out, address=args.address
+    )
+
+
+def _offset(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.offset import offset_of_video
+
+    return offset_of_video(args.video, max_lag=args.max_lag).to_dict()
+
+
 def _demo(args: argparse.Namespace) -> dict[str, Any]:
     from lipsync.demo import run
 
@@ -70,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     _common(p, ray=True)
     p.set_defaults(handler=_synth)
+
+    p = sub.add_parser("preprocess", help="corpus -> aligned Parquet shards on Ray Data (resumable)")
+    p.add_argument("input", help="directory, manifest (.csv/.jsonl/.parquet) or s3:// prefix")
+    p.add_argument("out", help="output directory or s3:// prefix")
+    p.add_argument("--workers", type=int, help="preprocessing actors (default from config: 2)")
+    _common(p, ray=True)
+    p.set_defaults(handler=_preprocess)
+
+    p = sub.add_parser("offset", help="model-free AV offset of one video (frames; > 0: audio lags)")
+    p.add_argument("video")
+    p.add_argument("--max-lag", type=int, default=15, help="search offsets within +-N frames")
+    _common(p)
+    p.set_defaults(handler=_offset)
 
     p = sub.add_parser("demo", help="the whole pipeline on a generated corpus and a local Ray")
     p.add_argument("out", help="output directory")

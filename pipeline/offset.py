@@ -90,3 +90,22 @@ def estimate_offset(
         peak_correlation=float(corr[best]),
         correlations=tuple(float(c) for c in corr),
     )
+
+
+def offset_of_video(path: str, fps: float = 25.0, max_lag: int = 15, tracker=None) -> OffsetEstimate:  # noqa: ANN001
+    """Decode one video (any fps, local or URI), track the face and estimate its AV offset."""
+    from pipeline.landmarks import FaceMeshTracker, mouth_openness, smooth_landmarks
+    from pipeline.media import local_path, probe, read_audio, read_frames
+
+    with local_path(path) as local:
+        probe(local)
+        frames = read_frames(local, fps=fps)
+        pcm = read_audio(local, 16000)
+    tracker = tracker or FaceMeshTracker(max_faces=1)
+    track = tracker.track(frames, fps=fps)
+    if not track.found.any():
+        from pipeline.media import MediaError
+
+        raise MediaError("no_face", path, "no face in any frame")
+    openness = mouth_openness(smooth_landmarks(track.landmarks, track.found))
+    return estimate_offset(openness, pcm, 16000, fps, max_lag=max_lag)

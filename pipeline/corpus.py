@@ -1,0 +1,119 @@
+"""Corpus inputs: a directory (local or s3://) scanned recursively, or a manifest (CSV, JSONL, Parquet).
+
+Every input becomes one dict with DESIGN.md's manifest columns, an absolute `video` URI and a stable
+`input_id` (hash of the source URI). Extra manifest columns are kept as a JSON string in `extra`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+from typing import Any
+
+import fsspec
+import pandas as pd
+
+from lipsync.errors import BadInput
+from pipeline.storage import is_remote, join_uri
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".ts")
+MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet")
+OPTIONAL_COLUMNS = ("audio", "language", "speaker", "transcript", "accent", "emotion", "split")
+
+
+def input_id(uri: str) -> str:
+    """Stable id of a source file: a hash of its URI."""
+    return hashlib.sha1(uri.encode()).hexdigest()[:16]
+
+
+def _row(video: str, **fields: Any) -> dict[str, Any]:
+    row = {"video": video, "input_id": input_id(video), "extra": "{}"}
+    for col in OPTIONAL_COLUMNS:
+        value = fields.get(col)
+        row[col] = "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
+    row["language"] = row["language"] or "und"
+    return row
+
+
+def _scan_directory(root: str) -> list[dict[str, Any]]:
+    fs, base = fsspec.core.url_to_fs(root)
+    prefix = root.split("://", 1)[0] + "://" if is_remote(root) else ""
+    rows = []
+    for path in sorted(fs.find(base)):
+        if not path.lower().endswith(VIDEO_EXTENSIONS):
+            continue
+        relative = posixpath.relpath(path, base)
+        parts = relative.split("/")
+        language, speaker = (parts[-3], parts[-2]) if len(parts) >= 3 else ("und", "")
+        rows.append(_row(prefix + path if prefix else path, language=language, speaker=speaker))
+    return rows
+
+
+def _read_manifest(uri: str) -> pd.DataFrame:
+    with fsspec.open(uri, "rb") as fh:
+        data = fh.read()
+    try:
+        if uri.endswith(".parquet"):
+            return pd.read_parquet(io.BytesIO(data))
+        if uri.endswith((".jsonl", ".json")):
+            return pd.read_json(io.BytesIO(data), lines=True, dtype=False)
+        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise BadInput(f"manifest {uri} cannot be read: {exc}") from exc
+
+
+def _from_manifest(uri: str) -> list[dict[str, Any]]:
+    frame = _read_manifest(uri)
+    if "video" not in frame.columns:
+        raise BadInput(
+            f"manifest {uri} has no 'video' column (columns: {', '.join(map(str, frame.columns))})"
+        )
+    base = posixpath.dirname(uri) if is_remote(uri) else str(fsspec.core.url_to_fs(uri)[1]).rsplit("/", 1)[0]
+    known = {"video", *OPTIONAL_COLUMNS}
+    rows = []
+    for record in frame.to_dict(orient="records"):
+        video = str(record["video"]).strip()
+        if not video:
+            continue
+        fields = {k: record.get(k) for k in OPTIONAL_COLUMNS}
+        if fields.get("audio"):
+            fields["audio"] = join_uri(base, str(fields["audio"]))
+        row = _row(join_uri(base, video), **fields)
+        extra = {k: v for k, v in record.items() if k not in known and v is not None and v == v}
+        row["extra"] = json.dumps(extra, sort_keys=True, default=str)
+        rows.append(row)
+    return rows
+
+
+def discover(source: str) -> list[dict[str, Any]]:
+    """Inputs of a corpus: a manifest file, or every video file under a directory / prefix."""
+    fs, path = fsspec.core.url_to_fs(source)
+    if source.lower().endswith(MANIFEST_EXTENSIONS):
+        if not fs.exists(path):
+            raise BadInput(f"manifest {source} does not exist")
+        rows = _from_manifest(source)
+    elif fs.isdir(path):
+        inner = [
+            m for m in (f"{path.rstrip('/')}/manifest{ext}" for ext in MANIFEST_EXTENSIONS) if fs.exists(m)
+        ]
+        if inner:  # a corpus directory that carries its own manifest (e.g. `lipsync synth` output)
+            rows = _from_manifest(source.rstrip("/") + "/" + inner[0].rsplit("/", 1)[1])
+        else:
+            rows = _scan_directory(source)
+    elif fs.exists(path) and source.lower().endswith(VIDEO_EXTENSIONS):
+        rows = [_row(source)]
+    else:
+        raise BadInput(
+            f"input {source} is neither a directory, a manifest (.csv/.jsonl/.parquet) nor a video"
+        )
+    if not rows:
+        raise BadInput(f"input {source} holds no video files ({', '.join(VIDEO_EXTENSIONS)})")
+    seen: set[str] = set()
+    unique = []
+    for row in rows:
+        if row["input_id"] not in seen:
+            seen.add(row["input_id"])
+            unique.append(row)
+    return unique

@@ -1,0 +1,36 @@
+"""Connecting to Ray the same way from every command: `--address` or a local embedded Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+# Environment variables forwarded to Ray workers so they reach the same object store and tools.
+FORWARDED_PREFIXES = ("AWS_", "LIPSYNC_", "MLFLOW_")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's AWS_*/LIPSYNC_*/MLFLOW_* variables (S3 endpoint, credentials, tool paths)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` ("auto" for a local `ray start`), or start a local embedded Ray.
+
+    Does nothing when Ray is already initialised in this process (tests, the demo).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    env = forwarded_env()
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+    log.info("ray: %s", ray.cluster_resources())

@@ -1,0 +1,483 @@
+"""Preprocessing stages: probe → ffmpeg normalise → landmarks → track/smooth → aligned crops → mel →
+AV offset → filters, for one input at a time.
+
+Each stage is a small class (expensive set-up in `__init__`, work in `__call__`); `ClipPreprocessor`
+chains them inside one Ray actor so decoded frames never enter the object store, and writes the input's
+shard and its completion record itself. The logic lives in plain functions in media/landmarks/crops/
+audio/offset/filters; the same classes run without Ray in tests (`ClipPreprocessor(cfg, out)(batch)`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from lipsync.config import code_version, config_hash
+from pipeline import audio as audio_features
+from pipeline import filters
+from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
+from pipeline.landmarks import (
+    FaceMeshTracker,
+    FaceTrack,
+    mouth_openness,
+    scene_cuts,
+    smooth_landmarks,
+    split_segments,
+)
+from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
+from pipeline.offset import OffsetEstimate, estimate_offset
+from pipeline.shards import encode_row
+from pipeline.storage import Store
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "_state"
+SHARD_DIR = "shards"
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """What to do with the measured AV offset: keep it, repair it (shift the audio), or reject."""
+
+    mode: str = "keep"  # keep | repair | reject
+    max_abs_offset: int = 6  # frames; `reject` drops clips beyond it, `repair` only fixes up to it
+    min_confidence: float = 0.0  # clips below are rejected as low_sync_confidence (0 disables)
+    max_lag: int = 15
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Ray sizing of the preprocessing actor pool."""
+
+    workers: int = 2  # actors (each runs FaceMesh on one input at a time)
+    cpus_per_worker: float = 0.9  # fractional, so the pool never takes every CPU
+    max_restarts: int = 3  # a killed actor is restarted and its input retried
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything `lipsync preprocess` does, with the reference numbers as defaults."""
+
+    fps: float = 25.0
+    sample_rate: int = 16000
+    crop_size: int = 96
+    max_side: int = 720  # frames are decoded at most this large (longer side) for landmarks and crops
+    segment_seconds: float = 10.0
+    scene_cut_threshold: float = 0.3
+    val_fraction: float = 0.2
+    seed: int = 0
+    landmarker_model: str | None = None  # a user-supplied face_landmarker.task; default: bundled FaceMesh
+    filters: filters.FilterConfig = field(default_factory=filters.FilterConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+class Reject(Exception):
+    """A per-input or per-segment rejection: stage, reason code and message."""
+
+    def __init__(self, stage: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.stage, self.reason, self.message = stage, reason, message
+
+
+@dataclass
+class Decoded:
+    """An input after probing and audio decoding (frames are streamed separately)."""
+
+    row: dict[str, Any]
+    path: str
+    info: ProbeInfo
+    pcm: np.ndarray
+    size: tuple[int, int]  # decode size (w, h)
+    scale: float  # decode size / source size
+
+
+# --- stages -------------------------------------------------------------------------------------
+class ProbeStage:
+    """ffprobe the input; reject unreadable files, audio-only files, missing audio and 1-frame videos."""
+
+    def __init__(self, cfg: PreprocessConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, row: dict[str, Any], path: str) -> ProbeInfo:
+        try:
+            info = probe(path)
+        except MediaError as exc:
+            raise Reject("probe", exc.reason, str(exc).replace(path, row["video"])) from exc
+        if not info.has_audio and not row.get("audio"):
+            raise Reject("probe", filters.NO_AUDIO, f"{row['video']}: no audio stream")
+        if info.duration_s < self.cfg.filters.min_seconds:
+            raise Reject(
+                "probe",
+                filters.TOO_SHORT,
+                f"{row['video']}: {info.duration_s:.2f} s < {self.cfg.filters.min_seconds} s",
+            )
+        return info
+
+
+class AudioStage:
+    """Decode the audio (the video's own track or the manifest's `audio` column) to 16 kHz mono."""
+
+    def __init__(self, cfg: PreprocessConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, row: dict[str, Any], video_path: str) -> np.ndarray:
+        source = row.get("audio") or ""
+        try:
+            if source:
+                with local_path(source) as audio_path:
+                    pcm = read_audio(audio_path, self.cfg.sample_rate)
+            else:
+                pcm = read_audio(video_path, self.cfg.sample_rate)
+        except MediaError as exc:
+            raise Reject(
+                "audio", exc.reason, f"{source or row['video']}: {exc.reason} ({exc.detail})"
+            ) from exc
+        level = filters.rms_dbfs(pcm)
+        if level < self.cfg.filters.silence_dbfs:
+            raise Reject("audio", filters.SILENT_AUDIO, f"{row['video']}: audio at {level:.1f} dBFS")
+        return pcm
+
+
+class NormaliseStage:
+    """ffmpeg decode at a constant 25 fps, rotation applied, scaled to at most `max_side`, in windows."""
+
+    def __init__(self, cfg: PreprocessConfig) -> None:
+        self.cfg = cfg
+        self.window = int(round(cfg.segment_seconds * cfg.fps))
+
+    def size_for(self, info: ProbeInfo) -> tuple[tuple[int, int], float]:
+        scale = min(1.0, self.cfg.max_side / max(info.width, info.height))
+        w, h = int(round(info.width * scale / 2) * 2), int(round(info.height * scale / 2) * 2)
+        return (w, h), w / info.width
+
+    def __call__(self, decoded: Decoded) -> Iterator[tuple[int, np.ndarray]]:
+        """(first frame index, frames) windows of at most `segment_seconds`."""
+        start = 0
+        try:
+            for frames in iter_frames(decoded.path, fps=self.cfg.fps, chunk=self.window, size=decoded.size):
+                yield start, frames
+                start += len(frames)
+        except MediaError as exc:
+            raise Reject(
+                "normalise", exc.reason, f"{decoded.row['video']}: {exc.reason} ({exc.detail})"
+            ) from exc
+
+
+class LandmarkStage:
+    """FaceMesh in tracking mode over one window: one face track, scene cuts, face segments."""
+
+    def __init__(self, cfg: PreprocessConfig) -> None:
+        self.cfg = cfg
+        self.tracker = FaceMeshTracker(max_faces=2, model_path=cfg.landmarker_model)
+
+    def __call__(self, frames: np.ndarray) -> tuple[FaceTrack, list[tuple[int, int]]]:
+        track = self.tracker.track(frames, fps=self.cfg.fps)
+        # A new shot, or the track jumping to another person, starts a new segment.
+        cuts = sorted(
+            set(scene_cuts(frames, self.cfg.scene_cut_threshold))
+            | set(np.flatnonzero(track.switched).tolist())
+        )
+        min_frames = max(2, int(math.ceil(self.cfg.filters.min_seconds * self.cfg.fps)))
+        max_frames = int(round(self.cfg.segment_seconds * self.cfg.fps))
+        return track, split_segments(track.found, cuts, max_frames, min_frames)
+
+
+@dataclass
+class Segment:
+    """One face segment ready to become a clip."""
+
+    start: int  # frame index in the normalised video
+    frames: np.ndarray
+    landmarks: np.ndarray  # smoothed, frame pixels
+    track: FaceTrack
+    crops: np.ndarray | None = None
+    crop_landmarks: np.ndarray | None = None
+
+
+class CropStage:
+    """Smoothed landmarks → stable square boxes → aligned crops (mouth in the lower half)."""
+
+    def __init__(self, cfg: PreprocessConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, seg: Segment) -> Segment:
+        boxes = crop_boxes(seg.landmarks, seg.frames.shape)
+        seg.crops = crop_faces(seg.frames, boxes, self.cfg.crop_size)
+        seg.crop_landmarks = landmarks_in_crop(seg.landmarks, boxes, self.cfg.crop_size)
+        return seg
+
+
+class AlignStage:
+    """Model-free AV offset of a segment; keep, repair (shift the audio to offset 0) or reject."""
+
+    def __init__(self, cfg: PreprocessConfig) -> None:
+        self.cfg = cfg
+
+    def audio_for(self, pcm: np.ndarray, start: int, n_frames: int, shift_frames: int = 0) -> np.ndarray:
+        """The PCM under frames [start, start+n) — taken `shift_frames` later to advance the audio."""
+        per_frame = self.cfg.sample_rate / self.cfg.fps
+        a = int(round((start + shift_frames) * per_frame))
+        n = int(round(n_frames * per_frame))
+        out = np.zeros(n, np.float32)
+        lo, hi = max(a, 0), min(a + n, len(pcm))
+        if hi > lo:
+            out[lo - a : hi - a] = pcm[lo:hi]
+        return out
+
+    def __call__(self, seg: Segment, pcm: np.ndarray) -> tuple[OffsetEstimate, np.ndarray, bool]:
+        """(estimate, the segment's PCM after any repair, whether it was repaired)."""
+        n = len(seg.frames)
+        seg_pcm = self.audio_for(pcm, seg.start, n)
+        est = estimate_offset(
+            mouth_openness(seg.landmarks), seg_pcm, self.cfg.sample_rate, self.cfg.fps, self.cfg.align.max_lag
+        )
+        align = self.cfg.align
+        if align.min_confidence > 0 and est.confidence < align.min_confidence:
+            raise Reject(
+                "align",
+                filters.LOW_SYNC_CONFIDENCE,
+                f"sync confidence {est.confidence:.3f} < {align.min_confidence}",
+            )
+        if align.mode == "reject" and abs(est.offset_frames) > align.max_abs_offset:
+            raise Reject(
+                "align",
+                filters.OFFSET_TOO_LARGE,
+                f"|offset| {abs(est.offset_frames)} > {align.max_abs_offset} frames",
+            )
+        if align.mode == "repair" and est.offset_frames != 0:
+            if abs(est.offset_frames) > align.max_abs_offset:
+                raise Reject(
+                    "align",
+                    filters.OFFSET_TOO_LARGE,
+                    f"|offset| {abs(est.offset_frames)} > {align.max_abs_offset} frames",
+                )
+            return est, self.audio_for(pcm, seg.start, n, est.offset_frames), True
+        return est, seg_pcm, False
+
+
+# --- the composite actor ------------------------------------------------------------------------
+def clip_id_of(source: str, start: int, end: int) -> str:
+    """Stable clip id: hash of the source URI and the segment's frame range."""
+    return hashlib.sha1(f"{source}#{start}-{end}".encode()).hexdigest()[:16]
+
+
+def _reject_row(
+    row: dict[str, Any], stage: str, reason: str, message: str, segment: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    return {
+        "input_id": row["input_id"],
+        "source": row["video"],
+        "language": row.get("language", "und"),
+        "speaker": row.get("speaker", ""),
+        "stage": stage,
+        "reason": reason,
+        "message": message,
+        "segment_start_frame": segment[0] if segment else -1,
+        "segment_end_frame": segment[1] if segment else -1,
+    }
+
+
+class ClipPreprocessor:
+    """The map_batches callable: runs every stage on each input of a batch, writes its shard and its
+    completion record (`_state/<input_id>.json`, written last and atomically) to OUT."""
+
+    def __init__(self, cfg: PreprocessConfig, out: str) -> None:
+        self.cfg = cfg
+        self.store = Store(out)
+        self.hash = config_hash(cfg)
+        self.version = code_version()
+        self.probe = ProbeStage(cfg)
+        self.audio = AudioStage(cfg)
+        self.normalise = NormaliseStage(cfg)
+        self.landmarks = LandmarkStage(cfg)
+        self.crop = CropStage(cfg)
+        self.align = AlignStage(cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        keys = list(batch)
+        out: dict[str, list] = {"input_id": [], "accepted": [], "rejected": [], "frames": [], "seconds": []}
+        for i in range(len(batch[keys[0]])):
+            row = {k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]) for k in keys}
+            started = time.perf_counter()
+            record = self.process(row)
+            self.store.write_json(f"{STATE_DIR}/{row['input_id']}.json", record)
+            out["input_id"].append(row["input_id"])
+            out["accepted"].append(len(record["clips"]))
+            out["rejected"].append(len(record["rejects"]))
+            out["frames"].append(record["frames"])
+            out["seconds"].append(time.perf_counter() - started)
+        return out
+
+    def process(self, row: dict[str, Any]) -> dict[str, Any]:
+        """All clips and rejects of one input; writes `shards/<input_id>.parquet` when any clip passed."""
+        clips: list[dict[str, Any]] = []
+        shard_rows: list[dict[str, Any]] = []
+        rejects: list[dict[str, Any]] = []
+        frames_seen = 0
+        try:
+            with local_path(row["video"]) as path:
+                info = self.probe(row, path)
+                pcm = self.audio(row, path)
+                size, scale = self.normalise.size_for(info)
+                decoded = Decoded(row, path, info, pcm, size, scale)
+                decoded.row = {
+                    **row,
+                    "phonemes_per_second": transcript_cadence(row, pcm, self.cfg.sample_rate),
+                }
+                found_any = False
+                for start, frames in self.normalise(decoded):
+                    frames_seen += len(frames)
+                    track, segments = self.landmarks(frames)
+                    found_any |= bool(track.found.any())
+                    for s, e in segments:
+                        self._segment(decoded, start, frames, track, s, e, clips, shard_rows, rejects)
+                if not clips and not rejects:
+                    reason = filters.TOO_SHORT if found_any else filters.NO_FACE
+                    message = (
+                        "face segments shorter than the minimum" if found_any else "no face in any frame"
+                    )
+                    raise Reject("landmarks", reason, f"{row['video']}: {message}")
+        except Reject as rej:
+            rejects.append(_reject_row(row, rej.stage, rej.reason, rej.message))
+        if shard_rows:
+            self.store.write_table(f"{SHARD_DIR}/{row['input_id']}.parquet", pa.Table.from_pylist(shard_rows))
+        return {
+            "input_id": row["input_id"],
+            "source": row["video"],
+            "config_hash": self.hash,
+            "frames": frames_seen,
+            "clips": clips,
+            "rejects": rejects,
+        }
+
+    def _segment(
+        self,
+        decoded: Decoded,
+        window_start: int,
+        frames: np.ndarray,
+        track: FaceTrack,
+        s: int,
+        e: int,
+        clips: list[dict[str, Any]],
+        shard_rows: list[dict[str, Any]],
+        rejects: list[dict[str, Any]],
+    ) -> None:
+        row, cfg = decoded.row, self.cfg
+        start, end = window_start + s, window_start + e
+        sub = _slice_track(track, s, e)
+        seg = Segment(start, frames[s:e], smooth_landmarks(sub.landmarks, sub.found), sub)
+        try:
+            self.crop(seg)
+            face_px = float(np.nanmedian(sub.face_size)) / decoded.scale
+            est, seg_pcm, repaired = self.align(seg, decoded.pcm)
+            problem = filters.segment_rejection(
+                cfg.filters,
+                e - s,
+                cfg.fps,
+                face_px,
+                sub.multi_face_fraction,
+                filters.sharpness(seg.crops),
+                filters.rms_dbfs(seg_pcm),
+            )
+            if problem:
+                raise Reject("filters", problem[0], f"{row['video']} frames {start}-{end}: {problem[1]}")
+        except Reject as rej:
+            rejects.append(_reject_row(row, rej.stage, rej.reason, rej.message, (start, end)))
+            return
+        clip_id = clip_id_of(row["video"], start, end)
+        mel = audio_features.melspectrogram(seg_pcm)
+        meta = {
+            "clip_id": clip_id,
+            "input_id": row["input_id"],
+            "source": row["video"],
+            "audio_source": row.get("audio") or row["video"],
+            "start_frame": start,
+            "end_frame": end,
+            "segment_start_s": start / cfg.fps,
+            "segment_end_s": end / cfg.fps,
+            "language": row.get("language") or "und",
+            "speaker": row.get("speaker") or f"unknown-{row['input_id'][:8]}",
+            "transcript": row.get("transcript", ""),
+            "accent": row.get("accent", ""),
+            "emotion": row.get("emotion", ""),
+            "manifest_split": row.get("split", ""),
+            "extra": row.get("extra", "{}"),
+            "phonemes_per_second": row.get("phonemes_per_second"),
+            "fps": cfg.fps,
+            "n_frames": e - s,
+            "source_fps": decoded.info.fps,
+            "source_width": decoded.info.width,
+            "source_height": decoded.info.height,
+            "face_size": face_px,
+            "landmark_quality": float(sub.found.mean()),
+            "multi_face_fraction": sub.multi_face_fraction,
+            "sharpness": filters.sharpness(seg.crops),
+            "audio_dbfs": filters.rms_dbfs(seg_pcm),
+            "av_offset_frames": est.offset_frames,
+            "av_offset_confidence": est.confidence,
+            "av_offset_repaired": repaired,
+            "mel_frames": int(mel.shape[1]),
+            "shard": f"{SHARD_DIR}/{row['input_id']}.parquet",
+            "config_hash": self.hash,
+            "code_version": self.version,
+        }
+        clips.append(meta)
+        shard_meta = {
+            k: meta[k]
+            for k in (
+                "input_id",
+                "source",
+                "language",
+                "speaker",
+                "start_frame",
+                "end_frame",
+                "av_offset_frames",
+                "av_offset_confidence",
+                "config_hash",
+            )
+        }
+        shard_rows.append(
+            encode_row(clip_id, seg.crops, seg.crop_landmarks, seg_pcm, mel, cfg.fps, shard_meta)
+        )
+
+
+def speech_seconds(pcm: np.ndarray, sample_rate: int, floor_db: float = 30.0) -> float:
+    """Seconds of 10 ms frames within `floor_db` of the loudest frame (voiced speech, pauses excluded)."""
+    hop = sample_rate // 100
+    n = len(pcm) // hop
+    if n == 0:
+        return 0.0
+    rms = np.sqrt((pcm[: n * hop].reshape(n, hop).astype(np.float64) ** 2).mean(axis=1)) + 1e-10
+    level = 20 * np.log10(rms / rms.max())
+    return float((level > -floor_db).sum()) / 100.0
+
+
+def transcript_cadence(row: dict[str, Any], pcm: np.ndarray, sample_rate: int) -> float | None:
+    """Phonemes per second of speech when the input has a transcript in a language espeak-ng speaks."""
+    from pipeline import phonemes
+
+    text, language = row.get("transcript") or "", row.get("language") or "und"
+    if not text or language not in phonemes.list_voices():
+        return None
+    seconds = speech_seconds(pcm, sample_rate)
+    return len(phonemes.phoneme_timeline(text, language)) / seconds if seconds > 0 else None
+
+
+def _slice_track(track: FaceTrack, s: int, e: int) -> FaceTrack:
+    return FaceTrack(
+        landmarks=track.landmarks[s:e],
+        found=track.found[s:e],
+        n_faces=track.n_faces[s:e],
+        second_face=track.second_face[s:e],
+        face_size=track.face_size[s:e],
+        switched=track.switched[s:e],
+    )
