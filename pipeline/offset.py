@@ -125,8 +125,8 @@ def estimate_offset(
     sample_rate: int,
     fps: float,
     max_lag: int = 15,
-    detrend_seconds: float = 2.0,
-    n_bands: int = 4,
+    detrend_seconds: float = 4.0,
+    n_bands: int = 6,
 ) -> OffsetEstimate:
     """AV offset of a clip from its per-frame mouth openness and its audio (NaN openness = no face).
 

@@ -59,3 +59,14 @@ def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
         str(out),
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def preprocessed_corpus(synth_corpus: Path, ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: ANN001
+    """`synth_corpus` through `lipsync preprocess` (in-process, on the session Ray)."""
+    from pipeline.preprocess import run
+    from pipeline.stages import PreprocessConfig
+
+    out = tmp_path_factory.mktemp("preprocessed")
+    run(PreprocessConfig(), str(synth_corpus), str(out))
+    return out

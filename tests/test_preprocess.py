@@ -1,0 +1,127 @@
+"""`lipsync preprocess` on a generated corpus: every clip accepted, aligned crops, mel, splits, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.landmarks import FaceMeshTracker
+from pipeline.offset import offset_of_video
+from pipeline.preprocess import run
+from pipeline.shards import decode_crops, decode_landmarks, decode_mel, decode_pcm
+from pipeline.stages import PreprocessConfig
+from pipeline.synth import SynthConfig
+from pipeline.synth import run as synth
+
+
+@pytest.fixture(scope="module")
+def clips(preprocessed_corpus: Path) -> pd.DataFrame:
+    return pd.read_parquet(preprocessed_corpus / "clips.parquet")
+
+
+def test_every_synth_clip_is_accepted(
+    preprocessed_corpus: Path, synth_corpus: Path, clips: pd.DataFrame
+) -> None:
+    manifest = pd.read_csv(synth_corpus / "manifest.csv")
+    assert len(clips) == len(manifest) == 6
+    assert pq.read_table(preprocessed_corpus / "rejects.parquet").num_rows == 0
+    summary = json.loads((preprocessed_corpus / "summary.json").read_text())
+    assert summary["accepted_clips"] == 6 and summary["rejected"] == 0
+    assert set(summary["languages"]) == {"en", "es", "hi"}
+    assert all(v["speakers"] == 2 and v["phonemes_per_second"] > 5 for v in summary["languages"].values())
+
+
+def test_language_speaker_and_speaker_disjoint_split(synth_corpus: Path, clips: pd.DataFrame) -> None:
+    manifest = pd.read_csv(synth_corpus / "manifest.csv")
+    by_source = {
+        str((synth_corpus / v).resolve()): (lang, spk)
+        for v, lang, spk in manifest[["video", "language", "speaker"]].values
+    }
+    for source, lang, spk in clips[["source", "language", "speaker"]].values:
+        assert by_source[str(Path(source).resolve())] == (lang, spk)
+    assert clips.groupby("speaker")["split"].nunique().max() == 1  # no speaker in two splits
+    for _, per_language in clips.groupby("language"):
+        assert set(per_language["split"]) == {"train", "val"}
+
+
+def test_shard_rows_hold_aligned_crops_and_mel(preprocessed_corpus: Path, clips: pd.DataFrame) -> None:
+    tracker = FaceMeshTracker(max_faces=1)
+    for shard in sorted(set(clips["shard"])):
+        for row in pq.read_table(preprocessed_corpus / shard).to_pylist():
+            n = row["n_frames"]
+            assert n == 100 and row["fps"] == 25.0
+            mel = decode_mel(row)
+            assert mel.shape[0] == 80 and abs(mel.shape[1] - 3.2 * n) <= 1
+            assert len(decode_pcm(row)) == n * 640
+            assert decode_landmarks(row).shape == (n, 468, 2)
+            crops = decode_crops(
+                row,
+                0,
+                100,
+            )[::10]
+            assert crops.shape[1:] == (96, 96, 3)
+            track = tracker.track(crops)
+            assert track.found.all()  # FaceMesh re-detects a face in the crops
+            mouth_y = track.landmarks[:, [13, 14], 1]
+            assert (mouth_y > 48).all() and (mouth_y < 96).all()  # the mouth lies in the lower half
+
+
+def test_rerun_resumes_without_reprocessing(
+    preprocessed_corpus: Path, synth_corpus: Path, clips: pd.DataFrame
+) -> None:
+    state = sorted((preprocessed_corpus / "_state").glob("*.json"))
+    mtimes = [p.stat().st_mtime_ns for p in state]
+    result = run(PreprocessConfig(), str(synth_corpus), str(preprocessed_corpus))
+    assert (result["processed_inputs"], result["skipped_inputs"]) == (0, 6)
+    assert [p.stat().st_mtime_ns for p in state] == mtimes
+    assert set(pd.read_parquet(preprocessed_corpus / "clips.parquet")["clip_id"]) == set(clips["clip_id"])
+
+
+def test_offset_estimate_matches_injected_offsets(tmp_path: Path) -> None:
+    """`lipsync offset` on synth clips made with --offset-frames K (K in -8..8): K +- 1 for >= 95 %."""
+    tracker = FaceMeshTracker(max_faces=1)
+    errors = []
+    for k in range(-8, 9):
+        out = tmp_path / f"k{k}"
+        synth(
+            SynthConfig(
+                languages=(("en", "es", "hi")[k % 3],),
+                speakers=1,
+                clips_per_speaker=1,
+                offset_frames=k,
+                seed=40 + k,
+            ),
+            str(out),
+        )
+        video = next(csv.DictReader((out / "manifest.csv").open()))["video"]
+        errors.append(offset_of_video(str(out / video), tracker=tracker).offset_frames - k)
+    within = np.mean(np.abs(errors) <= 1)
+    assert within >= 0.95, str(errors)
+
+
+def test_offset_command_json(synth_corpus: Path) -> None:
+    video = next(synth_corpus.glob("en/*/clip000.mp4"))
+    done = subprocess.run(
+        [sys.executable, "-m", "lipsync.cli", "offset", str(video), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert abs(result["offset_frames"]) <= 1 and result["confidence"] > 0
+    missing = subprocess.run(
+        [sys.executable, "-m", "lipsync.cli", "offset", "/nonexistent.mp4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode == 2 and "/nonexistent.mp4" in missing.stderr.strip().splitlines()[-1]
