@@ -158,11 +158,15 @@ def run(cfg: PreprocessConfig, source: str, out: str, address: str | None = None
     done = finished_inputs(store, cfg_hash, {r["input_id"] for r in inputs})
     pending = [r for r in inputs if r["input_id"] not in done]
     log.info("preprocess: %d inputs, %d already done, %d to process", len(inputs), len(done), len(pending))
-    frames = 0
+    status: list[dict[str, Any]] = []
     if pending:
         ensure_ray(address)
         status = _run_pool(cfg, out, pending)
-        frames = sum(int(s["frames"]) for s in status)
+    frames = sum(int(s["frames"]) for s in status)
+    busy = sum(float(s["seconds"]) for s in status)
+    span = max((s["finished_at"] for s in status), default=0.0) - min(
+        (s["started_at"] for s in status), default=0.0
+    )
     records = finished_inputs(store, cfg_hash, {r["input_id"] for r in inputs})
     missing = [r["video"] for r in inputs if r["input_id"] not in records]
     if missing:
@@ -184,6 +188,11 @@ def run(cfg: PreprocessConfig, source: str, out: str, address: str | None = None
             "wall_seconds": round(wall, 2),
             "frames": frames,
             "frames_per_second": round(frames / wall, 2),
+            "worker_busy_seconds": round(busy, 2),
+            "processing_seconds": round(span, 2),  # first input started to last finished (no start-up)
+            "frames_per_processing_second": round(frames / span, 2) if span > 0 else None,
+            "frames_per_busy_second": round(frames / busy, 2) if busy else None,
+            "peak_worker_rss_mb": round(max((float(s["peak_rss_mb"]) for s in status), default=0.0), 1),
         },
         "config_hash": cfg_hash,
         "config": to_dict(cfg),

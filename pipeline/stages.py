@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -304,10 +305,19 @@ class ClipPreprocessor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         keys = list(batch)
-        out: dict[str, list] = {"input_id": [], "accepted": [], "rejected": [], "frames": [], "seconds": []}
+        out: dict[str, list] = {
+            "input_id": [],
+            "accepted": [],
+            "rejected": [],
+            "frames": [],
+            "seconds": [],
+            "peak_rss_mb": [],
+            "started_at": [],
+            "finished_at": [],
+        }
         for i in range(len(batch[keys[0]])):
             row = {k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]) for k in keys}
-            started = time.perf_counter()
+            started, started_at = time.perf_counter(), time.time()
             record = self.process(row)
             self.store.write_json(f"{STATE_DIR}/{row['input_id']}.json", record)
             out["input_id"].append(row["input_id"])
@@ -315,6 +325,9 @@ class ClipPreprocessor:
             out["rejected"].append(len(record["rejects"]))
             out["frames"].append(record["frames"])
             out["seconds"].append(time.perf_counter() - started)
+            out["started_at"].append(started_at)
+            out["finished_at"].append(time.time())
+            out["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return out
 
     def process(self, row: dict[str, Any]) -> dict[str, Any]:

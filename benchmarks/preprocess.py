@@ -1,0 +1,102 @@
+"""Preprocessing throughput and memory, measured in one run on this machine.
+
+Prints and writes benchmarks/results/preprocess.json:
+- end-to-end frames/s per busy core (decode, FaceMesh, crops, JPEG, mel, offset, filters, shard write)
+  against FaceMesh alone on the same decoded frames with the same settings (target >= 0.85);
+- wall-clock speed-up of 2 workers over 1 on the same corpus (target >= 1.8), with Ray start-up excluded
+  and included;
+- peak worker memory (max RSS of the actors) for a corpus 4x larger (target <= 1.2x).
+Usage: python benchmarks/preprocess.py [--clips 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_corpus(root: Path, clips: int, seed: int) -> Path:
+    """A synth corpus of `clips` 4-second clips (3 languages)."""
+    from pipeline.synth import SynthConfig, run
+
+    speakers = max(1, clips // 6)
+    per_speaker = max(1, clips // (3 * speakers))
+    cfg = SynthConfig(
+        languages=("en", "es", "hi"), speakers=speakers, clips_per_speaker=per_speaker, seed=seed
+    )
+    run(cfg, str(root))
+    return root
+
+
+def facemesh_alone(corpus: Path) -> tuple[int, float]:
+    """(frames, seconds) of FaceMesh tracking alone on every clip's decoded frames (one core)."""
+    from pipeline.landmarks import FaceMeshTracker
+    from pipeline.media import read_frames
+
+    tracker = FaceMeshTracker(max_faces=2)
+    clips = [read_frames(str(v), fps=25.0) for v in sorted(corpus.glob("*/*/*.mp4"))]
+    tracker.track(clips[0][:5])  # warm-up
+    start = time.perf_counter()
+    frames = sum(len(tracker.track(c).found) for c in clips)
+    return frames, time.perf_counter() - start
+
+
+def preprocess(corpus: Path, out: Path, workers: int) -> dict:
+    """Run the job; returns its summary's throughput block."""
+    from pipeline.preprocess import run
+    from pipeline.stages import PreprocessConfig, ResourcesConfig
+
+    cfg = replace(PreprocessConfig(), resources=replace(ResourcesConfig(), workers=workers))
+    run(cfg, str(corpus), str(out))
+    return json.loads((out / "summary.json").read_text())["throughput"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", type=int, default=12, help="clips in the base corpus (4 s each)")
+    args = parser.parse_args()
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:
+        root = Path(tmp)
+        base = make_corpus(root / "base", args.clips, seed=1)
+        large = make_corpus(root / "large", 4 * args.clips, seed=2)
+        fm_frames, fm_seconds = facemesh_alone(base)
+        one = preprocess(base, root / "out1", workers=1)
+        two = preprocess(base, root / "out2", workers=2)
+        small_mem = two["peak_worker_rss_mb"]
+        big = preprocess(large, root / "out_large", workers=2)
+    ray.shutdown()
+    facemesh_fps = fm_frames / fm_seconds
+    result = {
+        "clips": args.clips,
+        "frames": fm_frames,
+        "facemesh_alone_fps_per_core": round(facemesh_fps, 2),
+        "end_to_end_fps_per_busy_core": one["frames_per_busy_second"],
+        "ratio_end_to_end_vs_facemesh": round(one["frames_per_busy_second"] / facemesh_fps, 3),
+        "wall_fps_1_worker": one["frames_per_second"],
+        "wall_fps_2_workers": two["frames_per_second"],
+        "speedup_2_vs_1_wall": round(two["frames_per_second"] / one["frames_per_second"], 3),
+        "speedup_2_vs_1_processing": round(
+            two["frames_per_processing_second"] / one["frames_per_processing_second"], 3
+        ),
+        "peak_worker_rss_mb_base": small_mem,
+        "peak_worker_rss_mb_4x": big["peak_worker_rss_mb"],
+        "memory_ratio_4x": round(big["peak_worker_rss_mb"] / small_mem, 3),
+        "targets": {"ratio_end_to_end_vs_facemesh": 0.85, "speedup_2_vs_1": 1.8, "memory_ratio_4x": 1.2},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "preprocess.json").write_text(json.dumps(result, indent=1))
+    for key, value in result.items():
+        print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()
