@@ -1,0 +1,325 @@
+"""Training data: which clips (selection from clips.parquet) and what samples (windows from shard rows).
+
+Selection is by language, speaker, split and clip columns (|av_offset_frames| <= t, offset confidence >= c,
+face size >= s), so alignment thresholds are tunable without re-preprocessing.
+
+Windows follow the reference (Rudrabha/Wav2Lip `color_syncnet_train.py`, `hq_wav2lip_train.py`) with one
+deliberate change: the mel of a window starting at video frame `s` starts at mel frame `int(80 * s / fps)`
+(`pipeline.audio.mel_window`), for the SyncNet window and for each generator frame alike. The reference's
+`get_segmented_mels` shifts its per-frame windows one video frame earlier (`+1` then `-2`) than inference
+does, so its generator learns a mapping it is never asked for; here training, inference and scoring share
+one indexing. Faces are in BGR channel order like the reference (cv2.imread), so reference weights and
+ours are interchangeable; crops are stored RGB in shards and flipped here.
+
+Samples (numpy, one dict each; images stay uint8 until they reach the device):
+- SyncNet: `faces` (15, H/2, W) lower halves of 5 frames, `mel` (1, 80, 16), `label` 1 in sync / 0 not.
+  Every start yields an in-sync positive and an off-sync negative from the same clip: the same faces with
+  the mel of another start at least `negative_min_shift` frames away.
+- Wav2Lip: `x` (6, 5, H, W) = target window with its lower half zeroed + reference window from elsewhere in
+  the clip (no shared frames), `y` (3, 5, H, W) ground truth, `mel` (1, 80, 16) for the sync loss,
+  `indiv_mels` (5, 1, 80, 16) one window per frame.
+
+The window makers are plain functions of a shard row; `windows_dataset` streams them with Ray Data
+(`read_parquet` of the selected shard files, a pushed-down `clip_id` filter, then `flat_map`), so the
+corpus is never copied into memory as a whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import fsspec
+import numpy as np
+import pandas as pd
+
+from lipsync.errors import BadInput
+from pipeline.audio import MEL_STEP_SIZE, mel_start_indices, mel_window
+from pipeline.shards import decode_crops, decode_mel
+from pipeline.storage import join_uri
+
+SYNC_FRAMES = 5
+"""Frames per window (SyncNet's T; kept here so data workers need not import torch)."""
+
+CHANNEL_ORDER = "bgr"
+"""Channel order of face tensors fed to the models (the reference's cv2 order)."""
+
+SHARD_COLUMNS = ["clip_id", "crops", "mel", "mel_frames", "n_frames", "fps", "av_offset_frames"]
+"""Shard columns the window makers read (landmarks and PCM stay on disk)."""
+
+SYNC_KEYS = ("faces", "mel", "label")
+WAV2LIP_KEYS = ("x", "y", "mel", "indiv_mels")
+
+
+@dataclass(frozen=True)
+class DataSelection:
+    """Which clips of a preprocessed corpus to train on; empty tuples and None mean "no filter"."""
+
+    languages: tuple[str, ...] = ()
+    speakers: tuple[str, ...] = ()
+    max_abs_offset: int | None = None  # keep clips with |av_offset_frames| <= this
+    min_offset_confidence: float = 0.0  # keep clips with av_offset_confidence >= this
+    min_face_size: float = 0.0  # keep clips with face_size (source pixels) >= this
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """How windows are cut from a clip."""
+
+    windows_per_clip: int = 32  # starts drawn per clip per epoch (SyncNet: a positive and a negative each)
+    negative_min_shift: int = 2  # off-sync mel starts at least this many frames from the faces' start
+    negative_max_shift: int | None = None  # ... and at most this many (None: anywhere in the clip)
+    reference_min_distance: int = SYNC_FRAMES  # reference window starts this far from the target's
+    correct_offset: bool = False  # shift mels by the clip's estimated av_offset_frames
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Selected:
+    """The clips of one split and the shard files that hold them."""
+
+    split: str
+    clip_ids: tuple[str, ...]
+    shard_files: tuple[str, ...]
+    frames: int
+
+
+# ---------------------------------------------------------------- selection
+
+
+def read_clips(data: str) -> pd.DataFrame:
+    """clips.parquet of a preprocess OUT (local or URI); BadInput when missing or empty."""
+    uri = join_uri(data, "clips.parquet")
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        raise BadInput(f"{data} is not a preprocessed corpus: {uri} does not exist")
+    with fsspec.open(uri, "rb") as fh:
+        clips = pd.read_parquet(fh)
+    if clips.empty:
+        raise BadInput(f"{uri} lists no clips")
+    return clips
+
+
+def select_clips(clips: pd.DataFrame, selection: DataSelection, split: str | None = None) -> pd.DataFrame:
+    """Rows of `clips` that pass every filter of `selection` (and belong to `split` when given)."""
+    keep = np.ones(len(clips), dtype=bool)
+    if selection.languages:
+        keep &= clips["language"].isin(selection.languages).to_numpy()
+    if selection.speakers:
+        keep &= clips["speaker"].isin(selection.speakers).to_numpy()
+    if selection.max_abs_offset is not None:
+        keep &= (clips["av_offset_frames"].abs() <= selection.max_abs_offset).to_numpy()
+    if selection.min_offset_confidence > 0:
+        keep &= (clips["av_offset_confidence"] >= selection.min_offset_confidence).to_numpy()
+    if selection.min_face_size > 0:
+        keep &= (clips["face_size"] >= selection.min_face_size).to_numpy()
+    if split is not None:
+        keep &= (clips["split"] == split).to_numpy()
+    return clips[keep]
+
+
+def describe_empty(clips: pd.DataFrame, selection: DataSelection) -> str:
+    """One line saying which filter left no clips."""
+    if selection.languages and not clips["language"].isin(selection.languages).any():
+        have = ",".join(sorted(clips["language"].unique()))
+        return f"no clips for language(s) {','.join(selection.languages)} (corpus has {have})"
+    if selection.speakers and not clips["speaker"].isin(selection.speakers).any():
+        return f"no clips for speaker(s) {','.join(selection.speakers)}"
+    return f"no clips pass the selection {selection}"
+
+
+def select(
+    data: str,
+    selection: DataSelection,
+    split: str,
+    clips: pd.DataFrame | None = None,
+    max_clips: int | None = None,
+    seed: int = 0,
+) -> Selected:
+    """The selected clips of `split` (at most `max_clips`, a seeded choice) and their shard files.
+
+    BadInput when the shard files are missing (an empty shard set).
+    """
+    clips = read_clips(data) if clips is None else clips
+    rows = select_clips(clips, selection, split)
+    if max_clips is not None and len(rows) > max_clips:
+        rows = rows.sample(n=max_clips, random_state=seed)
+    files = sorted({join_uri(data, s) for s in rows["shard"]})
+    if not rows.empty:
+        missing = [f for f in files if not _exists(f)]
+        if len(missing) == len(files):
+            raise BadInput(f"empty shard set: none of the {len(files)} shard files of {data} exist")
+        if missing:
+            raise BadInput(f"{len(missing)} shard files of {data} are missing, e.g. {missing[0]}")
+    return Selected(split, tuple(sorted(rows["clip_id"])), tuple(files), int(rows["n_frames"].sum()))
+
+
+def _exists(uri: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.exists(path)
+
+
+# ---------------------------------------------------------------- windows (plain numpy)
+
+
+def valid_starts(n_frames: int, mel_frames: int, fps: float = 25.0, offset_frames: int = 0) -> np.ndarray:
+    """Window starts whose 5 frames and whose 16-frame mel window (after offset) lie inside the clip."""
+    starts = np.arange(max(0, n_frames - SYNC_FRAMES + 1))
+    mel_start = mel_start_indices(starts, fps, offset_frames)
+    ok = (mel_start >= 0) & (mel_start + MEL_STEP_SIZE <= mel_frames)
+    return starts[ok]
+
+
+def clip_rng(seed: int, clip_id: str) -> np.random.Generator:
+    """A generator seeded by (seed, clip_id): the same windows wherever and whenever a clip is cut."""
+    digest = hashlib.sha256(f"{seed}:{clip_id}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def to_model_frames(frames_rgb: np.ndarray, img_size: int) -> np.ndarray:
+    """RGB crops (T, S, S, 3) → the models' BGR (T, img_size, img_size, 3) uint8, resized if needed."""
+    frames = frames_rgb[..., ::-1]
+    if frames.shape[1] != img_size:
+        frames = np.stack([cv2.resize(f, (img_size, img_size), interpolation=cv2.INTER_AREA) for f in frames])
+    return np.ascontiguousarray(frames)
+
+
+def sync_faces(window: np.ndarray) -> np.ndarray:
+    """(5, H, W, 3) frames → SyncNet's (15, H/2, W): channels frame-major (3·i + c), lower half only."""
+    t, h, w, c = window.shape
+    stacked = window.transpose(0, 3, 1, 2).reshape(t * c, h, w)
+    return np.ascontiguousarray(stacked[:, h // 2 :])
+
+
+def masked_window(window: np.ndarray) -> np.ndarray:
+    """(5, H, W, 3) frames → (3, 5, H, W) with the lower half zeroed (what the generator must paint)."""
+    x = window.transpose(3, 0, 1, 2).copy()
+    x[:, :, x.shape[2] // 2 :] = 0
+    return x
+
+
+def off_sync_start(
+    rng: np.random.Generator, start: int, starts: np.ndarray, min_shift: int, max_shift: int | None
+) -> int | None:
+    """A start at least `min_shift` (and at most `max_shift`) frames from `start`, or None."""
+    shift = np.abs(starts - start)
+    ok = shift >= min_shift
+    if max_shift is not None:
+        ok &= shift <= max_shift
+    return int(rng.choice(starts[ok])) if ok.any() else None
+
+
+def _row_offset(row: dict[str, Any], cfg: WindowConfig) -> int:
+    return int(row.get("av_offset_frames") or 0) if cfg.correct_offset else 0
+
+
+def _decode(row: dict[str, Any], needed: set[int], img_size: int) -> dict[int, np.ndarray]:
+    """Only the frames a sample uses, decoded once each."""
+    lo, hi = min(needed), max(needed) + 1
+    frames = to_model_frames(decode_crops(row, lo, hi), img_size)
+    return {i: frames[i - lo] for i in needed}
+
+
+def _window(frames: dict[int, np.ndarray], start: int) -> np.ndarray:
+    return np.stack([frames[start + i] for i in range(SYNC_FRAMES)])
+
+
+def sync_samples(
+    row: dict[str, Any], cfg: WindowConfig, img_size: int, rng: np.random.Generator
+) -> list[dict[str, np.ndarray]]:
+    """SyncNet samples of one shard row: for each drawn start, an in-sync positive and an off-sync negative."""
+    fps, offset = float(row["fps"]), _row_offset(row, cfg)
+    mel = decode_mel(row)
+    starts = valid_starts(int(row["n_frames"]), int(row["mel_frames"]), fps, offset)
+    if len(starts) < 2:
+        return []
+    chosen = rng.choice(starts, size=cfg.windows_per_clip, replace=len(starts) < cfg.windows_per_clip)
+    pairs = [
+        (int(s), off_sync_start(rng, int(s), starts, cfg.negative_min_shift, cfg.negative_max_shift))
+        for s in chosen
+    ]
+    needed = {int(s) + i for s, _ in pairs for i in range(SYNC_FRAMES)}
+    frames = _decode(row, needed, img_size)
+    out = []
+    for start, wrong in pairs:
+        faces = sync_faces(_window(frames, start))
+        for mel_start, label in ((start, 1.0), (wrong, 0.0)):
+            if mel_start is None:
+                continue
+            out.append(
+                {
+                    "faces": faces,
+                    "mel": mel_window(mel, mel_start, fps, offset_frames=offset)[None].astype(np.float32),
+                    "label": np.float32(label),
+                    "start": np.int64(start),
+                    "mel_start_frame": np.int64(mel_start),
+                }
+            )
+    return out
+
+
+def wav2lip_samples(
+    row: dict[str, Any], cfg: WindowConfig, img_size: int, rng: np.random.Generator
+) -> list[dict[str, np.ndarray]]:
+    """Generator samples of one shard row: masked target + reference window, per-frame mels, ground truth."""
+    fps, offset = float(row["fps"]), _row_offset(row, cfg)
+    mel = decode_mel(row)
+    starts = valid_starts(int(row["n_frames"]), int(row["mel_frames"]), fps, offset)
+    if len(starts) < 2:
+        return []
+    chosen = rng.choice(starts, size=cfg.windows_per_clip, replace=len(starts) < cfg.windows_per_clip)
+    pairs = []
+    for s in chosen:
+        ref = off_sync_start(rng, int(s), starts, cfg.reference_min_distance, None)
+        if ref is None:
+            ref = off_sync_start(rng, int(s), starts, 1, None)
+        pairs.append((int(s), ref))
+    needed = {s + i for pair in pairs for s in pair for i in range(SYNC_FRAMES)}
+    frames = _decode(row, needed, img_size)
+    out = []
+    for start, ref in pairs:
+        target = _window(frames, start)
+        indiv = np.stack([mel_window(mel, start + i, fps, offset_frames=offset) for i in range(SYNC_FRAMES)])
+        out.append(
+            {
+                "x": np.concatenate([masked_window(target), _window(frames, ref).transpose(3, 0, 1, 2)]),
+                "y": np.ascontiguousarray(target.transpose(3, 0, 1, 2)),
+                "mel": mel_window(mel, start, fps, offset_frames=offset)[None].astype(np.float32),
+                "indiv_mels": indiv[:, None].astype(np.float32),
+                "start": np.int64(start),
+                "reference_start": np.int64(ref),
+            }
+        )
+    return out
+
+
+class WindowMaker:
+    """`flat_map` function: a shard row → its samples, seeded per clip (deterministic across workers)."""
+
+    def __init__(self, kind: str, cfg: WindowConfig, img_size: int) -> None:
+        if kind not in ("syncnet", "wav2lip"):
+            raise ValueError(f"unknown window kind {kind!r}")
+        self.kind, self.cfg, self.img_size = kind, cfg, img_size
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+        rng = clip_rng(self.cfg.seed, str(row["clip_id"]))
+        make = sync_samples if self.kind == "syncnet" else wav2lip_samples
+        keys = SYNC_KEYS if self.kind == "syncnet" else WAV2LIP_KEYS
+        return [{k: s[k] for k in keys} for s in make(row, self.cfg, self.img_size, rng)]
+
+
+# ---------------------------------------------------------------- Ray Data
+
+
+def windows_dataset(
+    selected: Selected, kind: str, cfg: WindowConfig, img_size: int, num_cpus: float = 1.0
+) -> Any:
+    """A streaming Ray Dataset of `kind` samples from the selected clips' shards (`num_cpus` per task)."""
+    import ray.data
+    from ray.data.expressions import col
+
+    ds = ray.data.read_parquet(list(selected.shard_files), columns=SHARD_COLUMNS, num_cpus=num_cpus)
+    ds = ds.filter(expr=col("clip_id").is_in(list(selected.clip_ids)))
+    return ds.flat_map(WindowMaker(kind, cfg, img_size), num_cpus=num_cpus)
