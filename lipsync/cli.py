@@ -72,6 +72,51 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
     return run(args.out, config_path=args.config, address=args.address)
 
 
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    from lipsync.config import load_config
+
+    overrides = {
+        "workers": args.workers,
+        "gpu": True if args.gpu else None,
+        "steps": args.steps,
+        "data.languages": args.languages,
+        "data.speakers": args.speakers,
+        "mlflow_tracking_uri": args.mlflow_uri,
+    }
+    if args.model == "syncnet":
+        from training.syncnet_job import SyncNetConfig, run
+
+        cfg = load_config(SyncNetConfig, args.config, overrides)
+        return run(cfg, args.data, args.out, address=args.address, init_from=args.init_from)
+    from training.wav2lip_job import Wav2LipConfig
+    from training.wav2lip_job import run as run_wav2lip
+
+    cfg = load_config(Wav2LipConfig, args.config, overrides)
+    return run_wav2lip(cfg, args.data, args.out, args.syncnet, address=args.address, init_from=args.init_from)
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train the expert SyncNet or the Wav2Lip generator on Ray Train")
+    models = train.add_subparsers(dest="model", required=True, parser_class=_Parser)
+    for model, text in (("syncnet", "the expert lip-sync discriminator"), ("wav2lip", "the generator")):
+        p = models.add_parser(model, help=f"train {text} (resumes from the latest checkpoint in OUT)")
+        p.add_argument("data", help="a preprocess OUT (clips.parquet + shards/), local or s3://")
+        p.add_argument("out", help="checkpoints, Ray Train state and MLflow runs (local or s3://)")
+        if model == "wav2lip":
+            p.add_argument(
+                "--syncnet", required=True, help="expert SyncNet checkpoint (dir, model.pt or OUT)"
+            )
+        p.add_argument("--workers", type=int, help="data-parallel workers (global batch is split over them)")
+        p.add_argument("--gpu", action="store_true", help="one GPU per worker: NCCL, AMP, pinned memory")
+        p.add_argument("--steps", type=int, help="train until this global step")
+        p.add_argument("--languages", help="comma-separated languages to train on (default: all)")
+        p.add_argument("--speakers", help="comma-separated speakers to train on (default: all)")
+        p.add_argument("--init-from", help="start from this checkpoint's weights (per-language fine-tuning)")
+        p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: a file store under OUT)")
+        _common(p, ray=True)
+        p.set_defaults(handler=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line grammar (DESIGN.md's contract)."""
     parser = _Parser(prog="lipsync", description=__doc__.splitlines()[0])
@@ -105,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory")
     _common(p, ray=True)
     p.set_defaults(handler=_demo)
+
+    _train_parser(sub)
     return parser
 
 

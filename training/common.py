@@ -1,0 +1,460 @@
+"""What both training recipes share: config fields, device and AMP, the DDP backend, Ray Train run settings,
+batches from Ray Data shards, checkpoint save/resume and metrics (MLflow + printed).
+
+The recipes (`syncnet_job.py`, `wav2lip_job.py`) read top to bottom and call these helpers; nothing here
+knows which model is trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import posixpath
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import torch
+from torch import nn
+
+from lipsync.config import config_hash, to_dict
+from lipsync.errors import BadInput
+from pipeline.storage import is_remote
+from training.checkpoint import CHECKPOINT_PREFIX, MODEL_FILE, read_payload, save_checkpoint
+from training.data import (
+    DataSelection,
+    Selected,
+    WindowConfig,
+    describe_empty,
+    read_clips,
+    select,
+    windows_dataset,
+)
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "lipsync-train"
+EXTRA_KEYS = ("steps", "workers", "gpu", "cpus_per_worker", "placement_strategy", "max_failures")
+"""Config fields that may change between a run and its resumption without a warning."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fields every training job has; the recipes subclass it with their reference hparams."""
+
+    steps: int = 100_000
+    batch_size: int = 64  # global: split evenly over the workers
+    lr: float = 1e-4
+    img_size: int = 96
+    workers: int = 1
+    gpu: bool = False
+    cpus_per_worker: float = 1.0
+    data_cpus_per_task: float = 1.0  # CPUs of each Ray Data read/window task
+    placement_strategy: str = "PACK"  # SPREAD puts one worker per node when it can
+    checkpoint_every: int = 1000
+    eval_every: int = 1000
+    eval_clips: int | None = 32  # val clips evaluated (a seeded choice, the same every time; None: all)
+    eval_windows_per_clip: int = 8  # their windows: a fixed set, cut once and kept in the object store
+    log_every: int = 10
+    shuffle_buffer: int = 512  # samples in each worker's local shuffle buffer
+    seed: int = 0
+    max_failures: int = 3  # worker failures Ray Train recovers from (from the last checkpoint)
+    num_to_keep: int | None = 3  # checkpoints kept under OUT (None: all)
+    mlflow_tracking_uri: str | None = None  # default: a file store under OUT (local OUT only)
+    data: DataSelection = field(default_factory=DataSelection)
+    windows: WindowConfig = field(default_factory=WindowConfig)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """BadInput for settings that cannot work."""
+    if cfg.steps < 1 or cfg.workers < 1 or cfg.batch_size < 1:
+        raise BadInput("steps, workers and batch_size must be >= 1")
+    if cfg.batch_size % cfg.workers:
+        raise BadInput(f"batch_size {cfg.batch_size} is not divisible by workers {cfg.workers}")
+    if cfg.img_size < 96 or cfg.img_size % 2:
+        raise BadInput(f"img_size must be an even number >= 96, not {cfg.img_size}")
+    if cfg.checkpoint_every < 1 or cfg.eval_every < 1 or cfg.log_every < 1:
+        raise BadInput("checkpoint_every, eval_every and log_every must be >= 1")
+
+
+def select_splits(data: str, cfg: TrainConfig) -> tuple[Selected, Selected]:
+    """(train, val) clips of a preprocessed corpus; BadInput when the selection leaves no training clips."""
+    clips = read_clips(data)
+    train = select(data, cfg.data, "train", clips)
+    if not train.clip_ids:
+        raise BadInput(f"{data}: {describe_empty(clips, cfg.data)} in the train split")
+    return train, select(data, cfg.data, "val", clips, max_clips=cfg.eval_clips, seed=cfg.seed)
+
+
+def datasets(train: Selected, val: Selected, kind: str, cfg: TrainConfig) -> dict[str, Any]:
+    """Ray Datasets: "train" streams windows epoch after epoch; "val" is a fixed set cut once."""
+    cpus = cfg.data_cpus_per_task
+    out = {"train": windows_dataset(train, kind, cfg.windows, cfg.img_size, cpus)}
+    if val.clip_ids:
+        val_windows = dataclasses.replace(cfg.windows, windows_per_clip=cfg.eval_windows_per_clip)
+        out["val"] = windows_dataset(val, kind, val_windows, cfg.img_size, cpus).materialize()
+    return out
+
+
+# ---------------------------------------------------------------- device, AMP, DDP backend
+
+
+@dataclass(frozen=True)
+class Amp:
+    """Mixed precision of one worker: bf16 autocast where supported, else fp16 autocast with a GradScaler."""
+
+    enabled: bool
+    dtype: torch.dtype = torch.float32
+    scaler: bool = False
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler("cuda", enabled=self.scaler)
+
+
+def amp_settings(gpu: bool, bf16_supported: bool) -> Amp:
+    """GPU: AMP in bf16 if supported, else fp16 with loss scaling. CPU: full precision."""
+    if not gpu:
+        return Amp(enabled=False)
+    if bf16_supported:
+        return Amp(enabled=True, dtype=torch.bfloat16)
+    return Amp(enabled=True, dtype=torch.float16, scaler=True)
+
+
+def worker_amp(gpu: bool) -> Amp:
+    """This worker's AMP settings (asks CUDA about bf16 only on GPU)."""
+    return amp_settings(gpu, gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def worker_device() -> torch.device:
+    """The device Ray Train assigned to this worker (CUDA with --gpu, else CPU)."""
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def torch_config(gpu: bool) -> Any:
+    """NCCL between GPUs, gloo between CPUs."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="nccl" if gpu else "gloo")
+
+
+def scaling_config(cfg: TrainConfig) -> Any:
+    """`num_workers` workers, one GPU each with --gpu."""
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    return ScalingConfig(
+        num_workers=cfg.workers,
+        use_gpu=cfg.gpu,
+        resources_per_worker=resources | ({"GPU": 1} if cfg.gpu else {}),
+        placement_strategy=cfg.placement_strategy,
+    )
+
+
+def run_config(cfg: TrainConfig, out: str, name: str) -> Any:
+    """Checkpoints and Ray Train state under OUT/<name> (local or s3://); restarts on worker failure."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(
+        name=name,
+        storage_path=storage_root(out),
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+    )
+
+
+def storage_root(out: str) -> str:
+    """OUT as Ray Train wants it: URIs as they are, local paths absolute."""
+    return out.rstrip("/") if is_remote(out) else os.path.abspath(out)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def images(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images from the data stream → float32 in [0, 1] on `device`."""
+    return batch.to(device, non_blocking=True).float().div_(255.0)
+
+
+# ---------------------------------------------------------------- distributed helpers
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this worker."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def global_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum over all workers (no-op with one worker)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def global_mean(value: float, device: torch.device) -> float:
+    """Mean over all workers of a per-worker scalar (equal batch sizes: the global-batch mean)."""
+    total, n = global_sum([value, 1.0], device)
+    return total / n
+
+
+def batches(
+    name: str, batch_size: int, device: torch.device, cfg: TrainConfig
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless local batches from this worker's shard of dataset `name`, one epoch after another."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    epoch = 0
+    while True:
+        seen = 0
+        for batch in shard.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=max(cfg.shuffle_buffer, batch_size) if cfg.shuffle_buffer else None,
+            local_shuffle_seed=cfg.seed + epoch,
+            device=device,
+            pin_memory=cfg.gpu,
+        ):
+            seen += 1
+            yield batch
+        if not seen:
+            raise RuntimeError(f"dataset {name!r} has fewer samples per worker than one batch ({batch_size})")
+        epoch += 1
+
+
+def one_pass(name: str, batch_size: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of this worker's shard of dataset `name` (validation)."""
+    import ray.train
+
+    yield from ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=batch_size, device=device)
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+
+@dataclass
+class Resume:
+    """What a worker starts from: payloads by file name (model.pt, ...) and the step they reached."""
+
+    payloads: dict[str, dict[str, Any]]
+    step: int
+    source: str
+
+    @property
+    def train_state(self) -> dict[str, Any]:
+        return self.payloads[MODEL_FILE].get("train_state", {})
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """checkpoint_00001000: sortable, and `training.checkpoint.resolve` reads the step from it."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def read_checkpoint_dir(directory: str) -> dict[str, dict[str, Any]]:
+    """Every *.pt payload of a checkpoint directory, by file name."""
+    fs, path = fsspec.core.url_to_fs(directory)
+    names = sorted(posixpath.basename(p) for p in fs.ls(path, detail=False) if p.endswith(".pt"))
+    return {n: read_payload(posixpath.join(directory.rstrip("/"), n))[0] for n in names}
+
+
+def latest_checkpoint(out: str, name: str) -> tuple[str, int] | None:
+    """(directory, step) of the newest complete checkpoint under OUT/<name>, if any."""
+    root = posixpath.join(storage_root(out), name)
+    fs, path = fsspec.core.url_to_fs(root)
+    found = fs.glob(posixpath.join(path, f"{CHECKPOINT_PREFIX}*", MODEL_FILE))
+    if not found:
+        return None
+    newest = posixpath.dirname(max(found, key=lambda p: posixpath.basename(posixpath.dirname(p))))
+    directory = f"{root.split('://')[0]}://{newest}" if "://" in root else newest
+    payload = read_payload(posixpath.join(directory, MODEL_FILE))[0]
+    return directory, int(payload["step"])
+
+
+def find_resume(resume_from: str | None) -> Resume | None:
+    """On a worker: Ray Train's checkpoint after a restart, else the driver's latest checkpoint under OUT."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as directory:
+            payloads = read_checkpoint_dir(directory)
+        return Resume(payloads, int(payloads[MODEL_FILE]["step"]), ckpt.path)
+    if resume_from:
+        payloads = read_checkpoint_dir(resume_from)
+        return Resume(payloads, int(payloads[MODEL_FILE]["step"]), resume_from)
+    return None
+
+
+def report_checkpoint(
+    step: int, payloads: dict[str, dict[str, Any]], metrics: dict[str, float], rank: int
+) -> None:
+    """Rank 0 writes the payloads into a Ray Train checkpoint named by step; every rank reports."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            for name, payload in payloads.items():
+                if name == MODEL_FILE:
+                    save_checkpoint(tmp, payload)
+                else:
+                    torch.save(payload, os.path.join(tmp, name))
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(
+            {**metrics, "step": step}, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(step)
+        )
+
+
+def check_resumable(previous: dict[str, Any], cfg: TrainConfig) -> None:
+    """Warn when a run is resumed with a different config (other than steps and resources)."""
+    old = {k: v for k, v in previous.items() if k not in EXTRA_KEYS}
+    new = {k: v for k, v in to_dict(cfg).items() if k not in EXTRA_KEYS}
+    if old != new:
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        log.warning("resuming with a changed config (%s); the checkpoint's weights are kept", changed)
+
+
+def seed_everything(seed: int) -> None:
+    """Same initial weights on every worker and in every run with this seed."""
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- metrics: MLflow and printed
+
+
+def tracking_uri(cfg: TrainConfig, out: str) -> str:
+    """The MLflow tracking URI: the configured one, else a file store under OUT (or /tmp for remote OUT)."""
+    if cfg.mlflow_tracking_uri:
+        return cfg.mlflow_tracking_uri
+    root = os.path.join(tempfile.gettempdir(), "lipsync-mlruns") if is_remote(out) else storage_root(out)
+    return "file://" + os.path.join(root, "mlruns")
+
+
+def mlflow_client(uri: str) -> Any:
+    """An MlflowClient; file stores are allowed (MLflow 3 keeps them in maintenance mode)."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def open_mlflow_run(uri: str, out: str, job: str, cfg: TrainConfig) -> str:
+    """The MLflow run of (OUT, job): reused when the command is re-run, created (with params) otherwise."""
+    client = mlflow_client(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+    out_tag = storage_root(out)
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.`lipsync.out` = '{out_tag}' and tags.`lipsync.job` = '{job}'"
+    )
+    if runs:
+        return runs[0].info.run_id
+    run = client.create_run(
+        exp_id, run_name=f"{job}-{config_hash(cfg)}", tags={"lipsync.out": out_tag, "lipsync.job": job}
+    )
+    for key, value in flatten(to_dict(cfg)).items():
+        client.log_param(run.info.run_id, key, value)
+    return run.info.run_id
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class MetricsLog:
+    """Rank 0's metric sink: MLflow (the run opened by the driver) and the worker's stderr."""
+
+    def __init__(self, uri: str | None, run_id: str | None, enabled: bool) -> None:
+        self.enabled = enabled
+        self.client = mlflow_client(uri) if enabled and uri and run_id else None
+        self.run_id = run_id
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        print(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), file=sys.stderr)
+        if self.client is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+
+class Follower(threading.Thread):
+    """Driver-side progress: prints the run's newest metrics from MLflow while training runs."""
+
+    def __init__(self, uri: str, run_id: str, every_s: float = 5.0) -> None:
+        super().__init__(daemon=True)
+        self.client, self.run_id, self.every_s = mlflow_client(uri), run_id, every_s
+        self.stop = threading.Event()
+        self.last_step: float | None = None
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            with contextlib.suppress(Exception):  # progress display only; never fail the run
+                metrics = self.client.get_run(self.run_id).data.metrics
+                if metrics.get("step") != self.last_step and "step" in metrics:
+                    self.last_step = metrics["step"]
+                    shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k != "step")
+                    print(f"train step {int(metrics['step'])}: {shown}", file=sys.stderr)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of one metric of an MLflow run, by step."""
+    client = mlflow_client(uri)
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+# ---------------------------------------------------------------- the driver's part
+
+
+def finished(out: str, name: str, steps: int) -> tuple[str, int] | None:
+    """The final checkpoint when a run under OUT already reached `steps` (re-running does no more)."""
+    latest = latest_checkpoint(out, name)
+    return latest if latest and latest[1] >= steps else None
+
+
+def summary(directory: str, step: int, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The command's result: {checkpoint, step, metrics, ...}."""
+    clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+    return {"checkpoint": directory, "step": step, "metrics": clean, **extra}
+
+
+def checkpoint_summary(directory: str, **extra: Any) -> dict[str, Any]:
+    """`summary` of a checkpoint directory from its model.pt."""
+    payload = read_payload(posixpath.join(directory, MODEL_FILE))[0]
+    return summary(directory, int(payload["step"]), payload.get("metrics", {}), **extra)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """dataclasses.replace that ignores None values (CLI flags not given)."""
+    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})

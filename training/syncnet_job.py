@@ -1,0 +1,232 @@
+"""`lipsync train syncnet DATA OUT`: the expert lip-sync discriminator on Ray Train, one recipe top to bottom.
+
+Reference: Rudrabha/Wav2Lip `color_syncnet_train.py` (Adam lr 1e-4, batch 64, BCE of the cosine similarity
+of the face and audio embeddings). Each worker streams its shard of in-sync/off-sync windows from Ray Data;
+rank 0 checkpoints every `checkpoint_every` steps into OUT/syncnet/checkpoint_<step>/model.pt, which
+generation and scoring load by path (`training.checkpoint.load_model`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lipsync.config import config_hash, from_dict, to_dict
+from lipsync.errors import BadInput
+from pipeline.ray_utils import ensure_ray
+from training.checkpoint import MODEL_FILE, checkpoint_payload, load_model, read_payload
+from training.common import (
+    Amp,
+    Follower,
+    MetricsLog,
+    TrainConfig,
+    batches,
+    check_resumable,
+    checkpoint_summary,
+    datasets,
+    find_resume,
+    finished,
+    global_mean,
+    global_sum,
+    images,
+    latest_checkpoint,
+    one_pass,
+    open_mlflow_run,
+    report_checkpoint,
+    run_config,
+    scaling_config,
+    seed_everything,
+    select_splits,
+    torch_config,
+    tracking_uri,
+    unwrap,
+    validate,
+    worker_amp,
+    worker_device,
+    world,
+)
+from training.models import build_model, sync_loss
+from training.models.syncnet import sync_probability
+
+log = logging.getLogger(__name__)
+
+NAME = "syncnet"
+
+
+@dataclass(frozen=True)
+class SyncNetConfig(TrainConfig):
+    """SyncNet training with the reference hparams (lr 1e-4, global batch 64, Adam)."""
+
+    batch_size: int = 64
+    lr: float = 1e-4
+    eval_at_start: bool = False  # a validation pass before the first step (the untrained baseline)
+
+
+# ---------------------------------------------------------------- one step, one evaluation
+
+
+def sync_batch_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device, amp: Amp
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(BCE loss, in-sync probabilities) of a batch of windows."""
+    with amp.autocast(device):
+        audio, face = model(batch["mel"].to(device), images(batch["faces"], device))
+    return sync_loss(audio, face, batch["label"]), sync_probability(audio.float(), face.float())
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    amp: Amp,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+) -> float:
+    """One optimiser step; returns this worker's loss."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss, _ = sync_batch_loss(model, batch, device, amp)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cfg: SyncNetConfig, device: torch.device, amp: Amp, world_size: int) -> dict:
+    """Validation BCE and accuracy over every worker's shard of the val windows."""
+    model = unwrap(model).eval()
+    loss_sum = correct = count = 0.0
+    for batch in one_pass("val", max(1, cfg.batch_size // world_size), device):
+        loss, prob = sync_batch_loss(model, batch, device, amp)
+        n = len(prob)
+        loss_sum += float(loss) * n
+        correct += float(((prob > 0.5).float() == batch["label"].to(device)).sum())
+        count += n
+    loss_sum, correct, count = global_sum([loss_sum, correct, count], device)
+    return {"val_loss": loss_sum / count, "val_accuracy": correct / count} if count else {}
+
+
+# ---------------------------------------------------------------- the recipe (runs on every worker)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Set-up, loop, checkpoint. `config`: cfg (dict), resume_from, init_from, mlflow_uri, mlflow_run_id."""
+    import ray.train.torch
+
+    # -- set-up: device, model, optimiser, state to resume from
+    cfg = from_dict(SyncNetConfig, config["cfg"])
+    rank, world_size = world()
+    device, amp = worker_device(), worker_amp(cfg.gpu)
+    seed_everything(cfg.seed)
+    model = build_model(NAME, cfg.img_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = amp.grad_scaler()
+    step, resumed_from = 0, []
+    resume = find_resume(config.get("resume_from"))
+    if resume is not None:
+        payload = resume.payloads[MODEL_FILE]
+        check_resumable(payload.get("config", {}), cfg)
+        model.load_state_dict(payload["state_dict"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scaler.load_state_dict(resume.train_state.get("scaler", {}) or scaler.state_dict())
+        step = resume.step
+        resumed_from = [*resume.train_state.get("resumed_from", []), step]
+        log.info("rank %d: resuming from %s at step %d", rank, resume.source, step)
+    elif config.get("init_from"):
+        model.load_state_dict(read_payload(config["init_from"])[0]["state_dict"])
+    model = ray.train.torch.prepare_model(model)
+    metrics_log = MetricsLog(config.get("mlflow_uri"), config.get("mlflow_run_id"), rank == 0)
+    train_batches = batches("train", cfg.batch_size // world_size, device, cfg)
+    has_val = config.get("has_val", False)
+    if has_val and cfg.eval_at_start and step == 0:
+        metrics_log.log(0, evaluate(model, cfg, device, amp, world_size))
+
+    # -- loop
+    losses: list[float] = []
+    metrics: dict[str, float] = {}
+    while step < cfg.steps:
+        loss = train_step(model, optimizer, scaler, amp, next(train_batches), device)
+        losses.append(global_mean(loss, device))
+        step += 1
+        last = step == cfg.steps
+        if step % cfg.log_every == 0 or last:
+            metrics = {"train_loss": sum(losses) / len(losses)}
+            losses = []
+            if has_val and (step % cfg.eval_every == 0 or last):
+                metrics.update(evaluate(model, cfg, device, amp, world_size))
+            metrics_log.log(step, {**metrics, "step": step})
+
+        # -- checkpoint: model + optimiser + step + config (+ the resume trail)
+        if step % cfg.checkpoint_every == 0 or last:
+            payload = checkpoint_payload(
+                model, NAME, cfg.img_size, step, to_dict(cfg) | {"config_hash": config_hash(cfg)},
+                metrics, optimizer,
+            )  # fmt: skip
+            payload["train_state"] = {"resumed_from": resumed_from, "scaler": scaler.state_dict()}
+            report_checkpoint(step, {MODEL_FILE: payload}, metrics, rank)
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def check_init(uri: str, kind: str, img_size: int) -> None:
+    """--init-from must hold a model of this kind and size (BadInput otherwise)."""
+    loaded = load_model(uri, expected_kind=kind)
+    if loaded.img_size != img_size:
+        raise BadInput(f"--init-from {uri} is a {loaded.img_size}px {kind}, the config trains {img_size}px")
+
+
+def run(
+    cfg: SyncNetConfig, data: str, out: str, address: str | None = None, init_from: str | None = None
+) -> dict:
+    """Train (or resume, or do nothing if finished) and return {checkpoint, step, metrics}."""
+    from ray.train.torch import TorchTrainer
+
+    validate(cfg)
+    train, val = select_splits(data, cfg)
+    if init_from:
+        check_init(init_from, NAME, cfg.img_size)
+    done = finished(out, NAME, cfg.steps)
+    if done:
+        log.info("%s already reached step %d; nothing to do", done[0], done[1])
+        return checkpoint_summary(done[0], already_finished=True)
+    latest = latest_checkpoint(out, NAME)
+    ensure_ray(address)
+    uri = tracking_uri(cfg, out)
+    run_id = open_mlflow_run(uri, out, NAME, cfg)
+    log.info(
+        "syncnet: %d train clips (%d frames), %d val clips",
+        len(train.clip_ids),
+        train.frames,
+        len(val.clip_ids),
+    )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "resume_from": latest[0] if latest else None,
+            "init_from": init_from,
+            "mlflow_uri": uri,
+            "mlflow_run_id": run_id,
+            "has_val": bool(val.clip_ids),
+        },
+        scaling_config=scaling_config(cfg),
+        run_config=run_config(cfg, out, NAME),
+        torch_config=torch_config(cfg.gpu),
+        datasets=datasets(train, val, NAME, cfg),
+    )
+    follower = Follower(uri, run_id)
+    follower.start()
+    try:
+        trainer.fit()
+    finally:
+        follower.stop.set()
+    final = latest_checkpoint(out, NAME)
+    if final is None:
+        raise RuntimeError(f"training finished without a checkpoint under {out}")
+    return checkpoint_summary(final[0], mlflow_run_id=run_id, mlflow_tracking_uri=uri)
