@@ -117,6 +117,54 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(handler=_train)
 
 
+def _mos(args: argparse.Namespace) -> dict[str, Any]:
+    if args.action == "create":
+        from evaluation.mos.study import run_create
+
+        return run_create(args)
+    if args.action == "serve":
+        from evaluation.mos.app import serve
+
+        return serve(args.study_dir, host=args.host, port=args.port)
+    from evaluation.mos.results import run
+
+    result = run(args.study_dir, print_json=not args.json)  # without --json: the JSON on stdout, pretty
+    return result if args.json else {"results": result["path"]}
+
+
+def _mos_parser(sub: argparse._SubParsersAction) -> None:
+    mos = sub.add_parser("mos", help="blind MOS rating studies: create, serve the rating page, results")
+    actions = mos.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    p = actions.add_parser("create", help="a balanced, blind study from generation outputs; prints links")
+    p.add_argument("study_dir", help="new study directory (study.json, media/, ratings.sqlite, links.txt)")
+    p.add_argument(
+        "--from",
+        dest="sources",
+        nargs="+",
+        default=[],
+        metavar="OUTPUTS",
+        help="generation OUT dirs / outputs.parquet / manifests, optionally NAME=PATH",
+    )
+    p.add_argument("--reference", metavar="MANIFEST", help="real videos: manifest, [NAME=]PATH")
+    p.add_argument("--raters", type=int, default=5, help="number of rater links")
+    p.add_argument("--clips-per-rater", type=int, help="videos per rater (default: distinct contents)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the assignment and order")
+    p.add_argument("--host", default="127.0.0.1", help="host in the printed links")
+    p.add_argument("--port", type=int, default=8000, help="port in the printed links")
+    p.add_argument("--base-url", help="link prefix instead of http://HOST:PORT (e.g. behind a proxy)")
+    _common(p)
+    p = actions.add_parser("serve", help="serve the rating page (binds loopback unless told otherwise)")
+    p.add_argument("study_dir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _common(p)
+    p = actions.add_parser("results", help="MOS, 95%% CIs, rater agreement -> STUDY_DIR/mos_results.json")
+    p.add_argument("study_dir")
+    _common(p)
+    for p in actions.choices.values():
+        p.set_defaults(handler=_mos)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line grammar (DESIGN.md's contract)."""
     parser = _Parser(prog="lipsync", description=__doc__.splitlines()[0])
@@ -152,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_demo)
 
     _train_parser(sub)
+    _mos_parser(sub)
     return parser
 
 
