@@ -12,9 +12,10 @@ else it may serve:
     STUDY_DIR/links.txt        one rating link per rater (the tokens are secrets: mode 0600)
 
 Balance, per rater: the K clips are split over the systems as evenly as their sizes allow, with the systems
-that get one clip more rotating from rater to rater; within a system the least-rated stimulus whose content
-that rater has not seen yet is taken (ties broken by the seeded RNG); each stimulus at most once per rater;
-the presentation order is shuffled per rater. Tokens and media ids come from `secrets`, not the seed.
+that get one clip more rotating from rater to rater; within a system the least-rated stimulus is taken,
+preferring a content that rater has not seen yet (ties broken by the seeded RNG; the greedy pass is
+retried to avoid repeated content); each stimulus at most once per rater, so every stimulus of a system
+is rated equally often +-1; the presentation order is shuffled per rater. Tokens and media ids come from `secrets`, not the seed.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-import pandas as pd
 
 from lipsync.errors import BadInput
 
@@ -111,7 +111,9 @@ def _table_of(uri: str) -> str:
     raise BadInput(f"{uri} has no outputs.parquet or manifest (.parquet/.csv/.jsonl)")
 
 
-def _read_table(uri: str) -> pd.DataFrame:
+def _read_table(uri: str) -> Any:
+    import pandas as pd  # only `create` reads tables; the server does not need pandas
+
     try:
         with fsspec.open(uri, "rb") as fh:
             if uri.endswith(".parquet"):
@@ -181,10 +183,9 @@ def load_system(source: Source) -> list[dict[str, Any]]:
     return rows
 
 
-def assign(
+def _assign_once(
     pools: dict[str, list[str]], content: dict[str, str], raters: int, k: int, rng: random.Random
 ) -> list[list[str]]:
-    """Per rater, K distinct stimulus keys balanced over systems and exposures (see the module doc)."""
     systems = sorted(pools)
     exposures: Counter[str] = Counter()
     plans: list[list[str]] = []
@@ -204,15 +205,47 @@ def assign(
         seen_content: set[str] = set()
         for name in slots:
             options = [key for key in pools[name] if key not in chosen]
-            fresh = [key for key in options if content[key] not in seen_content] or options
-            low = min(exposures[key] for key in fresh)
-            pick = rng.choice([key for key in fresh if exposures[key] == low])
+            best = min((exposures[key], content[key] in seen_content) for key in options)
+            pick = rng.choice(
+                [key for key in options if (exposures[key], content[key] in seen_content) == best]
+            )
             chosen.append(pick)
             seen_content.add(content[pick])
             exposures[pick] += 1
         rng.shuffle(chosen)
         plans.append(chosen)
     return plans
+
+
+def content_repeats(plans: list[list[str]], content: dict[str, str]) -> int:
+    """How many times a rater meets a content they have already seen (from another system)."""
+    return sum(len(plan) - len({content[key] for key in plan}) for plan in plans)
+
+
+def assign(
+    pools: dict[str, list[str]],
+    content: dict[str, str],
+    raters: int,
+    k: int,
+    rng: random.Random,
+    attempts: int = 30,
+) -> list[list[str]]:
+    """Per rater, K distinct stimulus keys balanced over systems and exposures (see the module doc).
+
+    Exposure comes first (within a system every stimulus is rated equally often, +-1), then avoiding a
+    content the rater has seen; the seeded greedy pass is repeated up to `attempts` times to find a plan
+    without repeated content.
+    """
+    best: list[list[str]] = []
+    best_repeats = -1
+    for _ in range(attempts):
+        plans = _assign_once(pools, content, raters, k, random.Random(rng.random()))
+        repeats = content_repeats(plans, content)
+        if best_repeats < 0 or repeats < best_repeats:
+            best, best_repeats = plans, repeats
+        if repeats == 0:
+            break
+    return best
 
 
 def _copy(src: str, dest: Path) -> None:
@@ -326,7 +359,7 @@ def create(
 
     exposures = Counter(key for plan in plans for key in plan)
     per_system = Counter(stimuli[key]["system"] for plan in plans for key in plan)
-    repeats = sum(len(plan) - len({stimuli[key]["content"] for key in plan}) for plan in plans)
+    repeats = content_repeats(plans, {key: s["content"] for key, s in stimuli.items()})
     return {
         "study": str(root),
         "study_json": str(root / STUDY_FILE),
