@@ -117,6 +117,50 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(handler=_train)
 
 
+def _score(args: argparse.Namespace) -> dict[str, Any]:
+    from evaluation.score import ScoreConfig, run
+    from lipsync.config import load_config
+
+    cfg = load_config(ScoreConfig, args.config, {"resources.workers": args.workers, "system": args.system})
+    return run(
+        cfg,
+        args.input,
+        args.out,
+        syncnet=args.syncnet,
+        syncnet_v2=args.syncnet_v2,
+        reference=args.reference,
+        calibration_out=args.calibration_out,
+        address=args.address,
+    )
+
+
+def _report(args: argparse.Namespace) -> dict[str, Any]:
+    from evaluation.report import run
+
+    return run(args.scores, args.out, mos=args.mos, config_path=args.config)
+
+
+def _evaluation_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="objective lip-sync and quality scores of many videos (Ray actor pool)")
+    p.add_argument("input", help="videos directory, manifest (.csv/.jsonl/.parquet) or generation's outputs")
+    p.add_argument("out", help="output directory: scores.parquet and summary.json (local or s3://)")
+    p.add_argument("--syncnet", help="our expert SyncNet checkpoint: adds LSE-D/LSE-C (lse_*)")
+    p.add_argument("--syncnet-v2", help="joonson/syncnet_python's syncnet_v2.model: standard LSE-D/LSE-C")
+    p.add_argument("--reference", help="manifest of reference videos for PSNR/SSIM: id or video, reference")
+    p.add_argument("--calibration-out", help="write the per-language timing calibration from these scores")
+    p.add_argument("--workers", type=int, help="scoring actors (default from config: 2)")
+    p.add_argument("--system", help="system name of rows without a `system` column (default: input name)")
+    _common(p, ray=True)
+    p.set_defaults(handler=_score)
+
+    p = sub.add_parser("report", help="report.json and a self-contained report.html from scores")
+    p.add_argument("scores", help="a `lipsync score` OUT directory or its scores.parquet")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--mos", help="MOS results JSON (`lipsync mos results`) folded into the overall score")
+    _common(p)
+    p.set_defaults(handler=_report)
+
+
 def _mos(args: argparse.Namespace) -> dict[str, Any]:
     if args.action == "create":
         from evaluation.mos.study import run_create
@@ -200,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_demo)
 
     _train_parser(sub)
+    _evaluation_parsers(sub)
     _mos_parser(sub)
     return parser
 
