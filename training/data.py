@@ -320,6 +320,6 @@ def windows_dataset(
     import ray.data
     from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(list(selected.shard_files), columns=SHARD_COLUMNS, num_cpus=num_cpus)
+    ds = ray.data.read_parquet(list(selected.shard_files), num_cpus=num_cpus).select_columns(SHARD_COLUMNS)
     ds = ds.filter(expr=col("clip_id").is_in(list(selected.clip_ids)))
     return ds.flat_map(WindowMaker(kind, cfg, img_size), num_cpus=num_cpus)
