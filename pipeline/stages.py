@@ -392,13 +392,14 @@ class ClipPreprocessor:
             self.crop(seg)
             face_px = float(np.nanmedian(sub.face_size)) / decoded.scale
             est, seg_pcm, repaired = self.align(seg, decoded.pcm)
+            sharpness = filters.sharpness(seg.crops)
             problem = filters.segment_rejection(
                 cfg.filters,
                 e - s,
                 cfg.fps,
                 face_px,
                 sub.multi_face_fraction,
-                filters.sharpness(seg.crops),
+                sharpness,
                 filters.rms_dbfs(seg_pcm),
             )
             if problem:
@@ -433,7 +434,7 @@ class ClipPreprocessor:
             "face_size": face_px,
             "landmark_quality": float(sub.found.mean()),
             "multi_face_fraction": sub.multi_face_fraction,
-            "sharpness": filters.sharpness(seg.crops),
+            "sharpness": sharpness,
             "audio_dbfs": filters.rms_dbfs(seg_pcm),
             "av_offset_frames": est.offset_frames,
             "av_offset_confidence": est.confidence,
