@@ -1,0 +1,373 @@
+"""Generation's frame and file work around the model: extension, exact range decoding, blending, muxing.
+
+- Extension: which source frame shows at each output frame when the audio outlasts the video
+  (ping-pong by default, loop or freeze); shorter audio simply trims.
+- `read_frame_range`: frames [start, stop) of a video exactly as `pipeline.media.iter_frames` numbers
+  them, by seeking, so chunks can be re-read anywhere without decoding the whole file.
+- Blending: a feathered mask over the mouth (from landmarks, inside the lower half of the face crop),
+  colour matching of the generated crop to the frame, and pasting back through
+  `pipeline.crops.paste_back_transform`; pixels where the mask is 0 are left bit-identical.
+- Finishing: concatenation of the encoded chunks with the new audio (H.264 + AAC), optional
+  stabilisation (vidstab or deshake), and AV-offset correction by shifting the audio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import cv2
+import ffmpeg
+import numpy as np
+
+from pipeline.crops import paste_back_transform
+from pipeline.landmarks import CHIN_POINT, LIPS_POINTS, NOSE_TIP_POINT
+from pipeline.media import (
+    _LOG_ARGS,
+    MediaError,
+    ProbeInfo,
+    _fraction,
+    _output_path,
+    _stderr_reason,
+    local_path,
+    probe,
+    shift_audio,
+)
+from pipeline.offset import OffsetEstimate, estimate_offset
+
+EXTENSION_MODES = ("pingpong", "loop", "freeze")
+STABILISERS = ("off", "auto", "vidstab", "deshake")
+# Mesh points the blend mask is built from, in this order: the lips, then the nose tip, then the chin.
+MOUTH_POINTS: tuple[int, ...] = (*LIPS_POINTS, NOSE_TIP_POINT, CHIN_POINT)
+# Containers whose seeking lands on exact frames (checked against a full decode in the tests);
+# anything else (MPEG-TS, raw streams, ...) is remuxed to Matroska once before chunked decoding.
+SEEKABLE_FORMATS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm")
+
+
+# --- extension ----------------------------------------------------------------------------------
+
+
+def source_indices(start: int, count: int, n_source: int, mode: str = "pingpong") -> np.ndarray:
+    """Source frame shown at output frames start..start+count-1 of a video of `n_source` frames.
+
+    "pingpong" plays forwards, backwards, forwards... without repeating the turning frames; "loop"
+    restarts; "freeze" holds the last frame. Output frames inside the source map to themselves.
+    """
+    if n_source <= 0:
+        raise ValueError(f"n_source must be positive, got {n_source}")
+    if mode not in EXTENSION_MODES:
+        raise ValueError(f"extension mode must be one of {EXTENSION_MODES}, got {mode!r}")
+    j = np.arange(start, start + count, dtype=np.int64)
+    if mode == "freeze":
+        return np.minimum(j, n_source - 1)
+    if mode == "loop" or n_source == 1:
+        return j % n_source
+    period = 2 * (n_source - 1)
+    r = j % period
+    return np.where(r < n_source, r, period - r)
+
+
+def frames_for_audio(n_samples: int, sample_rate: int, fps: float) -> int:
+    """Output frames for audio of `n_samples`: the audio's duration at `fps`, rounded."""
+    return int(round(n_samples / sample_rate * fps))
+
+
+def fit_length(pcm: np.ndarray, n_samples: int) -> np.ndarray:
+    """PCM trimmed or zero-padded to exactly `n_samples`."""
+    if len(pcm) >= n_samples:
+        return pcm[:n_samples]
+    return np.concatenate([pcm, np.zeros(n_samples - len(pcm), pcm.dtype)])
+
+
+# --- exact range decoding -----------------------------------------------------------------------
+
+
+def container_format(path: str) -> str:
+    """ffprobe's format_name of a local file ("mov,mp4,m4a,3gp,3g2,mj2", "mpegts", ...)."""
+    try:
+        return str(ffmpeg.probe(path, cmd="ffprobe").get("format", {}).get("format_name", ""))
+    except ffmpeg.Error as exc:
+        raise MediaError("unreadable", path, _stderr_reason(exc.stderr)) from exc
+
+
+def remux_video(path: str, info: ProbeInfo, out: str) -> str:
+    """Copy the video stream of `path` into a Matroska file (no re-encoding) so it seeks exactly."""
+    graph = ffmpeg.input(path)[str(info.video_stream)].output(out, c="copy", format="matroska")
+    args = ffmpeg.compile(graph.overwrite_output())
+    done = subprocess.run([args[0], *_LOG_ARGS, *args[1:]], capture_output=True)
+    if done.returncode:
+        raise MediaError("decode_failed", info.uri, _stderr_reason(done.stderr))
+    return out
+
+
+def read_frame_range(
+    path: str,
+    start: int,
+    stop: int,
+    fps: float,
+    size: tuple[int, int] | None = None,
+    info: ProbeInfo | None = None,
+    lead_seconds: float = 1.0,
+) -> np.ndarray:
+    """Frames [start, stop) of a local video at constant `fps`, numbered as `iter_frames(fps=fps)` does.
+
+    Seeks to `lead_seconds` before `start` (on the frame grid) and trims after ffmpeg's fps filter, so
+    the result equals the same slice of a full decode for mp4/mov/mkv/webm (see SEEKABLE_FORMATS).
+    `size` is (width, height); MediaError("truncated") when fewer frames come back.
+    """
+    info = info or probe(path)
+    width, height = size or (info.width, info.height)
+    pre = max(0, start - int(round(lead_seconds * fps)))
+    source = ffmpeg.input(path, ss=f"{pre / fps:.6f}") if pre else ffmpeg.input(path)
+    stream = source[str(info.video_stream)].filter("fps", fps=_fraction(fps), start_time=0)
+    stream = stream.trim(start_frame=start - pre, end_frame=stop - pre)
+    if (width, height) != (info.width, info.height):
+        stream = stream.filter("scale", width, height, flags="bicubic")
+    args = ffmpeg.compile(stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough"))
+    done = subprocess.run([args[0], *_LOG_ARGS, *args[1:]], capture_output=True)
+    if done.returncode:
+        raise MediaError("decode_failed", info.uri, _stderr_reason(done.stderr))
+    frames = np.frombuffer(done.stdout, np.uint8)
+    frames = frames[: len(frames) // (width * height * 3) * width * height * 3].reshape(-1, height, width, 3)
+    if len(frames) != stop - start:
+        raise MediaError("truncated", info.uri, f"frames {start}-{stop}: got {len(frames)}")
+    return frames
+
+
+# --- blending -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """How the generated crop goes back into the frame."""
+
+    mouth_scale: float = 1.5  # mask half-width as a multiple of half the mouth-corner distance
+    feather: float = 0.05  # Gaussian feather sigma as a fraction of the crop side
+    color_match: bool = True  # match the generated mouth's LAB mean/std to the source's under the mask
+    max_gain: float = 1.5  # limit on the colour match's std ratio (either way)
+
+
+def mouth_mask(points: np.ndarray, size: int, cfg: BlendConfig) -> np.ndarray:
+    """(size, size) float32 mask in [0, 1]: a feathered ellipse from below the nose to the chin.
+
+    `points` are MOUTH_POINTS in crop pixels (lips, nose tip, chin). The mask is exactly 0 in the upper
+    half of the crop and near the crop's sides, so only the mouth region Wav2Lip redraws is touched.
+    """
+    lips, nose, chin = points[: len(LIPS_POINTS), :2], points[-2, :2], points[-1, :2]
+    sigma = max(cfg.feather * size, 0.5)
+    margin = 2.0 * sigma
+    half_w = 0.5 * (lips[:, 0].max() - lips[:, 0].min()) * cfg.mouth_scale
+    cx = float(np.clip(lips[:, 0].mean(), margin, size - margin))
+    half_w = min(half_w, cx - margin, size - margin - cx)
+    top = max(0.5 * (nose[1] + lips[:, 1].min()), size / 2 + margin)
+    bottom = min(max(chin[1], lips[:, 1].max()), size - margin)
+    mask = np.zeros((size, size), np.float32)
+    if half_w <= 1 or bottom - top <= 2 or not np.isfinite([cx, half_w, top, bottom]).all():
+        return mask
+    centre = (int(round(cx * 16)), int(round((top + bottom) / 2 * 16)))
+    axes = (int(round(half_w * 16)), int(round((bottom - top) / 2 * 16)))
+    cv2.ellipse(mask, centre, axes, 0, 0, 360, 1.0, -1, lineType=cv2.LINE_AA, shift=4)
+    mask = cv2.GaussianBlur(mask, (0, 0), sigma)
+    mask[: size // 2] = 0.0
+    mask[mask < 1e-3] = 0.0
+    return mask
+
+
+def color_match(
+    generated: np.ndarray, reference: np.ndarray, mask: np.ndarray, max_gain: float
+) -> np.ndarray:
+    """Generated RGB crop with its LAB mean/std under `mask` moved to the reference crop's (Reinhard)."""
+    weights = mask.reshape(-1)
+    if weights.sum() < 1.0:
+        return generated
+    lab_g = cv2.cvtColor(generated.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB).reshape(-1, 3)
+    lab_r = cv2.cvtColor(reference.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB).reshape(-1, 3)
+    w = weights[:, None] / weights.sum()
+    mean_g, mean_r = (lab_g * w).sum(0), (lab_r * w).sum(0)
+    std_g = np.sqrt((((lab_g - mean_g) ** 2) * w).sum(0)) + 1e-3
+    std_r = np.sqrt((((lab_r - mean_r) ** 2) * w).sum(0)) + 1e-3
+    gain = np.clip(std_r / std_g, 1.0 / max_gain, max_gain)
+    matched = ((lab_g - mean_g) * gain + mean_r).reshape(generated.shape).astype(np.float32)
+    rgb = cv2.cvtColor(matched, cv2.COLOR_LAB2RGB)
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def paste_mouth(frame: np.ndarray, generated: np.ndarray, box: np.ndarray, mask: np.ndarray) -> None:
+    """Blend a generated (size, size, 3) crop into `frame` in place through the feathered `mask`.
+
+    Only the lower half of the face box is touched; pixels where the warped mask is 0 keep their values.
+    """
+    size = generated.shape[0]
+    height, width = frame.shape[:2]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    rx0, rx1 = max(0, math.floor(x0)), min(width, math.ceil(x1) + 1)
+    ry0, ry1 = max(0, math.floor((y0 + y1) / 2)), min(height, math.ceil(y1) + 1)
+    if rx1 <= rx0 or ry1 <= ry0:
+        return
+    m = paste_back_transform(box, size)
+    m[0, 2] -= rx0
+    m[1, 2] -= ry0
+    roi_size = (rx1 - rx0, ry1 - ry0)
+    warped = cv2.warpAffine(generated, m, roi_size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    alpha = cv2.warpAffine(mask, m, roi_size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    alpha = alpha[..., None]
+    roi = frame[ry0:ry1, rx0:rx1]
+    blended = roi.astype(np.float32) * (1.0 - alpha) + warped.astype(np.float32) * alpha
+    roi[:] = np.where(alpha > 0, np.clip(blended + 0.5, 0, 255), roi).astype(np.uint8)
+
+
+# --- finishing ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Encoding, stabilisation and AV-offset correction of the finished video."""
+
+    crf: int = 16  # x264 quality of the chunks (and of the stabilised re-encode)
+    preset: str = "veryfast"
+    audio_bitrate: str = "192k"
+    stabilise: str = "off"  # off | auto (vidstab when this ffmpeg has it, else deshake) | vidstab | deshake
+    measure_offset: bool = True  # track the generated mouth and estimate the output's AV offset
+    correct_offset: bool = True  # shift the audio when the estimate is confident and large enough
+    min_confidence: float = 0.2
+    min_seconds: float = 6.0  # shorter outputs are measured but never corrected (too few mouth movements)
+    min_abs_offset: int = 2  # frames; smaller measured offsets are left alone (estimator noise)
+    max_abs_offset: int = 8  # frames; larger ones are not trusted
+    max_lag: int = 15
+
+
+@lru_cache(maxsize=1)
+def ffmpeg_filters() -> frozenset[str]:
+    """Names of the filters this ffmpeg build has."""
+    done = subprocess.run(["ffmpeg", "-hide_banner", "-filters"], capture_output=True, text=True)
+    names = set()
+    for line in done.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and "->" in parts[2]:
+            names.add(parts[1])
+    return frozenset(names)
+
+
+def resolve_stabiliser(mode: str) -> str:
+    """ "off", "vidstab" or "deshake" for a configured mode; "auto" prefers vidstab when available."""
+    if mode not in STABILISERS:
+        raise ValueError(f"stabilise must be one of {STABILISERS}, got {mode!r}")
+    has_vidstab = {"vidstabdetect", "vidstabtransform"} <= ffmpeg_filters()
+    if mode == "auto":
+        return "vidstab" if has_vidstab else "deshake"
+    if mode == "vidstab" and not has_vidstab:
+        return "deshake"
+    return mode
+
+
+@dataclass(frozen=True)
+class OffsetCorrection:
+    """The output's AV offset before and after shifting its audio by `shift_frames` (advance if > 0)."""
+
+    before: OffsetEstimate
+    after: OffsetEstimate
+    shift_frames: int
+
+
+def correct_offset(
+    openness: np.ndarray, pcm: np.ndarray, sample_rate: int, fps: float, cfg: PostprocessConfig
+) -> OffsetCorrection:
+    """Estimate the offset of generated mouths against the audio; decide the audio shift that cancels it."""
+    before = estimate_offset(openness, pcm, sample_rate, fps, max_lag=cfg.max_lag)
+    d = before.offset_frames
+    long_enough = len(openness) >= cfg.min_seconds * fps
+    confident = before.confidence >= cfg.min_confidence and long_enough
+    if not (cfg.correct_offset and confident and cfg.min_abs_offset <= abs(d) <= cfg.max_abs_offset):
+        return OffsetCorrection(before, before, 0)
+    shifted = shift_audio(pcm, sample_rate, -d / fps)  # d > 0: the audio lags, so advance it
+    after = estimate_offset(openness, shifted, sample_rate, fps, max_lag=cfg.max_lag)
+    return OffsetCorrection(before, after, d)
+
+
+def _concat_list(parts: Sequence[str], durations: Sequence[float], directory: str) -> str:
+    """A concat-demuxer list; explicit durations keep the joined timestamps on the frame grid."""
+    listing = os.path.join(directory, "parts.txt")
+    with open(listing, "w") as fh:
+        for part, seconds in zip(parts, durations, strict=True):
+            escaped = os.path.abspath(part).replace("'", "'\\''")
+            fh.write(f"file '{escaped}'\nduration {seconds:.6f}\n")
+    return listing
+
+
+def _run(graph, uri: str) -> None:
+    args = ffmpeg.compile(graph)
+    done = subprocess.run([args[0], *_LOG_ARGS, *args[1:]], capture_output=True)
+    if done.returncode:
+        raise MediaError("encode_failed", uri, _stderr_reason(done.stderr))
+
+
+def _audio_track(path: str, seconds: float, shift_seconds: float):
+    """The first audio stream from t=0, advanced (> 0) or delayed (< 0), padded/trimmed to `seconds`."""
+    info = probe(path, require_video=False)
+    if not info.has_audio:
+        raise MediaError("no_audio_stream", path)
+    audio = ffmpeg.input(path)[str(info.audio_stream)].filter("aresample", first_pts=0)
+    if shift_seconds > 0:
+        audio = audio.filter("atrim", start=shift_seconds).filter("asetpts", "PTS-STARTPTS")
+    elif shift_seconds < 0:
+        audio = audio.filter("adelay", delays=int(round(-shift_seconds * 1000)), all=1)
+    return audio.filter("apad").filter("atrim", duration=seconds)
+
+
+def _stabilised(listing: str, mode: str, workdir: str, uri: str):
+    video = ffmpeg.input(listing, format="concat", safe=0).video
+    if mode == "deshake":
+        return video.filter("deshake")
+    transforms = os.path.join(workdir, "transforms.trf")
+    detect = video.filter("vidstabdetect", result=transforms).output("-", format="null")
+    _run(detect, uri)
+    return ffmpeg.input(listing, format="concat", safe=0).video.filter("vidstabtransform", input=transforms)
+
+
+def mux_output(
+    parts: Sequence[str],
+    part_frames: Sequence[int],
+    audio_uri: str,
+    fps: float,
+    out_uri: str,
+    cfg: PostprocessConfig,
+    advance_seconds: float = 0.0,
+) -> str:
+    """Concatenate encoded chunk files (in order, `part_frames` frames each) with the audio into an mp4.
+
+    H.264 + AAC. The audio is cut or padded to exactly the video's duration and advanced by `advance_seconds`
+    (negative delays it); with stabilisation the video is re-encoded, otherwise copied. Returns out_uri.
+    """
+    mode = resolve_stabiliser(cfg.stabilise)
+    with contextlib.ExitStack() as stack:
+        local_parts = [stack.enter_context(local_path(p)) for p in parts]
+        audio_local = stack.enter_context(local_path(audio_uri))
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="lipsync-mux-"))
+        out = stack.enter_context(_output_path(out_uri))
+        listing = _concat_list(local_parts, [n / fps for n in part_frames], workdir)
+        audio = _audio_track(audio_local, sum(part_frames) / fps, advance_seconds)
+        video_args: dict = {"vcodec": "copy"}
+        if mode == "off":
+            video = ffmpeg.input(listing, format="concat", safe=0).video
+        else:
+            video = _stabilised(listing, mode, workdir, out_uri)
+            video_args = {"vcodec": "libx264", "crf": cfg.crf, "preset": cfg.preset, "pix_fmt": "yuv420p"}
+            video_args["r"] = _fraction(fps)
+        graph = ffmpeg.output(
+            video,
+            audio,
+            out,
+            format="mp4",
+            acodec="aac",
+            audio_bitrate=cfg.audio_bitrate,
+            movflags="+faststart",
+            **video_args,
+        ).overwrite_output()
+        _run(graph, out_uri)
+    return out_uri
