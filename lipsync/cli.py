@@ -219,7 +219,7 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="lip-synced videos for a manifest of video + audio pairs (Ray Data)")
-    p.add_argument("pairs", help="manifest (.csv/.jsonl/.parquet): video, audio, optional language, speaker, id")
+    p.add_argument("pairs", help="manifest (.csv/.jsonl/.parquet): video, audio, optional language, id")
     p.add_argument("out", help="output directory: videos/<id>.mp4 and outputs.parquet (local or s3://)")
     p.add_argument("--checkpoint", required=True, help="wav2lip checkpoint (dir, model.pt or training OUT)")
     p.add_argument("--calibration", help="per-language timing JSON (default: config's calibration)")
