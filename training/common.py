@@ -177,7 +177,7 @@ def run_config(cfg: TrainConfig, out: str, name: str) -> Any:
 
 
 def storage_root(out: str) -> str:
-    """OUT as Ray Train wants it: URIs as they are, local paths absolute."""
+    """A path as workers and Ray Train want it: URIs as they are, local paths absolute."""
     return out.rstrip("/") if is_remote(out) else os.path.abspath(out)
 
 
@@ -276,21 +276,28 @@ def read_checkpoint_dir(directory: str) -> dict[str, dict[str, Any]]:
     return {n: read_payload(posixpath.join(directory.rstrip("/"), n))[0] for n in names}
 
 
-def latest_checkpoint(out: str, name: str) -> tuple[str, int] | None:
-    """(directory, step) of the newest complete checkpoint under OUT/<name>, if any."""
+def checkpoint_dirs(out: str, name: str) -> list[str]:
+    """Checkpoint directories under OUT/<name> holding a model.pt, newest first."""
     root = posixpath.join(storage_root(out), name)
     fs, path = fsspec.core.url_to_fs(root)
     found = fs.glob(posixpath.join(path, f"{CHECKPOINT_PREFIX}*", MODEL_FILE))
-    if not found:
-        return None
-    newest = posixpath.dirname(max(found, key=lambda p: posixpath.basename(posixpath.dirname(p))))
-    directory = f"{root.split('://')[0]}://{newest}" if "://" in root else newest
-    payload = read_payload(posixpath.join(directory, MODEL_FILE))[0]
-    return directory, int(payload["step"])
+    dirs = sorted((posixpath.dirname(p) for p in found), key=posixpath.basename, reverse=True)
+    return [f"{root.split('://')[0]}://{d}" if "://" in root else d for d in dirs]
 
 
-def find_resume(resume_from: str | None) -> Resume | None:
-    """On a worker: Ray Train's checkpoint after a restart, else the driver's latest checkpoint under OUT."""
+def latest_checkpoint(out: str, name: str) -> tuple[str, int] | None:
+    """(directory, step) of the newest readable checkpoint under OUT/<name>, if any."""
+    for directory in checkpoint_dirs(out, name):
+        try:
+            return directory, int(read_payload(posixpath.join(directory, MODEL_FILE))[0]["step"])
+        except BadInput as exc:  # a checkpoint cut short by a crash: fall back to the one before
+            log.warning("skipping %s: %s", directory, exc)
+    return None
+
+
+def find_resume(out: str, name: str) -> Resume | None:
+    """On a worker: Ray Train's checkpoint after a restart, else the newest readable one under OUT/<name>
+    (the command was re-run, or a crash came between writing a checkpoint and registering it)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -298,9 +305,13 @@ def find_resume(resume_from: str | None) -> Resume | None:
         with ckpt.as_directory() as directory:
             payloads = read_checkpoint_dir(directory)
         return Resume(payloads, int(payloads[MODEL_FILE]["step"]), ckpt.path)
-    if resume_from:
-        payloads = read_checkpoint_dir(resume_from)
-        return Resume(payloads, int(payloads[MODEL_FILE]["step"]), resume_from)
+    for directory in checkpoint_dirs(out, name):
+        try:
+            payloads = read_checkpoint_dir(directory)
+        except BadInput as exc:
+            log.warning("skipping %s: %s", directory, exc)
+            continue
+        return Resume(payloads, int(payloads[MODEL_FILE]["step"]), directory)
     return None
 
 

@@ -41,6 +41,7 @@ from training.common import (
     scaling_config,
     seed_everything,
     select_splits,
+    storage_root,
     torch_config,
     tracking_uri,
     unwrap,
@@ -115,7 +116,7 @@ def evaluate(model: nn.Module, cfg: SyncNetConfig, device: torch.device, amp: Am
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Set-up, loop, checkpoint. `config`: cfg (dict), resume_from, init_from, mlflow_uri, mlflow_run_id."""
+    """Set-up, loop, checkpoint. `config`: cfg (dict), out, init_from, mlflow_uri, mlflow_run_id."""
     import ray.train.torch
 
     # -- set-up: device, model, optimiser, state to resume from
@@ -127,7 +128,7 @@ def train_loop(config: dict[str, Any]) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = amp.grad_scaler()
     step, resumed_from = 0, []
-    resume = find_resume(config.get("resume_from"))
+    resume = find_resume(config["out"], NAME)
     if resume is not None:
         payload = resume.payloads[MODEL_FILE]
         check_resumable(payload.get("config", {}), cfg)
@@ -195,7 +196,6 @@ def run(
     if done:
         log.info("%s already reached step %d; nothing to do", done[0], done[1])
         return checkpoint_summary(done[0], already_finished=True)
-    latest = latest_checkpoint(out, NAME)
     ensure_ray(address)
     uri = tracking_uri(cfg, out)
     run_id = open_mlflow_run(uri, out, NAME, cfg)
@@ -209,8 +209,8 @@ def run(
         train_loop,
         train_loop_config={
             "cfg": to_dict(cfg),
-            "resume_from": latest[0] if latest else None,
-            "init_from": init_from,
+            "out": storage_root(out),
+            "init_from": storage_root(init_from) if init_from else None,
             "mlflow_uri": uri,
             "mlflow_run_id": run_id,
             "has_val": bool(val.clip_ids),

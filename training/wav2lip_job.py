@@ -46,6 +46,7 @@ from training.common import (
     scaling_config,
     seed_everything,
     select_splits,
+    storage_root,
     torch_config,
     tracking_uri,
     unwrap,
@@ -251,7 +252,7 @@ def payloads_of(
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Set-up, loop, checkpoint. `config`: cfg, syncnet, resume_from, init_from, mlflow_uri, mlflow_run_id."""
+    """Set-up, loop, checkpoint. `config`: cfg, syncnet, out, init_from, mlflow_uri, mlflow_run_id."""
     import ray.train.torch
 
     # -- set-up: device, models, optimisers, state to resume from
@@ -260,7 +261,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device, amp = worker_device(), worker_amp(cfg.gpu)
     state = build_state(cfg, config["syncnet"], device, amp)
     step, train_state = 0, {"sync_weight": 0.0, "resumed_from": []}
-    resume = find_resume(config.get("resume_from"))
+    resume = find_resume(config["out"], NAME)
     if resume is not None:
         check_resumable(resume.payloads[MODEL_FILE].get("config", {}), cfg)
         train_state = {**train_state, **load_state(state, resume.payloads)}
@@ -345,7 +346,6 @@ def run(
     if done:
         log.info("%s already reached step %d; nothing to do", done[0], done[1])
         return checkpoint_summary(done[0], already_finished=True)
-    latest = latest_checkpoint(out, NAME)
     ensure_ray(address)
     uri = tracking_uri(cfg, out)
     run_id = open_mlflow_run(uri, out, NAME, cfg)
@@ -359,9 +359,9 @@ def run(
         train_loop,
         train_loop_config={
             "cfg": to_dict(cfg),
-            "syncnet": expert,
-            "resume_from": latest[0] if latest else None,
-            "init_from": init_from,
+            "syncnet": storage_root(expert),
+            "out": storage_root(out),
+            "init_from": storage_root(init_from) if init_from else None,
             "mlflow_uri": uri,
             "mlflow_run_id": run_id,
             "has_val": bool(val.clip_ids),
