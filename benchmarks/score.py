@@ -1,0 +1,112 @@
+"""Scoring throughput: `lipsync score` on many short generated clips, on the Ray actor pool.
+
+Prints and writes benchmarks/results/score.json: clips/s over the whole job (Ray start-up excluded, actor
+start-up included), clips/s once the actors are up (from the per-row processing times), seconds of video
+scored per wall second, per-stage cost of one clip, and the machine's load while it ran (the numbers are
+only comparable on an idle machine).
+Usage: python benchmarks/score.py [--clips 100] [--seconds 2] [--workers 2] [--syncnet]
+(--syncnet adds our SyncNet's LSE-D/LSE-C with a randomly initialised checkpoint: same cost as a trained one.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_corpus(root: Path, clips: int, seconds: float) -> Path:
+    """A synth corpus (en, es, hi) of at least `clips` clips and a manifest of exactly `clips` of them."""
+    from pipeline.synth import SynthConfig, run
+
+    speakers = math.ceil(clips / 6)
+    run(SynthConfig(speakers=speakers, clips_per_speaker=2, seconds=seconds, seed=1), str(root))
+    rows = list(csv.DictReader((root / "manifest.csv").open(encoding="utf-8")))[:clips]
+    manifest = root / "bench.csv"
+    with manifest.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def random_syncnet(root: Path) -> str:
+    """A SyncNet checkpoint with random weights (scoring cost does not depend on the weights)."""
+    from training.checkpoint import checkpoint_payload, save_checkpoint
+    from training.models import build_model
+
+    return save_checkpoint(
+        str(root / "syncnet"), checkpoint_payload(build_model("syncnet"), "syncnet", 96, 0)
+    )
+
+
+def score(manifest: Path, out: Path, workers: int, syncnet: str | None) -> tuple[dict, float]:
+    """Run the job on the already started Ray; returns (its result, wall seconds)."""
+    from evaluation.score import ScoreConfig, run
+    from pipeline.stages import ResourcesConfig
+
+    cfg = replace(ScoreConfig(), resources=replace(ResourcesConfig(), workers=workers))
+    start = time.perf_counter()
+    result = run(cfg, str(manifest), str(out), syncnet=syncnet)
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of each clip")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--syncnet", action="store_true", help="also compute LSE with our SyncNet")
+    args = parser.parse_args()
+
+    import pandas as pd
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        manifest = make_corpus(root / "corpus", args.clips, args.seconds)
+        synth_s = time.perf_counter() - t0
+        load_before = os.getloadavg()[0]
+        syncnet = random_syncnet(root) if args.syncnet else None
+        result, wall = score(manifest, root / "out", args.workers, syncnet)
+        load_after = os.getloadavg()[0]
+        table = pd.read_parquet(root / "out" / "scores.parquet")
+        ray.shutdown()
+    ok = table[table["status"] == "ok"]
+    busy = float(table["seconds"].sum())
+    report = {
+        "clips": int(len(table)),
+        "scored": int(len(ok)),
+        "clip_seconds": args.seconds,
+        "workers": args.workers,
+        "syncnet": bool(args.syncnet),
+        "cpus": os.cpu_count(),
+        "wall_seconds": round(wall, 2),
+        "clips_per_second": round(len(table) / wall, 3),
+        "clips_per_second_actors_up": round(args.workers * len(table) / busy, 3),
+        "video_seconds_per_second": round(len(table) * args.seconds / wall, 3),
+        "mean_seconds_per_clip_in_actor": round(busy / len(table), 3),
+        "distinct_actor_pids": int(table["worker_pid"].nunique()),
+        "landmark_offset_within_1": round(float((ok["landmark_offset_frames"].abs() <= 1).mean()), 4),
+        "load_average_before_after": [round(load_before, 2), round(load_after, 2)],
+        "synth_seconds": round(synth_s, 1),
+        "job_result": {k: v for k, v in result.items() if k not in ("out", "scores", "summary")},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    name = "score_syncnet.json" if args.syncnet else "score.json"
+    (RESULTS / name).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
