@@ -18,6 +18,7 @@ embeddings of lower-half crops and Wav2Lip mels) and the original syncnet_v2 (``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,7 +99,13 @@ def window_count(n_frames: int, n_samples: int, sample_rate: int, fps: float) ->
     return max(0, min(n_frames, audio_frames) - SYNC_FRAMES)
 
 
-def _embed_batches(forward, build, n: int, batch: int, dim: int) -> np.ndarray:  # noqa: ANN001
+def _embed_batches(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    build: Callable[[np.ndarray], np.ndarray],
+    n: int,
+    batch: int,
+    dim: int,
+) -> np.ndarray:
     """forward(tensor) over inputs built batch by batch (build(starts) -> array), so memory stays bounded."""
     out = []
     with torch.inference_mode():

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
@@ -25,6 +25,9 @@ from evaluation.score import summarise
 from lipsync.config import code_version, load_config
 from lipsync.errors import BadInput
 from pipeline.storage import Store
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TEMPLATE = Path(__file__).with_name("report_template.html")
 MOS_CRITERIA = ("sync", "realism", "naturalness")
@@ -249,7 +252,7 @@ def worst_clips(frame: pd.DataFrame, n: int) -> pd.DataFrame:
 
 
 # --- figures --------------------------------------------------------------------------------------------
-def _png(fig) -> str:  # noqa: ANN001 - a matplotlib Figure
+def _png(fig: Figure) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()

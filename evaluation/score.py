@@ -122,10 +122,14 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
+def _path(base: str, value: Any) -> str:
+    """A manifest path resolved against the manifest's directory ("" stays "")."""
+    return join_uri(base, _text(value)) if _text(value) else ""
+
+
 def _input_row(record: dict[str, Any], base: str, system: str) -> dict[str, Any]:
     """One video to score from a manifest record (paths resolved against the manifest's directory)."""
-    video = join_uri(base, _text(record["video"])) if _text(record.get("video")) else ""
-    path_of = lambda key: join_uri(base, _text(record.get(key))) if _text(record.get(key)) else ""  # noqa: E731
+    video, path_of = _path(base, record.get("video")), lambda key: _path(base, record.get(key))
     return {
         "id": _text(record.get("id")) or input_id(video or json.dumps(record, default=str)),
         "video": video,

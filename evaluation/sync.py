@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,8 +114,8 @@ def _hits(
     norm: np.ndarray,
     phonemes: list[ph.Phoneme],
     fps: float,
-    reduce,
-    test,  # noqa: ANN001
+    reduce: Callable[[np.ndarray], float],
+    test: Callable[[float], bool],
 ) -> list[bool]:
     out = []
     for p in phonemes:
@@ -194,9 +195,11 @@ def align_transcript(text: str, language: str, pcm: np.ndarray, sample_rate: int
         speech.pcm.astype(np.float32) / 32768.0, orig_sr=speech.sample_rate, target_sr=sample_rate
     )
     ref_ms, clip_ms = time_warp(tts, pcm, sample_rate)
-    warp = lambda t: float(np.interp(t, ref_ms, clip_ms))  # noqa: E731
+    starts = np.interp([p.start_ms for p in speech.phonemes], ref_ms, clip_ms)
+    ends = np.interp([p.end_ms for p in speech.phonemes], ref_ms, clip_ms)
     return [
-        ph.Phoneme(p.phoneme, warp(p.start_ms), warp(p.end_ms), p.viseme, p.openness) for p in speech.phonemes
+        ph.Phoneme(p.phoneme, float(a), float(b), p.viseme, p.openness)
+        for p, a, b in zip(speech.phonemes, starts, ends, strict=True)
     ]
 
 

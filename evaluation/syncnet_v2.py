@@ -13,9 +13,10 @@ Inputs, as the reference's ``SyncNetInstance.evaluate`` builds them:
 
 from __future__ import annotations
 
+import io
 import math
-import os
 
+import fsspec
 import numpy as np
 import torch
 from scipy.fft import dct
@@ -80,11 +81,14 @@ class SyncNetV2(nn.Module):
 
 
 def load_syncnet_v2(path: str, device: str | torch.device = "cpu") -> SyncNetV2:
-    """The reference network with the weights of ``syncnet_v2.model`` (a state dict), in eval mode."""
-    if not os.path.isfile(path):
-        raise BadInput(f"syncnet_v2 weights {path} do not exist")
+    """The reference network with the weights of ``syncnet_v2.model`` (a state dict; path or URI), in eval mode."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with fsspec.open(path, "rb") as fh:
+            data = fh.read()
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise BadInput(f"syncnet_v2 weights {path} do not exist") from exc
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
         raise BadInput(f"syncnet_v2 weights {path} cannot be read: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
