@@ -45,26 +45,27 @@ from evaluation.postprocess import (
     SEEKABLE_FORMATS,
     BlendConfig,
     PostprocessConfig,
-    color_match,
+    blend_i420,
     container_format,
     correct_offset,
     fit_length,
     frames_for_audio,
+    i420_to_rgb,
     mouth_mask,
     mux_output,
-    paste_mouth,
     read_frame_range,
     remux_video,
     resolve_stabiliser,
     source_indices,
+    write_i420,
 )
 from lipsync.config import code_version, config_hash, to_dict
 from lipsync.errors import BadInput
 from pipeline.audio import SAMPLE_RATE, mel_windows, melspectrogram
 from pipeline.corpus import _read_manifest
-from pipeline.crops import crop_boxes, crop_face, crop_faces, landmarks_in_crop
+from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
 from pipeline.landmarks import FaceMeshTracker, mouth_openness, smooth_landmarks
-from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio, write_video
+from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
 from pipeline.ray_utils import ensure_ray, forwarded_env
 from pipeline.storage import Store, is_remote, join_uri
 
@@ -621,26 +622,35 @@ class GenerateStage:
 
 
 class SourceCache:
-    """Local paths of source videos; remote ones are downloaded once and kept (least recently used)."""
+    """Local paths and probes of source videos; remote ones are downloaded once (least recently used)."""
 
     def __init__(self, max_files: int) -> None:
         self.max_files = max(1, max_files)
-        self.paths: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self.entries: collections.OrderedDict[str, tuple[str, ProbeInfo]] = collections.OrderedDict()
         self.dir = tempfile.mkdtemp(prefix="lipsync-sources-")
         weakref.finalize(self, shutil.rmtree, self.dir, True)
 
-    def get(self, uri: str) -> str:
+    def get(self, uri: str) -> tuple[str, ProbeInfo]:
+        """(local path, probe) of a source; MediaError("not_found") when it vanished."""
+        if uri not in self.entries:
+            self.entries[uri] = self._fetch(uri)
+            while len(self.entries) > self.max_files:
+                path = self.entries.popitem(last=False)[1][0]
+                if path.startswith(self.dir):
+                    os.remove(path)
+        self.entries.move_to_end(uri)
+        return self.entries[uri]
+
+    def _fetch(self, uri: str) -> tuple[str, ProbeInfo]:
         if not is_remote(uri):
-            with local_path(uri) as path:  # raises MediaError("not_found") when it vanished
-                return path
-        if uri not in self.paths:
-            local = os.path.join(self.dir, hashlib.sha1(uri.encode()).hexdigest() + PurePosixPath(uri).suffix)
+            with local_path(uri) as path:
+                return path, probe(path)
+        local = os.path.join(self.dir, hashlib.sha1(uri.encode()).hexdigest() + PurePosixPath(uri).suffix)
+        try:
             fsspec.filesystem(uri.split("://", 1)[0]).get_file(uri, local)
-            self.paths[uri] = local
-            while len(self.paths) > self.max_files:
-                os.remove(self.paths.popitem(last=False)[1])
-        self.paths.move_to_end(uri)
-        return self.paths[uri]
+        except FileNotFoundError as exc:
+            raise MediaError("not_found", uri) from exc
+        return local, probe(local)
 
 
 class CompositeStage:
@@ -665,7 +675,7 @@ class CompositeStage:
                 frames = self.blend(row)
                 row["part"] = f"{self.parts}/{row['pair_id']}/{row['start']:08d}.mp4"
                 post = self.cfg.post
-                write_video(row["part"], frames, row["fps"], crf=post.crf, preset=post.preset)
+                write_i420(row["part"], frames, row["fps"], crf=post.crf, preset=post.preset)
                 if self.tracker is not None:
                     row["openness"] = pack(self.openness(frames, row["fps"]))
             except MediaError as exc:
@@ -676,33 +686,28 @@ class CompositeStage:
         return row
 
     def blend(self, row: dict[str, Any]) -> np.ndarray:
-        """The chunk's output frames: source frames with the generated mouths pasted in."""
+        """The chunk's output frames (I420): source frames with the generated mouths pasted in."""
         index = unpack(row["source_index"]).astype(np.int64)
         lo, hi = int(index.min()), int(index.max()) + 1
-        local = self.sources.get(row["source"])
-        frames = read_frame_range(local, lo, hi, row["fps"])[index - lo]
+        local, info = self.sources.get(row["source"])
+        frames = read_frame_range(local, lo, hi, row["fps"], info=info, pix_fmt="yuv420p")
+        frames = frames[index - lo] if not np.array_equal(index, np.arange(lo, hi)) else frames
         if not row["faces"]:
             return frames
         boxes = unpack(row["boxes"]).astype(np.float64)
         found = np.flatnonzero(np.isfinite(boxes).all(axis=1))
         generated, points = unpack(row["generated"]), unpack(row["points"])
-        size = generated.shape[1]
         for k, t in enumerate(found):
-            mask = mouth_mask(points[k], size, self.cfg.blend)
-            crop = generated[k]
-            if self.cfg.blend.color_match:
-                reference = crop_face(frames[t], boxes[t], size)
-                crop = color_match(crop, reference, mask, self.cfg.blend.max_gain)
-            paste_mouth(frames[t], crop, boxes[t], mask)
+            mask = mouth_mask(points[k], generated.shape[1], self.cfg.blend)
+            blend_i420(frames[t], generated[k], boxes[t], mask, self.cfg.blend)
         return frames
 
     def openness(self, frames: np.ndarray, fps: float) -> np.ndarray:
         """Per-frame mouth openness of the output (NaN without a face), for the AV-offset estimate."""
-        height, width = frames.shape[1:3]
+        height, width = frames.shape[1] * 2 // 3, frames.shape[2]
         scale = min(1.0, self.cfg.track_max_side / max(width, height))
-        if scale < 1.0:
-            size = (max(2, round(width * scale)), max(2, round(height * scale)))
-            frames = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
+        size = (max(2, round(width * scale)), max(2, round(height * scale)))
+        frames = np.stack([cv2.resize(i420_to_rgb(f), size, interpolation=cv2.INTER_AREA) for f in frames])
         track = self.tracker.track(frames, fps)
         return mouth_openness(smooth_landmarks(track.landmarks, track.found)).astype(np.float32)
 

@@ -26,7 +26,7 @@ import cv2
 import ffmpeg
 import numpy as np
 
-from pipeline.crops import paste_back_transform
+from pipeline.crops import crop_face, paste_back_transform
 from pipeline.landmarks import CHIN_POINT, LIPS_POINTS, NOSE_TIP_POINT
 from pipeline.media import (
     _LOG_ARGS,
@@ -37,7 +37,6 @@ from pipeline.media import (
     _stderr_reason,
     local_path,
     probe,
-    shift_audio,
 )
 from pipeline.offset import OffsetEstimate, estimate_offset
 
@@ -106,6 +105,11 @@ def remux_video(path: str, info: ProbeInfo, out: str) -> str:
     return out
 
 
+def i420_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) of a video in 4:2:0: both sides rounded down to even, like the encoder's crop."""
+    return width - width % 2, height - height % 2
+
+
 def read_frame_range(
     path: str,
     start: int,
@@ -113,13 +117,15 @@ def read_frame_range(
     fps: float,
     size: tuple[int, int] | None = None,
     info: ProbeInfo | None = None,
+    pix_fmt: str = "rgb24",
     lead_seconds: float = 1.0,
 ) -> np.ndarray:
     """Frames [start, stop) of a local video at constant `fps`, numbered as `iter_frames(fps=fps)` does.
 
     Seeks to `lead_seconds` before `start` (on the frame grid) and trims after ffmpeg's fps filter, so
     the result equals the same slice of a full decode for mp4/mov/mkv/webm (see SEEKABLE_FORMATS).
-    `size` is (width, height); MediaError("truncated") when fewer frames come back.
+    `size` is (width, height). pix_fmt "rgb24" gives (T, H, W, 3); "yuv420p" gives OpenCV's I420 layout
+    (T, H * 3 / 2, W) at even sides (`i420_size`). MediaError("truncated") when fewer frames come back.
     """
     info = info or probe(path)
     width, height = size or (info.width, info.height)
@@ -129,15 +135,46 @@ def read_frame_range(
     stream = stream.trim(start_frame=start - pre, end_frame=stop - pre)
     if (width, height) != (info.width, info.height):
         stream = stream.filter("scale", width, height, flags="bicubic")
-    args = ffmpeg.compile(stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough"))
+    shape: tuple[int, ...] = (height, width, 3)
+    if pix_fmt == "yuv420p":
+        if (width, height) != i420_size(width, height):
+            width, height = i420_size(width, height)
+            stream = stream.filter("crop", width, height, 0, 0)
+        shape = (height * 3 // 2, width)
+    args = ffmpeg.compile(stream.output("pipe:", format="rawvideo", pix_fmt=pix_fmt, fps_mode="passthrough"))
     done = subprocess.run([args[0], *_LOG_ARGS, *args[1:]], capture_output=True)
     if done.returncode:
         raise MediaError("decode_failed", info.uri, _stderr_reason(done.stderr))
+    frame_bytes = int(np.prod(shape))
     frames = np.frombuffer(done.stdout, np.uint8)
-    frames = frames[: len(frames) // (width * height * 3) * width * height * 3].reshape(-1, height, width, 3)
+    frames = frames[: len(frames) // frame_bytes * frame_bytes].reshape(-1, *shape)
     if len(frames) != stop - start:
         raise MediaError("truncated", info.uri, f"frames {start}-{stop}: got {len(frames)}")
-    return frames
+    return frames.copy()  # writable: frames are blended in place
+
+
+def write_i420(uri: str, frames: np.ndarray, fps: float, crf: int, preset: str, threads: int = 2) -> str:
+    """Encode (T, H * 3 / 2, W) I420 frames to an H.264 mp4 without any colour conversion.
+
+    Frames that were not touched keep their decoded YUV values, so they only pay x264's quantisation
+    (an RGB round trip alone costs about as much as crf 0 allows: ~46 dB).
+    """
+    height, width = frames.shape[1] * 2 // 3, frames.shape[2]
+    with _output_path(uri) as out:
+        source = ffmpeg.input(
+            "pipe:", format="rawvideo", pix_fmt="yuv420p", s=f"{width}x{height}", framerate=_fraction(fps)
+        )
+        graph = source.output(
+            out, format="mp4", vcodec="libx264", pix_fmt="yuv420p", crf=crf, preset=preset, threads=threads
+        ).overwrite_output()
+        args = ffmpeg.compile(graph)
+        proc = subprocess.Popen(
+            [args[0], *_LOG_ARGS, *args[1:]], stdin=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        _, stderr = proc.communicate(memoryview(np.ascontiguousarray(frames)).cast("B"))
+        if proc.returncode:
+            raise MediaError("encode_failed", uri, _stderr_reason(stderr))
+    return uri
 
 
 # --- blending -----------------------------------------------------------------------------------
@@ -222,6 +259,63 @@ def paste_mouth(frame: np.ndarray, generated: np.ndarray, box: np.ndarray, mask:
     roi[:] = np.where(alpha > 0, np.clip(blended + 0.5, 0, 255), roi).astype(np.uint8)
 
 
+def _even_roi(box: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """Even-aligned (x0, y0, x1, y1) covering a box, clipped to the frame (4:2:0 chroma stays whole)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    rx0, ry0 = max(0, math.floor(x0)) & ~1, max(0, math.floor(y0)) & ~1
+    rx1, ry1 = min(width, math.ceil(x1) + 2) & ~1, min(height, math.ceil(y1) + 2) & ~1
+    return rx0, ry0, rx1, ry1
+
+
+def _planes(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Y, U, V views of an I420 frame (H * 3 / 2, W)."""
+    height, width = frame.shape[0] * 2 // 3, frame.shape[1]
+    flat = frame.reshape(-1)
+    quarter = (height // 2) * (width // 2)
+    y = flat[: height * width].reshape(height, width)
+    u = flat[height * width : height * width + quarter].reshape(height // 2, width // 2)
+    v = flat[height * width + quarter :].reshape(height // 2, width // 2)
+    return y, u, v
+
+
+def blend_i420(
+    frame: np.ndarray, generated: np.ndarray, box: np.ndarray, mask: np.ndarray, cfg: BlendConfig
+) -> None:
+    """Colour-match and paste a generated RGB crop into an I420 frame in place.
+
+    Only the face box is converted to RGB and back; Y/U/V samples whose pixels the paste did not change
+    keep their decoded values exactly.
+    """
+    y, u, v = _planes(frame)
+    rx0, ry0, rx1, ry1 = _even_roi(box, y.shape[1], y.shape[0])
+    if rx1 - rx0 < 2 or ry1 - ry0 < 2:
+        return
+    cy0, cy1, cx0, cx1 = ry0 // 2, ry1 // 2, rx0 // 2, rx1 // 2
+    i420 = np.concatenate(
+        [y[ry0:ry1, rx0:rx1].ravel(), u[cy0:cy1, cx0:cx1].ravel(), v[cy0:cy1, cx0:cx1].ravel()]
+    )
+    rgb = cv2.cvtColor(i420.reshape(-1, rx1 - rx0), cv2.COLOR_YUV2RGB_I420)
+    local = np.asarray(box, np.float64) - [rx0, ry0, rx0, ry0]
+    size = generated.shape[0]
+    if cfg.color_match:
+        generated = color_match(generated, crop_face(rgb, local, size), mask, cfg.max_gain)
+    before = rgb.copy()
+    paste_mouth(rgb, generated, local, mask)
+    changed = (rgb != before).any(axis=2)
+    if not changed.any():
+        return
+    ny, nu, nv = _planes(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420))
+    y[ry0:ry1, rx0:rx1][changed] = ny[changed]
+    chroma = changed.reshape(changed.shape[0] // 2, 2, changed.shape[1] // 2, 2).any(axis=(1, 3))
+    u[cy0:cy1, cx0:cx1][chroma] = nu[chroma]
+    v[cy0:cy1, cx0:cx1][chroma] = nv[chroma]
+
+
+def i420_to_rgb(frame: np.ndarray) -> np.ndarray:
+    """(H * 3 / 2, W) I420 -> (H, W, 3) RGB (BT.601, as ffmpeg decodes untagged video)."""
+    return cv2.cvtColor(frame, cv2.COLOR_YUV2RGB_I420)
+
+
 # --- finishing ----------------------------------------------------------------------------------
 
 
@@ -285,9 +379,24 @@ def correct_offset(
     confident = before.confidence >= cfg.min_confidence and long_enough
     if not (cfg.correct_offset and confident and cfg.min_abs_offset <= abs(d) <= cfg.max_abs_offset):
         return OffsetCorrection(before, before, 0)
-    shifted = shift_audio(pcm, sample_rate, -d / fps)  # d > 0: the audio lags, so advance it
-    after = estimate_offset(openness, shifted, sample_rate, fps, max_lag=cfg.max_lag)
+    mouth, audio = advance_audio(openness, pcm, sample_rate, fps, d)
+    after = estimate_offset(mouth, audio, sample_rate, fps, max_lag=cfg.max_lag)
     return OffsetCorrection(before, after, d)
+
+
+def advance_audio(
+    openness: np.ndarray, pcm: np.ndarray, sample_rate: int, fps: float, frames: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame signal and PCM with the audio advanced by `frames` (< 0 delays), both cut to the overlap.
+
+    Cutting instead of padding keeps digital silence (log energy -inf) out of the re-estimate.
+    """
+    shift = int(round(abs(frames) * sample_rate / fps))
+    if frames > 0:
+        return openness[: len(openness) - frames], pcm[shift:]
+    if frames < 0:
+        return openness[-frames:], pcm[: max(0, len(pcm) - shift)]
+    return openness, pcm
 
 
 def _concat_list(parts: Sequence[str], durations: Sequence[float], directory: str) -> str:
