@@ -1,0 +1,52 @@
+"""Every YAML in configs/ loads into its stage's config dataclass, and bad keys are exit-2 errors."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from lipsync.config import config_hash, load_config
+from lipsync.errors import BadInput
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CLASSES = {
+    "synth.yaml": "pipeline.synth:SynthConfig",
+    "preprocess.yaml": "pipeline.stages:PreprocessConfig",
+    "train_syncnet.yaml": "training.syncnet_job:SyncNetConfig",
+    "train_wav2lip.yaml": "training.wav2lip_job:Wav2LipConfig",
+    "generate.yaml": "evaluation.generate:GenerateConfig",
+    "demo.yaml": "lipsync.demo:DemoConfig",
+    "tune": "tuning.sweep:SweepConfig",
+}
+
+
+def _class(spec: str) -> type:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _files() -> list[tuple[Path, str]]:
+    out = []
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        key = path.name if path.parent == CONFIGS else path.parent.name
+        out.append((path, CLASSES[key]))
+    return out
+
+
+@pytest.mark.parametrize(("path", "spec"), _files(), ids=lambda v: v.name if isinstance(v, Path) else v)
+def test_config_file_loads(path: Path, spec: str) -> None:
+    cfg = load_config(_class(spec), path)
+    assert len(config_hash(cfg)) == 16
+
+
+def test_every_config_file_has_a_class() -> None:
+    assert {p.name if p.parent == CONFIGS else p.parent.name for p in CONFIGS.rglob("*.yaml")} <= set(CLASSES)
+
+
+def test_unknown_key_names_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("filters:\n  min_secnds: 2\n")
+    with pytest.raises(BadInput, match="min_secnds"):
+        load_config(_class(CLASSES["preprocess.yaml"]), bad)
