@@ -45,13 +45,19 @@ class Store:
         return f"{self.base}/{relative}"
 
     def exists(self, relative: str) -> bool:
+        self.fs.invalidate_cache(self.path(relative))
         return self.fs.exists(self.path(relative))
 
     def makedirs(self, relative: str = "") -> None:
         self.fs.makedirs(self.path(relative) if relative else self.base, exist_ok=True)
 
     def listdir(self, relative: str, suffix: str = "") -> list[str]:
-        """Names (not paths) of files directly under `relative` ending with `suffix`; [] if absent."""
+        """Names (not paths) of files directly under `relative` ending with `suffix`; [] if absent.
+
+        Always a fresh listing: s3fs caches listings per process, so files that Ray workers wrote
+        since this process last listed (completion records on resume) would otherwise be missed.
+        """
+        self.fs.invalidate_cache(self.path(relative))
         try:
             entries = self.fs.ls(self.path(relative), detail=False)
         except FileNotFoundError:
