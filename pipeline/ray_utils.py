@@ -31,6 +31,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         kwargs["runtime_env"] = {"env_vars": env}
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+    else:  # "local": never join a cluster that a `ray start` on this machine left behind
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
     log.info("ray: %s", ray.cluster_resources())

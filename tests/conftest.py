@@ -25,6 +25,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join a cluster a `ray start` on this machine left behind
             num_cpus=2,
             object_store_memory=300 * 1024 * 1024,
             include_dashboard=False,
