@@ -73,7 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         manifest = make_corpus(root / "corpus", args.clips, args.seconds)
         synth_s = time.perf_counter() - t0
         load_before = os.getloadavg()[0]
