@@ -627,5 +627,14 @@ def run(
         "videos_per_second": summary["throughput"]["videos_per_second"],
     }
     if calibration_out:
-        result["calibration"] = save_calibration(calibration_out, calibration_from_scores(scored, cfg))
+        calibration = calibration_from_scores(scored, cfg)
+        result["calibration"] = save_calibration(calibration_out, calibration)
+        result["calibrated_languages"] = sorted(calibration.languages)
+        left_out = sorted({r["language"] for r in scored if r["status"] == "ok"} - set(calibration.languages))
+        if left_out:
+            log.warning(
+                "calibration: no entry for %s (fewer than %d validation clips each)",
+                ", ".join(left_out),
+                cfg.calibration_min_clips,
+            )
     return result
