@@ -117,6 +117,27 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(handler=_train)
 
 
+def _tune(args: argparse.Namespace) -> dict[str, Any]:
+    from lipsync.config import load_config
+    from tuning.sweep import SweepConfig, run
+
+    overrides = {"trials": args.trials, "steps": args.steps, "syncnet": args.syncnet}
+    cfg = load_config(SweepConfig, args.config, overrides)
+    return run(cfg, args.data, args.out, resume=args.resume, address=args.address)
+
+
+def _tune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="hyperparameter sweep of a training recipe on Ray Tune (ASHA, Optuna)")
+    p.add_argument("data", help="a preprocess OUT (clips.parquet + shards/), local or s3://")
+    p.add_argument("out", help="trials.parquet, best.yaml, metric_vs_step.png, Tune state (local or s3://)")
+    p.add_argument("--trials", type=int, help="samples drawn from the search space")
+    p.add_argument("--steps", type=int, help="training steps per trial (unless the space tunes steps)")
+    p.add_argument("--syncnet", help="wav2lip sweeps: the expert SyncNet checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in OUT")
+    _common(p, ray=True)
+    p.set_defaults(handler=_tune)
+
+
 def _score(args: argparse.Namespace) -> dict[str, Any]:
     from evaluation.score import ScoreConfig, run
     from lipsync.config import load_config
@@ -262,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_demo)
 
     _train_parser(sub)
+    _tune_parser(sub)
     _evaluation_parsers(sub)
     _mos_parser(sub)
     _generate_parser(sub)
