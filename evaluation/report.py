@@ -107,6 +107,7 @@ class ReportConfig:
     lse_c_reference: float = 7.838  # syncnet_v2 LSE-C of real LRS2 videos (Wav2Lip paper, Table 1)
     own_lse_c_reference: float = 0.0  # our SyncNet's LSE-C on real videos; 0 leaves it out of the score
     worst_clips: int = 6
+    note: str = ""  # shown under the title (e.g. the demo's "these are demo-sized models")
 
 
 # --- inputs ---------------------------------------------------------------------------------------------
@@ -446,12 +447,15 @@ def build_document(
     return doc, worst
 
 
-def run(scores: str, out: str, mos: str | None = None, config_path: str | None = None) -> dict[str, Any]:
+def run(
+    scores: str, out: str, mos: str | None = None, config_path: str | None = None, note: str | None = None
+) -> dict[str, Any]:
     """Write OUT/report.json and OUT/report.html from a `lipsync score` output."""
-    cfg = load_config(ReportConfig, config_path)
+    cfg = load_config(ReportConfig, config_path, {"note": note})
     frame = load_scores(scores)
     mos_systems = load_mos(mos) if mos else {}
     doc, worst = build_document(frame, scores, mos_systems, mos, cfg)
+    doc["note"] = cfg.note
     images = figures(frame, doc["systems"], worst)
     doc["figures"] = sorted(images)
     store = Store(out)
