@@ -71,7 +71,6 @@ from pipeline.storage import Store, is_remote, join_uri
 
 log = logging.getLogger(__name__)
 
-MIN_TAIL_FRAMES = 8  # a shorter last chunk is merged into the one before (x264 drops B-frames below 3)
 PARTS_DIR = "_parts"
 WORK_DIR = "_work"
 VIDEOS_DIR = "videos"
@@ -103,7 +102,6 @@ class ResourcesConfig:
     composite_actors: int = 1
     composite_cpus: float = 0.25
     finalize_cpus: float = 0.25
-    max_restarts: int = 2  # a killed actor is restarted and its rows retried (duplicates are ignored)
     object_store_mb: int = 256  # Ray Data's object-store budget for in-flight chunks (0: Ray's default)
     source_cache_files: int = 4  # remote source videos a composite actor keeps on local disk
 
@@ -439,10 +437,6 @@ class PrepareStage:
             yield
 
     def chunks(self, plan: PairPlan) -> Iterator[dict[str, Any]]:
-        """All chunk rows of a pair, a short last chunk merged into the one before."""
-        return merge_short_tail(self.all_chunks(plan), MIN_TAIL_FRAMES)
-
-    def all_chunks(self, plan: PairPlan) -> Iterator[dict[str, Any]]:
         """Rows over the source (tracked), then past its end (extension); face-less ones held until a face."""
         cache, held, faces = FaceCache(), [], 0
         for row in self.forward(plan, cache):
@@ -532,34 +526,6 @@ class PrepareStage:
             points=pack(points[found].astype(np.float32)),
             source_index=pack(index.astype(np.int32)),
         )
-
-
-def merge_rows(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Two consecutive chunk rows of a pair as one."""
-    merged = dict(a, n_frames=a["n_frames"] + b["n_frames"], faces=a["faces"] + b["faces"])
-    merged["n_source"] = max(a["n_source"], b["n_source"])
-    merged["seconds"] = a["seconds"] + b["seconds"]
-    for name in ("crops", "mels", "boxes", "points", "source_index"):
-        merged[name] = pack(np.concatenate([unpack(a[name]), unpack(b[name])]))
-    return merged
-
-
-def merge_short_tail(rows: Iterator[dict[str, Any]], min_frames: int) -> Iterator[dict[str, Any]]:
-    """Pass rows through one behind; a last row shorter than `min_frames` joins its predecessor.
-
-    The joined chunk files then all end with the same B-frame delay, which keeps the stream duration
-    (and the fps ffprobe reports) exact after concatenation.
-    """
-    previous: dict[str, Any] | None = None
-    current: dict[str, Any] | None = None
-    for row in rows:
-        if previous is not None:
-            yield previous
-        previous, current = current, row
-    if previous is not None and current is not None and current["n_frames"] < min_frames:
-        yield merge_rows(previous, current)
-        return
-    yield from (r for r in (previous, current) if r is not None)
 
 
 # --- stage 2: the model -------------------------------------------------------------------------
@@ -873,16 +839,16 @@ def build_dataset(cfg: GenerateConfig, pairs: list[dict[str, Any]], out: str, ch
 
     calibration = load_calibration(cfg.calibration)
     res = cfg.resources
-    remote: dict[str, Any] = {"max_restarts": res.max_restarts, "max_task_retries": res.max_restarts}
+    # Ray Data restarts killed actors and retries their batches itself; repeated chunks are ignored.
+    common: dict[str, Any] = {"batch_format": "pyarrow", "zero_copy_batch": True}
     if forwarded_env():
-        remote["runtime_env"] = {"env_vars": forwarded_env()}
-    common = {"batch_format": "pyarrow", "zero_copy_batch": True, **remote}
+        common["runtime_env"] = {"env_vars": forwarded_env()}
     ds = ray.data.from_items(pairs, override_num_blocks=len(pairs))
     ds = ds.map_batches(
         PrepareStage,
         fn_constructor_kwargs={"cfg": cfg, "img_size": img_size, "calibration": calibration, "out": out},
         batch_size=1,
-        concurrency=min(res.prepare_actors, len(pairs)),
+        compute=ray.data.ActorPoolStrategy(size=min(res.prepare_actors, len(pairs))),
         num_cpus=res.prepare_cpus,
         **common,
     )
@@ -890,7 +856,7 @@ def build_dataset(cfg: GenerateConfig, pairs: list[dict[str, Any]], out: str, ch
         GenerateStage,
         fn_constructor_kwargs={"checkpoint": checkpoint, "cfg": cfg.model},
         batch_size=cfg.model.rows_per_batch,
-        concurrency=cfg.model.actors,
+        compute=ray.data.ActorPoolStrategy(size=cfg.model.actors),
         **_model_resources(cfg.model),
         **common,
     )
@@ -898,7 +864,7 @@ def build_dataset(cfg: GenerateConfig, pairs: list[dict[str, Any]], out: str, ch
         CompositeStage,
         fn_constructor_kwargs={"cfg": cfg, "out": out},
         batch_size=1,
-        concurrency=res.composite_actors,
+        compute=ray.data.ActorPoolStrategy(size=res.composite_actors),
         num_cpus=res.composite_cpus,
         **common,
     )
