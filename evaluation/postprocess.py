@@ -157,7 +157,8 @@ def write_i420(uri: str, frames: np.ndarray, fps: float, crf: int, preset: str, 
     """Encode (T, H * 3 / 2, W) I420 frames to an H.264 mp4 without any colour conversion.
 
     Frames that were not touched keep their decoded YUV values, so they only pay x264's quantisation
-    (an RGB round trip alone costs about as much as crf 0 allows: ~46 dB).
+    (an RGB round trip alone costs about as much as crf 0 allows: ~46 dB). No B-frames: decode and
+    presentation order agree in every chunk, so chunks of any length concatenate on the frame grid.
     """
     height, width = frames.shape[1] * 2 // 3, frames.shape[2]
     with _output_path(uri) as out:
@@ -165,7 +166,14 @@ def write_i420(uri: str, frames: np.ndarray, fps: float, crf: int, preset: str, 
             "pipe:", format="rawvideo", pix_fmt="yuv420p", s=f"{width}x{height}", framerate=_fraction(fps)
         )
         graph = source.output(
-            out, format="mp4", vcodec="libx264", pix_fmt="yuv420p", crf=crf, preset=preset, threads=threads
+            out,
+            format="mp4",
+            vcodec="libx264",
+            pix_fmt="yuv420p",
+            crf=crf,
+            preset=preset,
+            threads=threads,
+            bf=0,
         ).overwrite_output()
         args = ffmpeg.compile(graph)
         proc = subprocess.Popen(
