@@ -6,7 +6,8 @@
   them, by seeking, so chunks can be re-read anywhere without decoding the whole file.
 - Blending: a feathered mask over the mouth (from landmarks, inside the lower half of the face crop),
   colour matching of the generated crop to the frame, and pasting back through
-  `pipeline.crops.paste_back_transform`; pixels where the mask is 0 are left bit-identical.
+  `pipeline.crops.paste_back_transform`, done on 4:2:0 frames (`blend_i420`) so that every sample the
+  mask does not reach keeps its decoded value and only pays x264's quantisation on re-encoding.
 - Finishing: concatenation of the encoded chunks with the new audio (H.264 + AAC), optional
   stabilisation (vidstab or deshake), and AV-offset correction by shifting the audio.
 """
