@@ -164,7 +164,7 @@ def read_pairs(manifest: str) -> list[dict[str, str]]:
     frame = _read_manifest(manifest)
     if "video" not in frame.columns:
         raise BadInput(f"pairs manifest {manifest} has no 'video' column")
-    base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
+    base = manifest.rsplit("/", 1)[0] if is_remote(manifest) else os.path.dirname(os.path.abspath(manifest))
     pairs, seen = [], set()
     for record in frame.to_dict(orient="records"):
         video = _text(record.get("video"))
@@ -899,7 +899,9 @@ def _checkpoint_info(checkpoint: str) -> tuple[str, int, str]:
     """(resolved model.pt URI, img_size, sha256) of a wav2lip checkpoint; BadInput otherwise."""
     from training.checkpoint import read_payload
 
-    payload, target, digest = read_payload(checkpoint)
+    payload, target, digest = read_payload(
+        checkpoint if is_remote(checkpoint) else os.path.abspath(checkpoint)
+    )
     if payload["kind"] != "wav2lip":
         raise BadInput(f"checkpoint {target} holds a {payload['kind']} model, expected wav2lip")
     return target, int(payload["img_size"]), digest
@@ -923,7 +925,7 @@ def run(
     pairs = read_pairs(pairs_uri)
     model_uri, img_size, digest = _checkpoint_info(checkpoint)
     load_calibration(cfg.calibration)  # bad calibration files fail here, before Ray starts
-    out = out.rstrip("/")
+    out = out.rstrip("/") if is_remote(out) else os.path.abspath(out)  # workers may run elsewhere
     store = Store(out)
     try:
         store.makedirs(VIDEOS_DIR)
