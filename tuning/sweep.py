@@ -382,6 +382,8 @@ def run(
     restoring = tune.Tuner.can_restore(path)
     if restoring and not resume:
         raise BadInput(f"{out} already holds a sweep; pass --resume to continue it or choose another OUT")
+    if resume and not restoring:
+        log.info("--resume: %s holds no sweep to continue; starting a new one", out)
     Store(out).write_bytes(SWEEP_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
     log.info(
         "tune %s: %d trial(s), %d at once, %s search, %s scheduler%s",

@@ -386,16 +386,10 @@ def restored() -> dict[str, dict[str, Any]] | None:
 
 def in_process_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """A Tune function trainable: train, validate, report and checkpoint in this process."""
-    from ray import tune
-
     cfg = trial_config(setup, config)
     torch.set_num_threads(max(1, int(setup.cpus)))
     steps = STEPS[setup.target](cfg, trial_device(setup.gpus), setup.syncnet)
-    step, state = 0, {"starts": []}
-    payloads = restored()
-    if payloads is not None:
-        state = {**state, **steps.load(payloads)}
-        step = int(payloads[MODEL_FILE]["step"])
+    step, state = resume(steps)
     if step >= cfg.steps:
         return  # it finished before the driver recorded it
     state["starts"] = [*state.get("starts", []), step]
@@ -404,7 +398,24 @@ def in_process_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     stream = BatchStream(
         shard_rows(train), cfg, setup.target, position.get("epoch", 0), position.get("index", 0)
     )
-    validation = val_batches(shard_rows(val), cfg, setup.target)
+    train_and_report(steps, stream, val_batches(shard_rows(val), cfg, setup.target), state, step, setup)
+
+
+def resume(steps: Any) -> tuple[int, dict[str, Any]]:
+    """(step, train state) of the checkpoint Tune restarts this trial from, loaded into `steps`."""
+    payloads = restored()
+    if payloads is None:
+        return 0, {}
+    return int(payloads[MODEL_FILE]["step"]), steps.load(payloads)
+
+
+def train_and_report(
+    steps: Any, stream: BatchStream, validation: list[dict], state: dict, step: int, setup: TrialSetup
+) -> None:
+    """The loop: a step, and every `report_every` steps validation, a report and maybe a checkpoint."""
+    from ray import tune
+
+    cfg = steps.cfg
     run = {"start_step": step, "run_started_at": time.time()}
     losses: list[float] = []
     diverged = False
@@ -418,8 +429,7 @@ def in_process_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         if step % setup.report_every and step < cfg.steps:
             continue
         metrics = report_metrics(steps, validation, state, losses, diverged) | run | {"step": step}
-        diverged = diverged or bool(metrics["diverged"])
-        losses = []
+        diverged, losses = bool(metrics["diverged"]), []
         checkpoint = None
         if not diverged and (step % setup.checkpoint_every == 0 or step == cfg.steps):
             state["stream"] = stream.position()
