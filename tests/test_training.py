@@ -164,6 +164,61 @@ def test_amp_settings_with_a_fake_gpu() -> None:
     assert fp16.enabled and fp16.dtype == torch.float16 and fp16.scaler
 
 
+GLOBAL_BN_SCRIPT = """
+import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+from training.common import GlobalBatchNorm2d
+
+def worker(rank, out):
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    g = torch.Generator().manual_seed(0)
+    x, upstream = torch.randn(6, 3, 4, 5, generator=g) * 3 + 1, torch.randn(6, 3, 4, 5, generator=g)
+    bn = GlobalBatchNorm2d(3).train()
+    part = x[3 * rank : 3 * rank + 3].clone().requires_grad_()
+    y = bn(part)
+    (y * upstream[3 * rank : 3 * rank + 3]).sum().backward()
+    torch.save({"y": y.detach(), "dx": part.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
+                "mean": bn.running_mean, "var": bn.running_var}, f"{out}/rank{rank}.pt")
+
+if __name__ == "__main__":
+    mp.start_processes(worker, args=(sys.argv[1],), nprocs=2, start_method="fork")
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_global_batchnorm_over_two_gloo_workers_equals_one_batch(tmp_path: Path) -> None:
+    """Two workers with 3 samples each: outputs, input/weight gradients and running stats of BatchNorm2d
+    on all 6 (the DDP loss-curve equality rests on this)."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run(
+        [sys.executable, "-c", GLOBAL_BN_SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    g = torch.Generator().manual_seed(0)
+    x, upstream = torch.randn(6, 3, 4, 5, generator=g) * 3 + 1, torch.randn(6, 3, 4, 5, generator=g)
+    bn, x = torch.nn.BatchNorm2d(3).train(), x.requires_grad_()
+    y = bn(x)
+    (y * upstream).sum().backward()
+    assert torch.allclose(torch.cat([r["y"] for r in ranks]), y, atol=1e-5)
+    assert torch.allclose(torch.cat([r["dx"] for r in ranks]), x.grad, atol=1e-5)
+    assert torch.allclose(ranks[0]["dw"] + ranks[1]["dw"], bn.weight.grad, atol=1e-4)
+    assert torch.allclose(ranks[0]["db"] + ranks[1]["db"], bn.bias.grad, atol=1e-4)
+    assert torch.allclose(ranks[0]["mean"], bn.running_mean) and torch.allclose(
+        ranks[1]["var"], bn.running_var
+    )
+
+
 # ---------------------------------------------------------------- on the preprocessed synth corpus
 
 

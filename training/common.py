@@ -56,8 +56,10 @@ class TrainConfig:
     workers: int = 1
     gpu: bool = False
     cpus_per_worker: float = 1.0
+    worker_resources: dict[str, float] = field(default_factory=dict)  # extra (custom) resources per worker
     data_cpus_per_task: float = 1.0  # CPUs of each Ray Data read/window task
     placement_strategy: str = "PACK"  # SPREAD puts one worker per node when it can
+    sync_batchnorm: bool = True  # BatchNorm statistics over the global batch (reference: per replica)
     checkpoint_every: int = 1000
     eval_every: int = 1000
     eval_clips: int | None = 32  # val clips evaluated (a seeded choice, the same every time; None: all)
@@ -152,14 +154,14 @@ def torch_config(gpu: bool) -> Any:
 
 
 def scaling_config(cfg: TrainConfig) -> Any:
-    """`num_workers` workers, one GPU each with --gpu."""
+    """`num_workers` workers with `cpus_per_worker` CPUs (+ one GPU with --gpu, + `worker_resources`)."""
     from ray.train import ScalingConfig
 
-    resources = {"CPU": cfg.cpus_per_worker}
+    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.gpu else {}) | dict(cfg.worker_resources)
     return ScalingConfig(
         num_workers=cfg.workers,
         use_gpu=cfg.gpu,
-        resources_per_worker=resources | ({"GPU": 1} if cfg.gpu else {}),
+        resources_per_worker=resources,
         placement_strategy=cfg.placement_strategy,
     )
 
@@ -184,6 +186,84 @@ def storage_root(out: str) -> str:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP (or the model itself)."""
     return model.module if hasattr(model, "module") else model
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over workers; the gradient of each worker's input is the sum of every worker's output gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ARG004 - autograd signature
+        out = tensor.clone()
+        torch.distributed.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004 - autograd signature
+        out = grad.clone()
+        torch.distributed.all_reduce(out)
+        return out
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics span all workers' samples (the global batch), on any backend.
+
+    torch's SyncBatchNorm runs on GPUs only; this one all-reduces (with autograd) the per-channel sums, so
+    it also works over gloo on CPUs. Its state dict is BatchNorm2d's; with one worker it is BatchNorm2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dist = torch.distributed
+        if not (
+            self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        ):
+            return super().forward(x)
+        all_reduce = _AllReduceSum.apply
+        xf, channels = x.float(), x.shape[1]
+        count = torch.tensor([xf.numel() / channels], device=x.device)
+        totals = all_reduce(torch.cat([xf.sum(dim=(0, 2, 3)), count]))
+        n = totals[-1]
+        mean = totals[:-1] / n
+        centred = xf - mean.view(1, -1, 1, 1)
+        var = all_reduce((centred * centred).sum(dim=(0, 2, 3))) / n
+        y = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        if self.affine:
+            y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach() * n / (n - 1))
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        self.num_batches_tracked += 1
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+        self.running_var.mul_(1 - momentum).add_(unbiased_var, alpha=momentum)
+
+
+def global_batchnorm(model: nn.Module, gpu: bool) -> nn.Module:
+    """The model with every BatchNorm2d computing global-batch statistics (torch's SyncBatchNorm on GPU)."""
+    if gpu:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            replacement = GlobalBatchNorm2d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
+            for key, tensor in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
+                setattr(replacement, key, tensor)  # the same tensors: optimiser references stay valid
+            setattr(model, name, replacement)
+        else:
+            global_batchnorm(child, gpu)
+    return model
+
+
+def prepare(model: nn.Module, cfg: TrainConfig, world_size: int) -> nn.Module:
+    """On the worker's device, DDP-wrapped when there are several workers (with global-batch BatchNorm)."""
+    import ray.train.torch
+
+    if world_size > 1 and cfg.sync_batchnorm:
+        model = global_batchnorm(model, cfg.gpu)
+    return ray.train.torch.prepare_model(model)
 
 
 def images(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -239,6 +319,29 @@ def batches(
         if not seen:
             raise RuntimeError(f"dataset {name!r} has fewer samples per worker than one batch ({batch_size})")
         epoch += 1
+
+
+class Throughput:
+    """Steps per second and the share of that time spent waiting for the next batch, between readings."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.waited, self.steps = time.perf_counter(), 0.0, 0
+
+    def next(self, stream: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        began = time.perf_counter()
+        batch = next(stream)
+        self.waited += time.perf_counter() - began
+        self.steps += 1
+        return batch
+
+    def read(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {"steps_per_s": self.steps / elapsed, "data_wait_fraction": self.waited / elapsed}
+        self.reset()
+        return out
 
 
 def one_pass(name: str, batch_size: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:

@@ -59,6 +59,7 @@ class DataSelection:
 
     languages: tuple[str, ...] = ()
     speakers: tuple[str, ...] = ()
+    clip_ids: tuple[str, ...] = ()
     max_abs_offset: int | None = None  # keep clips with |av_offset_frames| <= this
     min_offset_confidence: float = 0.0  # keep clips with av_offset_confidence >= this
     min_face_size: float = 0.0  # keep clips with face_size (source pixels) >= this
@@ -109,6 +110,8 @@ def select_clips(clips: pd.DataFrame, selection: DataSelection, split: str | Non
         keep &= clips["language"].isin(selection.languages).to_numpy()
     if selection.speakers:
         keep &= clips["speaker"].isin(selection.speakers).to_numpy()
+    if selection.clip_ids:
+        keep &= clips["clip_id"].isin(selection.clip_ids).to_numpy()
     if selection.max_abs_offset is not None:
         keep &= (clips["av_offset_frames"].abs() <= selection.max_abs_offset).to_numpy()
     if selection.min_offset_confidence > 0:

@@ -23,6 +23,7 @@ from training.common import (
     Amp,
     Follower,
     MetricsLog,
+    Throughput,
     TrainConfig,
     batches,
     check_resumable,
@@ -36,6 +37,7 @@ from training.common import (
     latest_checkpoint,
     one_pass,
     open_mlflow_run,
+    prepare,
     report_checkpoint,
     run_config,
     scaling_config,
@@ -117,14 +119,12 @@ def evaluate(model: nn.Module, cfg: SyncNetConfig, device: torch.device, amp: Am
 
 def train_loop(config: dict[str, Any]) -> None:
     """Set-up, loop, checkpoint. `config`: cfg (dict), out, init_from, mlflow_uri, mlflow_run_id."""
-    import ray.train.torch
-
     # -- set-up: device, model, optimiser, state to resume from
     cfg = from_dict(SyncNetConfig, config["cfg"])
     rank, world_size = world()
     device, amp = worker_device(), worker_amp(cfg.gpu)
     seed_everything(cfg.seed)
-    model = build_model(NAME, cfg.img_size)
+    model = build_model(NAME, cfg.img_size).to(device)  # before the optimiser, so its state lands there too
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = amp.grad_scaler()
     step, resumed_from = 0, []
@@ -140,7 +140,7 @@ def train_loop(config: dict[str, Any]) -> None:
         log.info("rank %d: resuming from %s at step %d", rank, resume.source, step)
     elif config.get("init_from"):
         model.load_state_dict(read_payload(config["init_from"])[0]["state_dict"])
-    model = ray.train.torch.prepare_model(model)
+    model = prepare(model, cfg, world_size)
     metrics_log = MetricsLog(config.get("mlflow_uri"), config.get("mlflow_run_id"), rank == 0)
     train_batches = batches("train", cfg.batch_size // world_size, device, cfg)
     has_val = config.get("has_val", False)
@@ -150,13 +150,14 @@ def train_loop(config: dict[str, Any]) -> None:
     # -- loop
     losses: list[float] = []
     metrics: dict[str, float] = {}
+    throughput = Throughput()
     while step < cfg.steps:
-        loss = train_step(model, optimizer, scaler, amp, next(train_batches), device)
+        loss = train_step(model, optimizer, scaler, amp, throughput.next(train_batches), device)
         losses.append(global_mean(loss, device))
         step += 1
         last = step == cfg.steps
         if step % cfg.log_every == 0 or last:
-            metrics = {"train_loss": sum(losses) / len(losses)}
+            metrics = {"train_loss": sum(losses) / len(losses), **throughput.read()}
             losses = []
             if has_val and (step % cfg.eval_every == 0 or last):
                 metrics.update(evaluate(model, cfg, device, amp, world_size))
@@ -170,6 +171,8 @@ def train_loop(config: dict[str, Any]) -> None:
             )  # fmt: skip
             payload["train_state"] = {"resumed_from": resumed_from, "scaler": scaler.state_dict()}
             report_checkpoint(step, {MODEL_FILE: payload}, metrics, rank)
+        if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0:
+            throughput.reset()  # evaluation and checkpoint time are not training throughput
 
 
 # ---------------------------------------------------------------- the driver

@@ -28,6 +28,7 @@ from training.common import (
     Amp,
     Follower,
     MetricsLog,
+    Throughput,
     TrainConfig,
     batches,
     check_resumable,
@@ -41,6 +42,7 @@ from training.common import (
     latest_checkpoint,
     one_pass,
     open_mlflow_run,
+    prepare,
     report_checkpoint,
     run_config,
     scaling_config,
@@ -202,8 +204,8 @@ def evaluate(
 def build_state(cfg: Wav2LipConfig, expert_uri: str, device: torch.device, amp: Amp) -> dict[str, Any]:
     """Generator, discriminator (with the GAN), frozen expert, optimisers and loss scalers."""
     seed_everything(cfg.seed)
-    gen = build_model(NAME, cfg.img_size)
-    disc = build_model("disc", cfg.img_size) if cfg.gan else None
+    gen = build_model(NAME, cfg.img_size).to(device)  # before the optimisers, so their state lands there too
+    disc = build_model("disc", cfg.img_size).to(device) if cfg.gan else None
     expert = load_model(expert_uri, expected_kind="syncnet", device=device).model
     for p in expert.parameters():
         p.requires_grad_(False)
@@ -253,8 +255,6 @@ def payloads_of(
 
 def train_loop(config: dict[str, Any]) -> None:
     """Set-up, loop, checkpoint. `config`: cfg, syncnet, out, init_from, mlflow_uri, mlflow_run_id."""
-    import ray.train.torch
-
     # -- set-up: device, models, optimisers, state to resume from
     cfg = from_dict(Wav2LipConfig, config["cfg"])
     rank, world_size = world()
@@ -273,9 +273,9 @@ def train_loop(config: dict[str, Any]) -> None:
         state["gen"].load_state_dict(init[MODEL_FILE]["state_dict"])
         if state["disc"] is not None and DISC_FILE in init:
             state["disc"].load_state_dict(init[DISC_FILE]["state_dict"])
-    state["gen"] = ray.train.torch.prepare_model(state["gen"])
+    state["gen"] = prepare(state["gen"], cfg, world_size)
     if state["disc"] is not None:
-        state["disc"] = ray.train.torch.prepare_model(state["disc"])
+        state["disc"] = prepare(state["disc"], cfg, world_size)
     metrics_log = MetricsLog(config.get("mlflow_uri"), config.get("mlflow_run_id"), rank == 0)
     train_batches = batches("train", cfg.batch_size // world_size, device, cfg)
     has_val = config.get("has_val", False)
@@ -283,13 +283,15 @@ def train_loop(config: dict[str, Any]) -> None:
     # -- loop
     window: list[dict[str, float]] = []
     metrics: dict[str, float] = {}
+    throughput = Throughput()
     while step < cfg.steps:
-        losses = train_step(state, next(train_batches), device, amp, cfg, train_state["sync_weight"])
+        batch = throughput.next(train_batches)
+        losses = train_step(state, batch, device, amp, cfg, train_state["sync_weight"])
         window.append({k: global_mean(v, device) for k, v in losses.items()})
         step += 1
         last = step == cfg.steps
         if step % cfg.log_every == 0 or last:
-            metrics = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            metrics = {k: sum(w[k] for w in window) / len(window) for k in window[0]} | throughput.read()
             window = []
             if has_val and (step % cfg.eval_every == 0 or last):
                 metrics.update(evaluate(state, cfg, device, amp, world_size))
@@ -301,6 +303,8 @@ def train_loop(config: dict[str, Any]) -> None:
         # -- checkpoint: generator (+ discriminator) + optimisers + step + config
         if step % cfg.checkpoint_every == 0 or last:
             report_checkpoint(step, payloads_of(state, cfg, step, metrics, train_state), metrics, rank)
+        if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0:
+            throughput.reset()  # evaluation and checkpoint time are not training throughput
 
 
 def read_checkpoint_files(uri: str) -> dict[str, dict[str, Any]]:
