@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import posixpath
 import sys
@@ -56,6 +57,7 @@ class TrainConfig:
     workers: int = 1
     gpu: bool = False
     cpus_per_worker: float = 1.0
+    threads_per_worker: int | None = None  # torch threads (None: cpus_per_worker rounded up); may exceed it
     worker_resources: dict[str, float] = field(default_factory=dict)  # extra (custom) resources per worker
     data_cpus_per_task: float = 1.0  # CPUs of each Ray Data read/window task
     placement_strategy: str = "PACK"  # SPREAD puts one worker per node when it can
@@ -82,6 +84,8 @@ def validate(cfg: TrainConfig) -> None:
         raise BadInput(f"batch_size {cfg.batch_size} is not divisible by workers {cfg.workers}")
     if cfg.img_size < 96 or cfg.img_size % 2:
         raise BadInput(f"img_size must be an even number >= 96, not {cfg.img_size}")
+    if cfg.threads_per_worker is not None and cfg.threads_per_worker < 1:
+        raise BadInput(f"threads_per_worker must be >= 1, not {cfg.threads_per_worker}")
     if cfg.checkpoint_every < 1 or cfg.eval_every < 1 or cfg.log_every < 1:
         raise BadInput("checkpoint_every, eval_every and log_every must be >= 1")
 
@@ -144,6 +148,15 @@ def worker_device() -> torch.device:
     import ray.train.torch
 
     return ray.train.torch.get_device()
+
+
+def use_worker_threads(cfg: TrainConfig) -> int:
+    """Torch intra-op threads of this worker: threads_per_worker, else its CPUs rounded up (Ray sets
+    OMP_NUM_THREADS to the whole part). More threads than reserved CPUs lets a worker use cores Ray Data's
+    tasks leave idle without reserving them (reserving every CPU starves those tasks)."""
+    threads = cfg.threads_per_worker or max(1, math.ceil(cfg.cpus_per_worker))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def torch_config(gpu: bool) -> Any:

@@ -47,6 +47,7 @@ from training.common import (
     torch_config,
     tracking_uri,
     unwrap,
+    use_worker_threads,
     validate,
     worker_amp,
     worker_device,
@@ -123,6 +124,7 @@ def train_loop(config: dict[str, Any]) -> None:
     cfg = from_dict(SyncNetConfig, config["cfg"])
     rank, world_size = world()
     device, amp = worker_device(), worker_amp(cfg.gpu)
+    use_worker_threads(cfg)
     seed_everything(cfg.seed)
     model = build_model(NAME, cfg.img_size).to(device)  # before the optimiser, so its state lands there too
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)

@@ -52,6 +52,7 @@ from training.common import (
     torch_config,
     tracking_uri,
     unwrap,
+    use_worker_threads,
     validate,
     worker_amp,
     worker_device,
@@ -259,6 +260,7 @@ def train_loop(config: dict[str, Any]) -> None:
     cfg = from_dict(Wav2LipConfig, config["cfg"])
     rank, world_size = world()
     device, amp = worker_device(), worker_amp(cfg.gpu)
+    use_worker_threads(cfg)
     state = build_state(cfg, config["syncnet"], device, amp)
     step, train_state = 0, {"sync_weight": 0.0, "resumed_from": []}
     resume = find_resume(config["out"], NAME)
