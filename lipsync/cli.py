@@ -138,6 +138,24 @@ def _tune_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_tune)
 
 
+def _generate(args: argparse.Namespace) -> dict[str, Any]:
+    from evaluation.generate import GenerateConfig, run
+    from lipsync.config import load_config
+
+    cfg = load_config(GenerateConfig, args.config, {"calibration": args.calibration})
+    return run(cfg, args.pairs, args.out, args.checkpoint, address=args.address)
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="lip-synced videos for a manifest of video + audio pairs (Ray Data)")
+    p.add_argument("pairs", help="manifest (.csv/.jsonl/.parquet): video, audio, optional language, id")
+    p.add_argument("out", help="output directory: videos/<id>.mp4 and outputs.parquet (local or s3://)")
+    p.add_argument("--checkpoint", required=True, help="wav2lip checkpoint (dir, model.pt or training OUT)")
+    p.add_argument("--calibration", help="per-language timing JSON (default: config's calibration)")
+    _common(p, ray=True)
+    p.set_defaults(handler=_generate)
+
+
 def _score(args: argparse.Namespace) -> dict[str, Any]:
     from evaluation.score import ScoreConfig, run
     from lipsync.config import load_config
@@ -230,24 +248,6 @@ def _mos_parser(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(handler=_mos)
 
 
-def _generate(args: argparse.Namespace) -> dict[str, Any]:
-    from evaluation.generate import GenerateConfig, run
-    from lipsync.config import load_config
-
-    cfg = load_config(GenerateConfig, args.config, {"calibration": args.calibration})
-    return run(cfg, args.pairs, args.out, args.checkpoint, address=args.address)
-
-
-def _generate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="lip-synced videos for a manifest of video + audio pairs (Ray Data)")
-    p.add_argument("pairs", help="manifest (.csv/.jsonl/.parquet): video, audio, optional language, id")
-    p.add_argument("out", help="output directory: videos/<id>.mp4 and outputs.parquet (local or s3://)")
-    p.add_argument("--checkpoint", required=True, help="wav2lip checkpoint (dir, model.pt or training OUT)")
-    p.add_argument("--calibration", help="per-language timing JSON (default: config's calibration)")
-    _common(p, ray=True)
-    p.set_defaults(handler=_generate)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line grammar (DESIGN.md's contract)."""
     parser = _Parser(prog="lipsync", description=__doc__.splitlines()[0])
@@ -284,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _train_parser(sub)
     _tune_parser(sub)
+    _generate_parser(sub)
     _evaluation_parsers(sub)
     _mos_parser(sub)
-    _generate_parser(sub)
     return parser
 
 

@@ -333,3 +333,35 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
         assert len(starts) == 2 and starts[0] == 0 and starts[1] > 0, (trial, starts)
     assert (table["runs"] == 1).sum() >= len(table) - len(running)
     assert not session_pids(first.pid) and not session_pids(second.pid)
+
+
+# ---------------------------------------------------------------- trials that are Ray Train runs
+
+
+@pytest.mark.slow
+def test_two_worker_trials_run_as_ray_train_runs(
+    preprocessed_corpus: Path,
+    ray_session,  # noqa: ANN001
+    tmp_path: Path,
+) -> None:
+    """resources.workers > 1: each trial is a TorchTrainer run (2 workers x 0.5 CPU) reporting to Tune."""
+    cfg = from_dict(
+        SweepConfig,
+        {
+            "scheduler": "fifo",
+            "trials": 1,
+            "steps": 2,
+            "report_every": 1,
+            "checkpoint_every": 1,
+            "resources": {"workers": 2, "cpus": 0.5, "data_cpus": 0.4},
+            "base": TINY_BASE | {"batch_size": 4},
+            "space": {"lr": 1e-4},
+        },
+    )
+    result = run(cfg, str(preprocessed_corpus), str(tmp_path / "out"))
+    table = pd.read_parquet(tmp_path / "out" / "trials.parquet")
+    assert len(table) == 1 and table["status"].iloc[0] == "TERMINATED", table.to_dict("records")
+    assert table["steps_done"].iloc[0] == 2 and 0 < table["final_val_loss"].iloc[0] < 10
+    assert result["best_trial"] == table["trial_id"].iloc[0]
+    runs = list((tmp_path / "out" / "train_runs").iterdir())
+    assert len(runs) == 1 and any(runs[0].rglob("model.pt"))  # the Ray Train run's own checkpoint

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "sweep"
+TRAIN_DRIVER_CPUS = 0.01
+"""CPU of a Ray Train trial's own process, which only drives the run (Tune needs a non-empty request)."""
 SWEEP_FILE = "sweep.yaml"
 
 
@@ -150,7 +152,7 @@ def total_trials(cfg: SweepConfig) -> int:
 
 def per_trial(res: TrialResources) -> dict[str, float]:
     """CPUs and GPUs one trial holds (a Ray Train trial: its workers plus its data tasks)."""
-    cpus = res.workers * res.cpus + (res.data_cpus if res.workers > 1 else 0.0)
+    cpus = res.workers * res.cpus + (res.data_cpus + TRAIN_DRIVER_CPUS if res.workers > 1 else 0.0)
     return {"CPU": cpus, "GPU": res.workers * res.gpus}
 
 
@@ -209,7 +211,7 @@ def trainable(cfg: SweepConfig, setup: TrialSetup) -> Any:
         fn = tune.with_parameters(in_process_trial, setup=setup)
         return tune.with_resources(fn, {"cpu": res.cpus, "gpu": res.gpus})
     fn = tune.with_parameters(train_run_trial, setup=setup)
-    return tune.with_resources(fn, {"cpu": 0})  # the Ray Train run places its own workers
+    return tune.with_resources(fn, {"cpu": TRAIN_DRIVER_CPUS})  # the Ray Train run places its own workers
 
 
 def scheduler(cfg: SweepConfig) -> Any:

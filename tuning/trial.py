@@ -480,7 +480,7 @@ def train_run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     train, val = trial_splits(setup, cfg)
     if not val.clip_ids:
         raise ValueError("the base data selection has no val clips to compare trials on")
-    loop_config = {"cfg": to_dict(cfg), "resume_from": latest[0] if latest else None, "has_val": True}
+    loop_config = {"cfg": to_dict(cfg), "out": storage_root(out), "has_val": True}  # resumes from out
     if target == "wav2lip":
         loop_config["syncnet"] = setup.syncnet
     per_worker = {"CPU": setup.cpus} | ({"GPU": setup.gpus} if setup.gpus else {})
