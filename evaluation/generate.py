@@ -152,8 +152,14 @@ def _pair_id(video: str, audio: str) -> str:
     return f"{PurePosixPath(video).stem}-{digest}"
 
 
+PASSED_THROUGH = ("system", "transcript")
+"""Optional pair columns copied to outputs.parquet for `lipsync score` (with `timeline`, made absolute)."""
+PAIR_COLUMNS = ("id", "video", "audio", "language", "speaker", *PASSED_THROUGH, "timeline")
+
+
 def read_pairs(manifest: str) -> list[dict[str, str]]:
-    """Pairs of a CSV/JSONL/Parquet manifest: id, video, audio, language, speaker (paths made absolute).
+    """Pairs of a CSV/JSONL/Parquet manifest: id, video, audio, language, speaker (paths made absolute),
+    and the optional system, transcript and timeline (phoneme-timeline JSON) that scoring reads.
 
     `audio` may be empty (the video's own track is used); `id` defaults to the video's stem plus a hash
     of the pair and is made file-name safe. Duplicate ids are bad input.
@@ -184,6 +190,8 @@ def read_pairs(manifest: str) -> list[dict[str, str]]:
                 "audio": audio,
                 "language": language,
                 "speaker": _text(record.get("speaker")),
+                **{key: _text(record.get(key)) for key in PASSED_THROUGH},
+                "timeline": join_uri(base, timeline) if (timeline := _text(record.get("timeline"))) else "",
             }
         )
     if not pairs:
@@ -706,7 +714,7 @@ class PairProgress:
 
 OUTPUT_SCHEMA = pa.schema(
     [
-        *[(name, pa.string()) for name in ("id", "video", "audio", "language", "speaker")],
+        *[(name, pa.string()) for name in PAIR_COLUMNS],
         ("status", pa.string()),  # ok | failed
         ("stage", pa.string()),  # where a failed pair failed: video, audio, track, composite, finalize
         ("reason", pa.string()),  # not_found, unreadable, no_audio_stream, no_face, ...
@@ -736,7 +744,7 @@ OUTPUT_SCHEMA = pa.schema(
 
 
 def _output_row(pair: dict[str, Any], **fields: Any) -> dict[str, Any]:
-    row = {k: pair[k] for k in ("id", "video", "audio", "language", "speaker")}
+    row = {k: pair[k] for k in PAIR_COLUMNS}
     row.update(status="ok", stage="", reason="", message="", output="")
     row.update(fields)
     return row

@@ -240,14 +240,21 @@ def _summary_record(frame: pd.DataFrame, keys: list[str]) -> dict[str, Any]:
     return {name: summarise(rows) for name, rows in _groups(frame, keys).items()}
 
 
+def _numeric(frame: pd.DataFrame, column: str) -> pd.Series:
+    """A column as numbers (NaN where it is missing or not a number)."""
+    if column not in frame.columns:
+        return pd.Series(np.nan, index=frame.index)
+    return pd.to_numeric(frame[column], errors="coerce")
+
+
 def worst_clips(frame: pd.DataFrame, n: int) -> pd.DataFrame:
     """Scored clips with the largest |landmark offset|, then the lowest viseme agreement and correlation."""
     ok = frame[frame["status"] == "ok"].copy()
     if ok.empty:
         return ok
     ok["_abs_offset"] = pd.to_numeric(ok["landmark_offset_frames"], errors="coerce").abs()
-    ok["_agreement"] = pd.to_numeric(ok.get("viseme_agreement", np.nan), errors="coerce").fillna(1.0)
-    ok["_corr"] = pd.to_numeric(ok["openness_envelope_correlation"], errors="coerce").fillna(0.0)
+    ok["_agreement"] = _numeric(ok, "viseme_agreement").fillna(1.0)  # absent without phoneme timelines
+    ok["_corr"] = _numeric(ok, "openness_envelope_correlation").fillna(0.0)
     ranked = ok.sort_values(["_abs_offset", "_agreement", "_corr"], ascending=[False, True, True])
     return ranked.head(n).drop(columns=["_abs_offset", "_agreement", "_corr"])
 

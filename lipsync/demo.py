@@ -77,10 +77,18 @@ def new_speech_pairs(corpus: Path, clips_parquet: Path, out: Path, cfg: DemoConf
             speech = phonemes.synthesize(text, language, phonemes.VoiceStyle(variant="f4", rate_wpm=150))
             wav = out / f"{language}-{i}.wav"
             wavfile.write(wav, speech.sample_rate, speech.pcm)
-            rows.append({"id": f"{language}-{i}", "video": source, "audio": str(wav), "language": language})
+            rows.append(
+                {
+                    "id": f"{language}-{i}",
+                    "video": source,
+                    "audio": str(wav),
+                    "language": language,
+                    "transcript": text,
+                }
+            )
     manifest = out / "pairs.csv"
     with manifest.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["id", "video", "audio", "language"])
+        writer = csv.DictWriter(fh, fieldnames=["id", "video", "audio", "language", "transcript"])
         writer.writeheader()
         writer.writerows(rows)
     return manifest

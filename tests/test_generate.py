@@ -76,13 +76,13 @@ def _make_inputs(corpus: Path, d: Path) -> None:
     _ffmpeg(*lavfi, "-t", str(SECONDS), *codec, str(d / "faceless.mp4"))
     (d / "not_audio.wav").write_text("this is not audio\n")
     rows = [
-        "id,video,audio,language",
-        "a25,face25.mp4,speech.mp3,en",
-        "b30,face30.mp4,short.wav,es",
-        "portrait,portrait.mp4,,hi",
-        "missing,nowhere.mp4,speech.mp3,en",
-        "noaudio,face25.mp4,not_audio.wav,en",
-        "faceless,faceless.mp4,,en",
+        "id,video,audio,language,transcript",
+        "a25,face25.mp4,speech.mp3,en,Hello world",
+        "b30,face30.mp4,short.wav,es,",
+        "portrait,portrait.mp4,,hi,",
+        "missing,nowhere.mp4,speech.mp3,en,",
+        "noaudio,face25.mp4,not_audio.wav,en,",
+        "faceless,faceless.mp4,,en,",
     ]
     (d / "pairs.csv").write_text("\n".join(rows) + "\n")
 
@@ -205,6 +205,13 @@ def test_only_the_mouth_region_changes(generated: dict) -> None:
         diff = np.abs(output.astype(np.float64) - source).mean(axis=-1)
         assert diff[outside].mean() < 2.0, pair
         assert diff[inside].mean() > 4.0, pair  # the random generator did repaint the mouth
+
+
+def test_scoring_columns_are_passed_through(generated: dict) -> None:
+    outputs = generated["outputs"]
+    assert _ok(generated, "a25")["transcript"] == "Hello world"
+    assert outputs.loc["b30", "transcript"] == "" and outputs.loc["missing", "transcript"] == ""
+    assert {"system", "timeline"} <= set(outputs.columns)
 
 
 def test_lineage_calibration_and_offsets_recorded(generated: dict, checkpoint: Path) -> None:
@@ -356,12 +363,16 @@ def test_mux_joins_parts_with_audio_at_exact_length(tmp_path: Path, stabilise: s
 
 def test_read_pairs_resolves_paths_and_ids(tmp_path: Path) -> None:
     (tmp_path / "p.jsonl").write_text(
-        '{"video": "a/v.mp4", "audio": "s.wav", "language": "es"}\n{"video": "/abs/w.mp4", "id": "x y"}\n'
+        '{"video": "a/v.mp4", "audio": "s.wav", "language": "es", "transcript": "Hola", "timeline": "t.json",'
+        ' "system": "mine"}\n{"video": "/abs/w.mp4", "id": "x y"}\n'
     )
     pairs = read_pairs(str(tmp_path / "p.jsonl"))
     assert pairs[0]["video"] == str(tmp_path / "a/v.mp4") and pairs[0]["audio"] == str(tmp_path / "s.wav")
     assert pairs[0]["id"].startswith("v-") and pairs[0]["language"] == "es"
-    assert pairs[1] == {"id": "x_y", "video": "/abs/w.mp4", "audio": "", "language": "und", "speaker": ""}
+    assert (pairs[0]["transcript"], pairs[0]["system"]) == ("Hola", "mine")
+    assert pairs[0]["timeline"] == str(tmp_path / "t.json")
+    empty = {"speaker": "", "system": "", "transcript": "", "timeline": ""}
+    assert pairs[1] == {"id": "x_y", "video": "/abs/w.mp4", "audio": "", "language": "und"} | empty
     (tmp_path / "dup.csv").write_text("video,id\na.mp4,x\nb.mp4,x\n")
     with pytest.raises(BadInput, match="duplicate"):
         read_pairs(str(tmp_path / "dup.csv"))
