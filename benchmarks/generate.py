@@ -1,0 +1,295 @@
+"""Generation benchmark: end-to-end output fps against the model alone, and peak memory against length.
+
+1. A synth clip (default 20 s) and the same clip looped to a long input (default 180 s).
+2. `lipsync generate` on each, as a subprocess with its own local Ray; a sampler reads /proc every 0.5 s
+   for every process of the run's tree: the peak resident memory of each Ray worker (VmHWM, i.e. its
+   ru_maxrss), the peak of the workers' summed RSS and of the whole tree's (driver, raylet, object store).
+3. The model's forward pass alone on the short clip's own face crops and mel windows (same checkpoint,
+   batch size and threads as the pipeline's actor), timed after a warm-up, just before and just after
+   each run; the fps ratio divides by their mean, since other load on the machine drifts.
+Prints the figures and writes benchmarks/results/generate.json. A randomly initialised checkpoint costs
+the same as a trained one. The machine's load average is recorded: figures are only comparable on an
+otherwise idle machine.
+Usage: python benchmarks/generate.py [--seconds 20] [--long-seconds 180] [--checkpoint CKPT] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO))
+
+
+def make_inputs(work: Path, seconds: float, long_seconds: float) -> tuple[Path, Path]:
+    """A synth talking-face clip of `seconds` and the same clip looped to `long_seconds`."""
+    from pipeline.synth import SynthConfig, run
+
+    corpus = work / "synth"
+    if not (corpus / "manifest.csv").exists():
+        run(
+            SynthConfig(languages=("en",), speakers=1, clips_per_speaker=1, seconds=seconds, seed=0),
+            str(corpus),
+        )
+    short = next(corpus.rglob("*.mp4"))
+    long = work / "long.mp4"
+    if not long.exists():
+        loops = int(long_seconds // seconds) - 1
+        subprocess.run(
+            [
+                "ffmpeg",
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-y",
+                "-stream_loop",
+                str(loops),
+                "-i",
+                str(short),
+            ]
+            + ["-c", "copy", str(long)],
+            check=True,
+        )
+    return short, long
+
+
+def random_checkpoint(work: Path) -> str:
+    """A wav2lip checkpoint with random weights."""
+    from training.checkpoint import checkpoint_payload, save_checkpoint
+    from training.models import build_model
+
+    return save_checkpoint(
+        str(work / "ckpt"), checkpoint_payload(build_model("wav2lip", 96), "wav2lip", 96, 0)
+    )
+
+
+# --- memory sampling ----------------------------------------------------------------------------
+
+
+def _status(pid: int) -> dict[str, int]:
+    fields = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "PPid"):
+                fields[key] = int(value.split()[0])
+    return fields
+
+
+def _tree(root: int) -> dict[int, tuple[str, dict[str, int]]]:
+    """pid -> (command line, status fields) for `root` and all its descendants."""
+    procs: dict[int, tuple[str, dict[str, int]]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = _status(int(entry))
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        procs[int(entry)] = (cmd, status)
+    children: dict[int, list[int]] = {}
+    for pid, (_, status) in procs.items():
+        children.setdefault(status.get("PPid", 0), []).append(pid)
+    tree, stack = {}, [root]
+    while stack:
+        pid = stack.pop()
+        if pid in procs:
+            tree[pid] = procs[pid]
+        stack.extend(children.get(pid, []))
+    return tree
+
+
+def _label(cmd: str) -> str:
+    if cmd.startswith("ray::"):
+        for stage in ("PrepareStage", "GenerateStage", "CompositeStage", "finalize_pair"):
+            if stage in cmd:
+                return stage
+        return "ray_worker"
+    return "driver" if "lipsync.cli" in cmd else "ray_system"
+
+
+class MemorySampler:
+    """Samples a process tree's memory in a thread until stopped."""
+
+    def __init__(self, root: int, interval: float = 0.5) -> None:
+        self.root, self.interval = root, interval
+        self.hwm_kb: dict[int, int] = {}
+        self.labels: dict[int, str] = {}
+        self.workers_peak_kb = self.tree_peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            tree = _tree(self.root)
+            workers = 0
+            for pid, (cmd, status) in tree.items():
+                label = _label(cmd)
+                if label not in ("driver", "ray_system") or pid not in self.labels:
+                    self.labels[pid] = label
+                self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), status.get("VmHWM", 0))
+                if cmd.startswith("ray::"):
+                    workers += status.get("VmRSS", 0)
+            self.workers_peak_kb = max(self.workers_peak_kb, workers)
+            self.tree_peak_kb = max(self.tree_peak_kb, sum(s.get("VmRSS", 0) for _, s in tree.values()))
+            self._stop.wait(self.interval)
+
+    def report(self) -> dict[str, float]:
+        per_label: dict[str, float] = {}
+        for pid, kb in self.hwm_kb.items():
+            label = self.labels[pid]
+            per_label[label] = max(per_label.get(label, 0.0), round(kb / 1024, 1))
+        worker_hwm = [
+            kb for pid, kb in self.hwm_kb.items() if self.labels[pid] not in ("driver", "ray_system")
+        ]
+        return {
+            "peak_rss_mb_by_process": dict(sorted(per_label.items())),
+            "max_worker_peak_rss_mb": round(max(worker_hwm, default=0) / 1024, 1),
+            "workers_sum_peak_rss_mb": round(self.workers_peak_kb / 1024, 1),
+            "tree_sum_peak_rss_mb": round(self.tree_peak_kb / 1024, 1),
+        }
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+
+def generate(video: Path, checkpoint: str, out: Path) -> dict:
+    """`lipsync generate` on one video (its own audio) in a fresh process with its own Ray."""
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = out / "pairs.csv"
+    pairs.write_text(f"id,video\nclip,{video}\n")
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.setdefault("RAY_agent_register_timeout_ms", "120000")
+    cmd = [
+        sys.executable,
+        "-m",
+        "lipsync.cli",
+        "generate",
+        str(pairs),
+        str(out / "out"),
+        "--checkpoint",
+        checkpoint,
+    ]
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    with open(out / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(
+            [*cmd, "--json"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True
+        )
+        with MemorySampler(proc.pid) as sampler:
+            stdout, _ = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"generate failed ({proc.returncode}); see {out / 'stderr.txt'}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return {
+        "input": str(video),
+        "frames": result["frames"],
+        "pipeline_seconds": result["wall_seconds"],
+        "pipeline_fps": result["frames_per_second"],
+        "process_seconds": round(time.perf_counter() - started, 2),
+        "load_average_before": round(load, 2),
+        "load_average_after": round(os.getloadavg()[0], 2),
+        **sampler.report(),
+    }
+
+
+def face_batch(video: Path) -> tuple:
+    """The clip's face crops and mel windows, as stage 1 makes them for the model."""
+    import numpy as np
+
+    from pipeline.audio import mel_windows, melspectrogram
+    from pipeline.crops import crop_boxes, crop_faces
+    from pipeline.landmarks import FaceMeshTracker, smooth_landmarks
+    from pipeline.media import probe, read_audio, read_frames
+
+    fps = probe(video).fps
+    frames = read_frames(video, fps=fps)
+    track = FaceMeshTracker(max_faces=1).track(frames, fps)
+    boxes = crop_boxes(smooth_landmarks(track.landmarks, track.found), frames.shape)
+    found = np.isfinite(boxes).all(axis=1)
+    crops = crop_faces(frames[found], boxes[found], 96)
+    mels = mel_windows(melspectrogram(read_audio(video, 16000)), len(frames), fps)[found].astype(np.float32)
+    return crops, mels
+
+
+def model_alone(stage, crops, mels) -> dict:
+    """Forward passes alone over the clip's crops, batched as the model actor runs them."""
+    stage.infer(crops[:32], mels[:32])  # warm-up
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    stage.infer(crops, mels)
+    seconds = time.perf_counter() - started
+    return {
+        "frames": len(crops),
+        "seconds": round(seconds, 2),
+        "fps": round(len(crops) / seconds, 2),
+        "threads": stage.torch.get_num_threads(),
+        "batch_size": stage.cfg.batch_size,
+        "load_average_before": round(load, 2),
+        "load_average_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def _ratio(run: dict, before: dict, after: dict) -> float:
+    """Pipeline fps over the model-alone fps measured just before and just after the run."""
+    return round(run["pipeline_fps"] / ((before["fps"] + after["fps"]) / 2), 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--long-seconds", type=float, default=180.0)
+    parser.add_argument("--checkpoint", help="wav2lip checkpoint (default: random weights)")
+    parser.add_argument("--work", help="working directory (default: a temporary one)")
+    parser.add_argument("--skip-long", action="store_true", help="only the short input (no memory ratio)")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-generate-"))
+    work.mkdir(parents=True, exist_ok=True)
+    short, long = make_inputs(work, args.seconds, args.long_seconds)
+    checkpoint = args.checkpoint or random_checkpoint(work)
+    from evaluation.generate import GenerateStage, ModelConfig
+
+    report: dict = {"cpus": os.cpu_count(), "checkpoint": checkpoint}
+    crops, mels = face_batch(short)
+    stage = GenerateStage(checkpoint, ModelConfig())
+    report["model_alone_before"] = model_alone(stage, crops, mels)
+    report["short"] = generate(short, checkpoint, work / "short")
+    report["model_alone_after_short"] = model_alone(stage, crops, mels)
+    report["fps_ratio_short"] = _ratio(
+        report["short"], report["model_alone_before"], report["model_alone_after_short"]
+    )
+    print(json.dumps(report, indent=1), flush=True)
+    if not args.skip_long:
+        report["long"] = generate(long, checkpoint, work / "long")
+        report["model_alone_after_long"] = model_alone(stage, crops, mels)
+        after = report["model_alone_after_long"]
+        report["fps_ratio_long"] = _ratio(report["long"], report["model_alone_after_short"], after)
+        for key in ("max_worker_peak_rss_mb", "workers_sum_peak_rss_mb", "tree_sum_peak_rss_mb"):
+            report[f"memory_ratio_{key}"] = round(report["long"][key] / report["short"][key], 3)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "generate.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+    print(f"wrote {RESULTS / 'generate.json'}")
+
+
+if __name__ == "__main__":
+    main()
