@@ -585,3 +585,76 @@ def checkpoint_summary(directory: str, **extra: Any) -> dict[str, Any]:
 def replace(cfg: Any, **changes: Any) -> Any:
     """dataclasses.replace that ignores None values (CLI flags not given)."""
     return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+
+
+# ---------------------------------------------------------------- the driver of a training command
+
+
+def check_init(uri: str, kind: str, img_size: int) -> None:
+    """--init-from must hold a model of this kind and size (BadInput otherwise)."""
+    from training.checkpoint import load_model
+
+    loaded = load_model(uri, expected_kind=kind)
+    if loaded.img_size != img_size:
+        raise BadInput(f"--init-from {uri} is a {loaded.img_size}px {kind}, the config trains {img_size}px")
+
+
+def fit_job(
+    name: str,
+    train_loop: Any,
+    cfg: TrainConfig,
+    data: str,
+    out: str,
+    address: str | None = None,
+    init_from: str | None = None,
+    loop_config: dict[str, Any] | None = None,
+) -> dict:
+    """A recipe's command: train (or resume, or do nothing if OUT already reached cfg.steps) on Ray Train
+    and return {checkpoint, step, metrics}. `loop_config` adds recipe-specific entries for `train_loop`."""
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.ray_utils import ensure_ray
+
+    train, val = select_splits(data, cfg)
+    if init_from:
+        check_init(init_from, name, cfg.img_size)
+    done = finished(out, name, cfg.steps)
+    if done:
+        log.info("%s already reached step %d; nothing to do", done[0], done[1])
+        return checkpoint_summary(done[0], already_finished=True)
+    ensure_ray(address)
+    uri = tracking_uri(cfg, out)
+    run_id = open_mlflow_run(uri, out, name, cfg)
+    log.info(
+        "%s: %d train clips (%d frames), %d val clips",
+        name,
+        len(train.clip_ids),
+        train.frames,
+        len(val.clip_ids),
+    )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "out": storage_root(out),
+            "init_from": storage_root(init_from) if init_from else None,
+            "mlflow_uri": uri,
+            "mlflow_run_id": run_id,
+            "has_val": bool(val.clip_ids),
+            **(loop_config or {}),
+        },
+        scaling_config=scaling_config(cfg),
+        run_config=run_config(cfg, out, name),
+        torch_config=torch_config(cfg.gpu),
+        datasets=datasets(train, val, name, cfg),
+    )
+    follower = Follower(uri, run_id)
+    follower.start()
+    try:
+        trainer.fit()
+    finally:
+        follower.stop.set()
+    final = latest_checkpoint(out, name)
+    if final is None:
+        raise RuntimeError(f"training finished without a checkpoint under {out}")
+    return checkpoint_summary(final[0], mlflow_run_id=run_id, mlflow_tracking_uri=uri)

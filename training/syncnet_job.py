@@ -16,36 +16,23 @@ import torch
 from torch import nn
 
 from lipsync.config import config_hash, from_dict, to_dict
-from lipsync.errors import BadInput
-from pipeline.ray_utils import ensure_ray
-from training.checkpoint import MODEL_FILE, checkpoint_payload, load_model, read_payload
+from training.checkpoint import MODEL_FILE, checkpoint_payload, read_payload
 from training.common import (
     Amp,
-    Follower,
     MetricsLog,
     Throughput,
     TrainConfig,
     batches,
     check_resumable,
-    checkpoint_summary,
-    datasets,
     find_resume,
-    finished,
+    fit_job,
     global_mean,
     global_sum,
     images,
-    latest_checkpoint,
     one_pass,
-    open_mlflow_run,
     prepare,
     report_checkpoint,
-    run_config,
-    scaling_config,
     seed_everything,
-    select_splits,
-    storage_root,
-    torch_config,
-    tracking_uri,
     unwrap,
     use_worker_threads,
     validate,
@@ -180,58 +167,9 @@ def train_loop(config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def check_init(uri: str, kind: str, img_size: int) -> None:
-    """--init-from must hold a model of this kind and size (BadInput otherwise)."""
-    loaded = load_model(uri, expected_kind=kind)
-    if loaded.img_size != img_size:
-        raise BadInput(f"--init-from {uri} is a {loaded.img_size}px {kind}, the config trains {img_size}px")
-
-
 def run(
     cfg: SyncNetConfig, data: str, out: str, address: str | None = None, init_from: str | None = None
 ) -> dict:
     """Train (or resume, or do nothing if finished) and return {checkpoint, step, metrics}."""
-    from ray.train.torch import TorchTrainer
-
     validate(cfg)
-    train, val = select_splits(data, cfg)
-    if init_from:
-        check_init(init_from, NAME, cfg.img_size)
-    done = finished(out, NAME, cfg.steps)
-    if done:
-        log.info("%s already reached step %d; nothing to do", done[0], done[1])
-        return checkpoint_summary(done[0], already_finished=True)
-    ensure_ray(address)
-    uri = tracking_uri(cfg, out)
-    run_id = open_mlflow_run(uri, out, NAME, cfg)
-    log.info(
-        "syncnet: %d train clips (%d frames), %d val clips",
-        len(train.clip_ids),
-        train.frames,
-        len(val.clip_ids),
-    )
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "cfg": to_dict(cfg),
-            "out": storage_root(out),
-            "init_from": storage_root(init_from) if init_from else None,
-            "mlflow_uri": uri,
-            "mlflow_run_id": run_id,
-            "has_val": bool(val.clip_ids),
-        },
-        scaling_config=scaling_config(cfg),
-        run_config=run_config(cfg, out, NAME),
-        torch_config=torch_config(cfg.gpu),
-        datasets=datasets(train, val, NAME, cfg),
-    )
-    follower = Follower(uri, run_id)
-    follower.start()
-    try:
-        trainer.fit()
-    finally:
-        follower.stop.set()
-    final = latest_checkpoint(out, NAME)
-    if final is None:
-        raise RuntimeError(f"training finished without a checkpoint under {out}")
-    return checkpoint_summary(final[0], mlflow_run_id=run_id, mlflow_tracking_uri=uri)
+    return fit_job(NAME, train_loop, cfg, data, out, address=address, init_from=init_from)

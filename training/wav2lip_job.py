@@ -22,35 +22,24 @@ from torch import nn
 
 from lipsync.config import config_hash, from_dict, to_dict
 from lipsync.errors import BadInput
-from pipeline.ray_utils import ensure_ray
 from training.checkpoint import MODEL_FILE, checkpoint_payload, load_model, read_payload
 from training.common import (
     Amp,
-    Follower,
     MetricsLog,
     Throughput,
     TrainConfig,
     batches,
     check_resumable,
-    checkpoint_summary,
-    datasets,
     find_resume,
-    finished,
+    fit_job,
     global_mean,
     global_sum,
     images,
-    latest_checkpoint,
     one_pass,
-    open_mlflow_run,
     prepare,
     report_checkpoint,
-    run_config,
-    scaling_config,
     seed_everything,
-    select_splits,
     storage_root,
-    torch_config,
-    tracking_uri,
     unwrap,
     use_worker_threads,
     validate,
@@ -61,7 +50,6 @@ from training.common import (
 from training.data import WindowConfig
 from training.models import build_model, sync_loss
 from training.models.syncnet import SYNC_FRAMES
-from training.syncnet_job import check_init
 
 log = logging.getLogger(__name__)
 
@@ -341,49 +329,15 @@ def run(
     init_from: str | None = None,
 ) -> dict:
     """Train (or resume, or do nothing if finished) and return {checkpoint, step, metrics}."""
-    from ray.train.torch import TorchTrainer
-
     validate(cfg)
     expert = check_expert(syncnet, cfg.img_size)
-    train, val = select_splits(data, cfg)
-    if init_from:
-        check_init(init_from, NAME, cfg.img_size)
-    done = finished(out, NAME, cfg.steps)
-    if done:
-        log.info("%s already reached step %d; nothing to do", done[0], done[1])
-        return checkpoint_summary(done[0], already_finished=True)
-    ensure_ray(address)
-    uri = tracking_uri(cfg, out)
-    run_id = open_mlflow_run(uri, out, NAME, cfg)
-    log.info(
-        "wav2lip: %d train clips (%d frames), %d val clips",
-        len(train.clip_ids),
-        train.frames,
-        len(val.clip_ids),
-    )
-    trainer = TorchTrainer(
+    return fit_job(
+        NAME,
         train_loop,
-        train_loop_config={
-            "cfg": to_dict(cfg),
-            "syncnet": storage_root(expert),
-            "out": storage_root(out),
-            "init_from": storage_root(init_from) if init_from else None,
-            "mlflow_uri": uri,
-            "mlflow_run_id": run_id,
-            "has_val": bool(val.clip_ids),
-        },
-        scaling_config=scaling_config(cfg),
-        run_config=run_config(cfg, out, NAME),
-        torch_config=torch_config(cfg.gpu),
-        datasets=datasets(train, val, NAME, cfg),
+        cfg,
+        data,
+        out,
+        address=address,
+        init_from=init_from,
+        loop_config={"syncnet": storage_root(expert)},
     )
-    follower = Follower(uri, run_id)
-    follower.start()
-    try:
-        trainer.fit()
-    finally:
-        follower.stop.set()
-    final = latest_checkpoint(out, NAME)
-    if final is None:
-        raise RuntimeError(f"training finished without a checkpoint under {out}")
-    return checkpoint_summary(final[0], mlflow_run_id=run_id, mlflow_tracking_uri=uri)
