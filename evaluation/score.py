@@ -48,7 +48,7 @@ from pipeline import phonemes as ph
 from pipeline.corpus import MANIFEST_EXTENSIONS, VIDEO_EXTENSIONS, discover, input_id
 from pipeline.landmarks import FaceMeshTracker, fill_gaps, mouth_openness, smooth_landmarks
 from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
-from pipeline.ray_utils import ensure_ray, forwarded_env
+from pipeline.ray_utils import ensure_ray, map_on_actor_pool
 from pipeline.stages import ResourcesConfig
 from pipeline.storage import Store, is_remote, join_uri
 
@@ -445,21 +445,13 @@ def _run_pool(
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = True
-    remote_args: dict[str, Any] = {
-        "max_restarts": cfg.resources.max_restarts,
-        "max_task_retries": cfg.resources.max_restarts,
-    }
-    env = forwarded_env()
-    if env:
-        remote_args["runtime_env"] = {"env_vars": env}
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map_batches(
+    ds = map_on_actor_pool(
+        rows,
         ClipScorer,
-        fn_constructor_kwargs={"cfg": cfg, "syncnet": syncnet, "syncnet_v2": syncnet_v2},
-        batch_size=1,
-        concurrency=min(cfg.resources.workers, len(rows)),
-        num_cpus=cfg.resources.cpus_per_worker,
-        **remote_args,
+        {"cfg": cfg, "syncnet": syncnet, "syncnet_v2": syncnet_v2},
+        actors=cfg.resources.workers,
+        cpus_per_actor=cfg.resources.cpus_per_worker,
+        max_restarts=cfg.resources.max_restarts,
     )
     return [json.loads(r["row"]) for r in ds.iter_rows()]
 

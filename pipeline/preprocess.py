@@ -20,7 +20,7 @@ import pyarrow as pa
 from lipsync.config import code_version, config_hash, to_dict
 from lipsync.errors import BadInput
 from pipeline.corpus import discover
-from pipeline.ray_utils import ensure_ray, forwarded_env
+from pipeline.ray_utils import ensure_ray, map_on_actor_pool
 from pipeline.stages import STATE_DIR, ClipPreprocessor, PreprocessConfig
 from pipeline.storage import Store
 
@@ -67,21 +67,13 @@ def _run_pool(cfg: PreprocessConfig, out: str, pending: list[dict[str, Any]]) ->
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    remote_args: dict[str, Any] = {
-        "max_restarts": cfg.resources.max_restarts,
-        "max_task_retries": cfg.resources.max_restarts,
-    }
-    env = forwarded_env()
-    if env:
-        remote_args["runtime_env"] = {"env_vars": env}
-    ds = ray.data.from_items(pending, override_num_blocks=len(pending))
-    ds = ds.map_batches(
+    ds = map_on_actor_pool(
+        pending,
         ClipPreprocessor,
-        fn_constructor_kwargs={"cfg": cfg, "out": out},
-        batch_size=1,
-        concurrency=min(cfg.resources.workers, len(pending)),
-        num_cpus=cfg.resources.cpus_per_worker,
-        **remote_args,
+        {"cfg": cfg, "out": out},
+        actors=cfg.resources.workers,
+        cpus_per_actor=cfg.resources.cpus_per_worker,
+        max_restarts=cfg.resources.max_restarts,
     )
     return list(ds.iter_rows())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -34,3 +35,32 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:  # "local": never join a cluster that a `ray start` on this machine left behind
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
     log.info("ray: %s", ray.cluster_resources())
+
+
+def map_on_actor_pool(
+    rows: list[dict[str, Any]],
+    actor: type,
+    constructor_kwargs: dict[str, Any],
+    actors: int,
+    cpus_per_actor: float,
+    max_restarts: int,
+) -> Any:
+    """A Ray Dataset of `rows` (one block each) mapped one row per call by a pool of `actor` instances.
+
+    At most `actors` of them (never more than rows); each restarts up to `max_restarts` times if killed
+    and its row is retried on the new one; the driver's forwarded environment reaches them.
+    """
+    import ray
+
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    env = forwarded_env()
+    return ds.map_batches(
+        actor,
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(rows)))),
+        num_cpus=cpus_per_actor,
+        runtime_env={"env_vars": env} if env else None,
+        max_restarts=max_restarts,  # bounded: an input that kills its actor every time fails the run
+        max_task_retries=max_restarts,
+    )
