@@ -32,7 +32,9 @@ def free_port() -> int:
 @pytest.fixture
 def local_cluster(tmp_path: Path):
     """A head node started with `ray start --head --block` in its own process group; killed afterwards."""
-    gcs, dashboard = free_port(), free_port()
+    # Every port on a free one: another Ray on this machine (the session fixture's, a user's) already holds
+    # the defaults, e.g. the dashboard agent's 52365; without it the head has "No available agent" for jobs.
+    gcs, dashboard, agent_http, agent_grpc, runtime_env_agent, metrics = (free_port() for _ in range(6))
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     token = Path(temp_dir) / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -49,6 +51,8 @@ def local_cluster(tmp_path: Path):
         [
             str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
             f"--temp-dir={temp_dir}", "--object-store-memory=300000000", "--disable-usage-stats",
         ],
         env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
