@@ -33,9 +33,9 @@ ray.init(address=cluster.address, log_to_driver=False)
 curves = {}
 for workers in (1, 2):
     cfg = SyncNetConfig(
-        steps=4, batch_size=batch, workers=workers, cpus_per_worker=0, worker_resources={"slot": 1},
+        steps=3, batch_size=batch, workers=workers, cpus_per_worker=0, worker_resources={"slot": 1},
         placement_strategy="STRICT_SPREAD", windows=WindowConfig(windows_per_clip=1), eval_clips=0,
-        log_every=1, checkpoint_every=4, shuffle_buffer=0, seed=0,
+        log_every=1, checkpoint_every=3, shuffle_buffer=0, seed=0,
     )
     result = run(cfg, data, f"{out}/workers{workers}")
     history = metric_history(result["mlflow_tracking_uri"], result["mlflow_run_id"], "train_loss")
@@ -128,12 +128,15 @@ def test_two_workers_on_two_nodes_follow_the_one_worker_loss_curve(
     batch = 2 * int((clips["split"] == "train").sum())
     out = run_script(DDP_SCRIPT, str(preprocessed_corpus), str(tmp_path), str(batch))
     one, two = out["curves"]["1"], out["curves"]["2"]
-    assert out["nodes"] == 2 and len(one) == len(two) == 4
+    assert out["nodes"] == 2 and len(one) == len(two) == 3
     assert one[-1] < one[0]  # it learns
-    assert abs(one[0] - two[0]) < 1e-4, (one, two)  # the same weights and global batch: the same loss
-    # Float rounding differs (the batch is reduced in two halves); Adam's first, sign-like steps amplify it
-    # to about 0.01 by step 4, as much as two 1-worker runs with different thread counts differ.
-    assert all(abs(a - b) < 0.03 for a, b in zip(one, two, strict=True)), (one, two)
+    # The same weights and global batch, BatchNorm statistics over the global batch: the same loss.
+    assert abs(one[0] - two[0]) < 1e-4, (one, two)
+    # Then float rounding differs (the batch is reduced in two halves) and Adam amplifies it: its first
+    # update is lr x sign(gradient), which flips for near-zero gradients. Measured differences: 2e-4 at
+    # step 2, 0.005 at step 3, 0.03 at step 4 (hence 3 steps), against a loss that moves 0.02-0.1 a step.
+    # Per-worker BatchNorm statistics would already change the step-1 loss (test_training checks that).
+    assert abs(one[1] - two[1]) < 2e-3 and abs(one[2] - two[2]) < 0.02, (one, two)
 
 
 @pytest.mark.slow
