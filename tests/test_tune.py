@@ -344,7 +344,7 @@ def test_two_worker_trials_run_as_ray_train_runs(
     ray_session,  # noqa: ANN001
     tmp_path: Path,
 ) -> None:
-    """resources.workers > 1: each trial is a TorchTrainer run (2 workers x 0.5 CPU) reporting to Tune."""
+    """resources.workers > 1: each trial is a TorchTrainer run (2 workers x 0.4 CPU) reporting to Tune."""
     cfg = from_dict(
         SweepConfig,
         {
@@ -353,7 +353,8 @@ def test_two_worker_trials_run_as_ray_train_runs(
             "steps": 2,
             "report_every": 1,
             "checkpoint_every": 1,
-            "resources": {"workers": 2, "cpus": 0.5, "data_cpus": 0.4},
+            # 2 x 0.4 CPU leaves a whole CPU free: Ray Data's ListFiles task of the trial needs 1 CPU
+            "resources": {"workers": 2, "cpus": 0.4, "data_cpus": 0.4},
             "base": TINY_BASE | {"batch_size": 4},
             "space": {"lr": 1e-4},
         },
