@@ -72,7 +72,8 @@ def in_memory_loop(config: dict[str, Any]) -> None:
         global_mean(loss, device)
         if step % cfg.log_every == 0:
             rates.append(throughput.read()["steps_per_s"])
-    ray.train.report({"rates": rates})
+    if ray.train.get_context().get_world_rank() == 0:  # Ray Train 2 keeps no metrics without a checkpoint
+        Path(config["rates_file"]).write_text(json.dumps(rates))
 
 
 def measure_in_memory(cfg: Any, storage: str) -> list[float]:
@@ -84,12 +85,13 @@ def measure_in_memory(cfg: Any, storage: str) -> list[float]:
 
     trainer = TorchTrainer(
         in_memory_loop,
-        train_loop_config={"cfg": to_dict(cfg)},
+        train_loop_config={"cfg": to_dict(cfg), "rates_file": f"{storage}/in_memory_rates.json"},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(name="in_memory", storage_path=storage),
         torch_config=torch_config(cfg.gpu),
     )
-    return trainer.fit().metrics["rates"]
+    trainer.fit()
+    return json.loads(Path(f"{storage}/in_memory_rates.json").read_text())
 
 
 def measure_shards(cfg: Any, data: str, out: str) -> tuple[list[float], list[float]]:
