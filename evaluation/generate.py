@@ -67,7 +67,7 @@ from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
 from pipeline.landmarks import FaceMeshTracker, mouth_openness, smooth_landmarks
 from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
 from pipeline.ray_utils import ensure_ray, forwarded_env
-from pipeline.storage import Store, is_remote, join_uri
+from pipeline.storage import Store, is_remote, manifest_path, manifest_text
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +141,6 @@ def validate(cfg: GenerateConfig) -> None:
 # --- pairs --------------------------------------------------------------------------------------
 
 
-def _text(value: Any) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return ""
-    return str(value).strip()
-
-
 def _pair_id(video: str, audio: str) -> str:
     digest = hashlib.sha1(f"{video}\n{audio}".encode()).hexdigest()[:8]
     return f"{PurePosixPath(video).stem}-{digest}"
@@ -173,25 +167,24 @@ def read_pairs(manifest: str) -> list[dict[str, str]]:
     base = manifest.rsplit("/", 1)[0] if is_remote(manifest) else os.path.dirname(os.path.abspath(manifest))
     pairs, seen = [], set()
     for record in frame.to_dict(orient="records"):
-        video = _text(record.get("video"))
+        video = manifest_path(base, record.get("video"))
         if not video:
             continue
-        audio = _text(record.get("audio"))
-        video, audio = join_uri(base, video), join_uri(base, audio) if audio else ""
-        pair_id = re.sub(r"[^A-Za-z0-9._-]+", "_", _text(record.get("id")) or _pair_id(video, audio))
+        audio = manifest_path(base, record.get("audio"))
+        pair_id = re.sub(r"[^A-Za-z0-9._-]+", "_", manifest_text(record.get("id")) or _pair_id(video, audio))
         if pair_id in seen:
             raise BadInput(f"pairs manifest {manifest}: duplicate id {pair_id!r}")
         seen.add(pair_id)
-        language = _text(record.get("language")) or "und"
+        language = manifest_text(record.get("language")) or "und"
         pairs.append(
             {
                 "id": pair_id,
                 "video": video,
                 "audio": audio,
                 "language": language,
-                "speaker": _text(record.get("speaker")),
-                **{key: _text(record.get(key)) for key in PASSED_THROUGH},
-                "timeline": join_uri(base, timeline) if (timeline := _text(record.get("timeline"))) else "",
+                "speaker": manifest_text(record.get("speaker")),
+                **{key: manifest_text(record.get(key)) for key in PASSED_THROUGH},
+                "timeline": manifest_path(base, record.get("timeline")),
             }
         )
     if not pairs:

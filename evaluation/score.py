@@ -50,7 +50,7 @@ from pipeline.landmarks import FaceMeshTracker, fill_gaps, mouth_openness, smoot
 from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
 from pipeline.ray_utils import ensure_ray, map_on_actor_pool
 from pipeline.stages import ResourcesConfig
-from pipeline.storage import Store, is_remote, join_uri
+from pipeline.storage import Store, is_remote, join_uri, manifest_path, manifest_text
 
 log = logging.getLogger(__name__)
 
@@ -116,36 +116,28 @@ def _base_of(uri: str) -> str:
     return posixpath.dirname(uri) if is_remote(uri) else os.path.dirname(os.path.abspath(uri))
 
 
-def _text(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return str(value).strip()
-
-
-def _path(base: str, value: Any) -> str:
-    """A manifest path resolved against the manifest's directory ("" stays "")."""
-    return join_uri(base, _text(value)) if _text(value) else ""
-
-
 def _input_row(record: dict[str, Any], base: str, system: str) -> dict[str, Any]:
     """One video to score from a manifest record (paths resolved against the manifest's directory)."""
-    video, path_of = _path(base, record.get("video")), lambda key: _path(base, record.get(key))
+    video, path_of = (
+        manifest_path(base, record.get("video")),
+        lambda key: manifest_path(base, record.get(key)),
+    )
     return {
-        "id": _text(record.get("id")) or input_id(video or json.dumps(record, default=str)),
+        "id": manifest_text(record.get("id")) or input_id(video or json.dumps(record, default=str)),
         "video": video,
         "audio": path_of("audio"),
-        "language": _text(record.get("language")) or "und",
-        "speaker": _text(record.get("speaker")),
-        "system": _text(record.get("system")) or system,
-        "split": _text(record.get("split")),
-        "transcript": _text(record.get("transcript")),
+        "language": manifest_text(record.get("language")) or "und",
+        "speaker": manifest_text(record.get("speaker")),
+        "system": manifest_text(record.get("system")) or system,
+        "split": manifest_text(record.get("split")),
+        "transcript": manifest_text(record.get("transcript")),
         "timeline": path_of("timeline"),
-        "phonemes": _text(record.get("phonemes")),
+        "phonemes": manifest_text(record.get("phonemes")),
         "source": path_of("source"),
         "reference": path_of("reference"),
-        "input_status": _text(record.get("status")).lower(),
-        "input_reason": _text(record.get("reason")),
-        "injected_offset_frames": _text(record.get("injected_offset_frames")),
+        "input_status": manifest_text(record.get("status")).lower(),
+        "input_reason": manifest_text(record.get("reason")),
+        "injected_offset_frames": manifest_text(record.get("injected_offset_frames")),
     }
 
 
@@ -154,7 +146,7 @@ def _generation_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     records = []
     for record in frame.to_dict(orient="records"):
         record = dict(record)
-        if "video" in record and not _text(record.get("source")):
+        if "video" in record and not manifest_text(record.get("source")):
             record["source"] = record["video"]
         record["video"] = record.pop("output")  # "" for a pair generation failed: kept as skipped
         record.pop("audio", None)  # the driving audio: the output carries its own, as it was muxed
@@ -190,7 +182,11 @@ def discover_inputs(source: str, system: str = "") -> list[dict[str, Any]]:
             records = frame.to_dict(orient="records")
         else:
             raise BadInput(f"manifest {manifest} has neither a 'video' nor an 'output' column")
-    keep = [r for r in records if _text(r.get("video")) or _text(r.get("status")).lower() not in OK_STATUSES]
+    keep = [
+        r
+        for r in records
+        if manifest_text(r.get("video")) or manifest_text(r.get("status")).lower() not in OK_STATUSES
+    ]
     rows = [_input_row(r, base, system) for r in keep]
     if not rows:
         raise BadInput(f"input {source} holds no videos to score")
@@ -210,11 +206,11 @@ def attach_references(rows: list[dict[str, Any]], manifest: str) -> None:
     base = _base_of(manifest)
     by_key: dict[str, str] = {}
     for record in frame.to_dict(orient="records"):
-        ref = join_uri(base, _text(record["reference"]))
-        if _text(record.get("id")):
-            by_key[_text(record["id"])] = ref
-        if _text(record.get("video")):
-            video = _text(record["video"])
+        ref = join_uri(base, manifest_text(record["reference"]))
+        if manifest_text(record.get("id")):
+            by_key[manifest_text(record["id"])] = ref
+        if manifest_text(record.get("video")):
+            video = manifest_text(record["video"])
             by_key[join_uri(base, video)] = ref
             by_key[posixpath.basename(video)] = ref
     for row in rows:

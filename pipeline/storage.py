@@ -29,6 +29,19 @@ def join_uri(base: str, relative: str) -> str:
     return os.path.normpath(os.path.join(base, relative))
 
 
+def manifest_text(value: Any) -> str:
+    """A manifest cell as text: "" for a missing value (None, or NaN from pandas), else stripped."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value).strip()
+
+
+def manifest_path(base: str, value: Any) -> str:
+    """A manifest cell as a path resolved against the manifest's directory `base` ("" stays "")."""
+    text = manifest_text(value)
+    return join_uri(base, text) if text else ""
+
+
 class Store:
     """Files under one root. Writes are atomic: a reader sees the old file, the new one, or none."""
 
