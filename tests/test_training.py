@@ -14,9 +14,17 @@ import pytest
 import torch
 
 from lipsync.cli import main
+from lipsync.errors import BadInput
 from pipeline.shards import encode_jpegs
 from training.checkpoint import checkpoint_payload, load_model, save_checkpoint
-from training.common import amp_settings, latest_checkpoint, metric_history, select_splits
+from training.common import (
+    amp_settings,
+    build_optimizer,
+    latest_checkpoint,
+    metric_history,
+    select_splits,
+    validate,
+)
 from training.data import (
     SYNC_FRAMES,
     DataSelection,
@@ -162,6 +170,16 @@ def test_amp_settings_with_a_fake_gpu() -> None:
     assert bf16.enabled and bf16.dtype == torch.bfloat16 and not bf16.scaler
     fp16 = amp_settings(gpu=True, bf16_supported=False)
     assert fp16.enabled and fp16.dtype == torch.float16 and fp16.scaler
+
+
+def test_optimizer_is_adam_with_the_betas_or_sgd_and_unknown_names_are_refused() -> None:
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    adam = build_optimizer(params, "adam", 1e-3, (0.5, 0.999))
+    assert isinstance(adam, torch.optim.Adam) and adam.defaults["betas"] == (0.5, 0.999)
+    sgd = build_optimizer(params, "sgd", 1e-2)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    with pytest.raises(BadInput, match="optimizer must be one of adam, sgd, not 'lamb'"):
+        validate(SyncNetConfig(optimizer="lamb"))
 
 
 GLOBAL_BN_SCRIPT = """

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,17 +31,18 @@ data, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"slot": 1}})
 cluster.add_node(num_cpus=1, resources={"slot": 1})
 ray.init(address=cluster.address, log_to_driver=False)
-curves = {}
+runs = {}
 for workers in (1, 2):
     cfg = SyncNetConfig(
-        steps=3, batch_size=batch, workers=workers, cpus_per_worker=0, worker_resources={"slot": 1},
-        placement_strategy="STRICT_SPREAD", windows=WindowConfig(windows_per_clip=1), eval_clips=0,
-        log_every=1, checkpoint_every=3, shuffle_buffer=0, seed=0,
+        steps=2, optimizer="sgd", lr=0.01, batch_size=batch, workers=workers, cpus_per_worker=0,
+        worker_resources={"slot": 1}, placement_strategy="STRICT_SPREAD",
+        windows=WindowConfig(windows_per_clip=1), eval_clips=0, log_every=1, checkpoint_every=1,
+        num_to_keep=None, shuffle_buffer=0, seed=0,
     )
     result = run(cfg, data, f"{out}/workers{workers}")
     history = metric_history(result["mlflow_tracking_uri"], result["mlflow_run_id"], "train_loss")
-    curves[workers] = [value for _, value in history]
-print(json.dumps({"nodes": len(ray.nodes()), "curves": curves}), flush=True)
+    runs[workers] = {"losses": [value for _, value in history], "out": f"{out}/workers{workers}"}
+print(json.dumps({"nodes": len(ray.nodes()), "runs": runs}), flush=True)
 ray.shutdown()
 cluster.shutdown()
 """
@@ -118,25 +120,44 @@ def run_script(source: str, *args: str, timeout: float = 1500) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def first_update(run_out: str) -> dict[str, torch.Tensor]:
+    """Weights after step 1 minus the seeded initial weights (float tensors only)."""
+    from training.common import seed_everything
+    from training.models import build_model
+
+    seed_everything(0)
+    initial = build_model("syncnet", 96).state_dict()
+    after = torch.load(Path(run_out) / "syncnet" / "checkpoint_00000001" / "model.pt", weights_only=False)
+    return {k: v - initial[k] for k, v in after["state_dict"].items() if v.is_floating_point()}
+
+
 @pytest.mark.slow
-def test_two_workers_on_two_nodes_follow_the_one_worker_loss_curve(
+def test_two_workers_on_two_nodes_make_the_one_worker_update(
     preprocessed_corpus: Path, tmp_path: Path
 ) -> None:
     """Same seed and global batch: one epoch is exactly one global batch (one window pair per train clip),
-    so both runs see the same samples each step; BatchNorm statistics span the global batch."""
+    so both runs see the same samples each step; BatchNorm statistics span the global batch.
+
+    The first update is compared, not a loss curve: training from scratch on a few clips is chaotic here
+    (gradient norm ~300 at step 1, ReLU units flipping), so float rounding alone (1 vs 2 threads, one
+    process) moves the step-3 loss by 0.01-0.07 with any optimiser. One SGD step is linear in the gradient:
+    two workers' averaged gradient must give the one-worker weights up to rounding (measured 1.2e-4 of the
+    update overall, at most 4.4e-3 per tensor); a worker stepping on its half batch alone is 1.35 away."""
     clips = pd.read_parquet(preprocessed_corpus / "clips.parquet")
     batch = 2 * int((clips["split"] == "train").sum())
     out = run_script(DDP_SCRIPT, str(preprocessed_corpus), str(tmp_path), str(batch))
-    one, two = out["curves"]["1"], out["curves"]["2"]
-    assert out["nodes"] == 2 and len(one) == len(two) == 3
-    assert one[-1] < one[0]  # it learns
+    one, two = out["runs"]["1"], out["runs"]["2"]
+    assert out["nodes"] == 2 and len(one["losses"]) == len(two["losses"]) == 2
     # The same weights and global batch, BatchNorm statistics over the global batch: the same loss.
-    assert abs(one[0] - two[0]) < 1e-4, (one, two)
-    # Then float rounding differs (the batch is reduced in two halves) and Adam amplifies it: its first
-    # update is lr x sign(gradient), which flips for near-zero gradients. Measured differences: 2e-4 at
-    # step 2, 0.005 at step 3, 0.03 at step 4 (hence 3 steps), against a loss that moves 0.02-0.1 a step.
-    # Per-worker BatchNorm statistics would already change the step-1 loss (test_training checks that).
-    assert abs(one[1] - two[1]) < 2e-3 and abs(one[2] - two[2]) < 0.02, (one, two)
+    assert abs(one["losses"][0] - two["losses"][0]) < 1e-4, (one, two)
+    assert one["losses"][1] < one["losses"][0] and two["losses"][1] < two["losses"][0]  # both learn
+    update_one, update_two = first_update(one["out"]), first_update(two["out"])
+    total = torch.sqrt(sum((u * u).sum() for u in update_one.values()))
+    gap = torch.sqrt(sum(((update_two[k] - u) ** 2).sum() for k, u in update_one.items()))
+    assert gap < 2e-3 * total, (float(gap), float(total))
+    for key, u in update_one.items():
+        if u.norm() > 1e-4:  # conv biases before BatchNorm get no gradient: their ~1e-9 moves are rounding
+            assert (update_two[key] - u).norm() < 0.05 * u.norm(), key
 
 
 @pytest.mark.slow

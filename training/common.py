@@ -53,6 +53,7 @@ class TrainConfig:
     steps: int = 100_000
     batch_size: int = 64  # global: split evenly over the workers
     lr: float = 1e-4
+    optimizer: str = "adam"  # "adam" (the reference) or "sgd" (momentum 0.9)
     img_size: int = 96
     workers: int = 1
     gpu: bool = False
@@ -88,6 +89,20 @@ def validate(cfg: TrainConfig) -> None:
         raise BadInput(f"threads_per_worker must be >= 1, not {cfg.threads_per_worker}")
     if cfg.checkpoint_every < 1 or cfg.eval_every < 1 or cfg.log_every < 1:
         raise BadInput("checkpoint_every, eval_every and log_every must be >= 1")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise BadInput(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
+
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def build_optimizer(
+    params: Any, name: str, lr: float, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.Optimizer:
+    """Adam with `betas` (the reference's) or SGD with momentum 0.9; `name` is one of OPTIMIZERS."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
 def select_splits(data: str, cfg: TrainConfig) -> tuple[Selected, Selected]:

@@ -23,6 +23,7 @@ from training.common import (
     Throughput,
     TrainConfig,
     batches,
+    build_optimizer,
     check_resumable,
     find_resume,
     fit_job,
@@ -114,7 +115,7 @@ def train_loop(config: dict[str, Any]) -> None:
     use_worker_threads(cfg)
     seed_everything(cfg.seed)
     model = build_model(NAME, cfg.img_size).to(device)  # before the optimiser, so its state lands there too
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr)
     scaler = amp.grad_scaler()
     step, resumed_from = 0, []
     resume = find_resume(config["out"], NAME)

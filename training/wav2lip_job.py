@@ -29,6 +29,7 @@ from training.common import (
     Throughput,
     TrainConfig,
     batches,
+    build_optimizer,
     check_resumable,
     find_resume,
     fit_job,
@@ -202,8 +203,10 @@ def build_state(cfg: Wav2LipConfig, expert_uri: str, device: torch.device, amp: 
         "gen": gen,
         "disc": disc,
         "expert": expert.eval(),
-        "opt": torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=cfg.betas),
-        "disc_opt": torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=cfg.betas) if disc else None,
+        "opt": build_optimizer(gen.parameters(), cfg.optimizer, cfg.lr, cfg.betas),
+        "disc_opt": build_optimizer(disc.parameters(), cfg.optimizer, cfg.disc_lr, cfg.betas)
+        if disc
+        else None,
         "scaler": amp.grad_scaler(),
         "disc_scaler": amp.grad_scaler(),
     }
