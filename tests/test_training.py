@@ -5,6 +5,8 @@ The runs use the real architectures at img_size 96 with a global batch of 2 and 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from training.common import (
     metric_history,
     select_splits,
     validate,
+    window_passes,
 )
 from training.data import (
     SYNC_FRAMES,
@@ -288,6 +291,30 @@ def test_splits_and_streamed_windows(corpus: Path, ray_session) -> None:  # noqa
     assert len(rows) == 2 * 3 * len(train.clip_ids)
     assert sum(r["label"] for r in rows) == 3 * len(train.clip_ids)
     assert rows[0]["faces"].dtype == np.uint8 and rows[0]["faces"].shape == (15, 48, 96)
+
+
+def sample_digest(sample: dict) -> str:
+    return hashlib.sha256(
+        sample["faces"].tobytes() + sample["mel"].tobytes() + bytes([int(sample["label"])])
+    ).hexdigest()
+
+
+def test_each_pass_of_the_train_windows_cuts_new_windows(corpus: Path, ray_session) -> None:  # noqa: ANN001
+    """A run longer than one pass over the windows gets distinct windows per pass, not the same ones again."""
+    train, _ = select_splits(str(corpus), small(SyncNetConfig, eval_clips=None))
+    windows = WindowConfig(windows_per_clip=3)
+    one = windows_dataset(train, "syncnet", windows, 96).take_all()
+    rows = windows_dataset(train, "syncnet", windows, 96, passes=2).take_all()
+    assert len(rows) == 2 * len(one) == 2 * 2 * 3 * len(train.clip_ids)
+    first, both = {sample_digest(r) for r in one}, {sample_digest(r) for r in rows}
+    assert set(first) < set(both)  # pass 0 is the one-pass dataset; pass 1 brings windows it lacks
+    per_pass = len(train.clip_ids) * 3 * 2
+    cfg = small(SyncNetConfig, windows=windows, batch_size=per_pass)
+    assert window_passes(dataclasses.replace(cfg, steps=1), "syncnet", len(train.clip_ids)) == 1
+    assert window_passes(dataclasses.replace(cfg, steps=3), "syncnet", len(train.clip_ids)) == 3
+    assert window_passes(dataclasses.replace(cfg, steps=10_000), "syncnet", len(train.clip_ids)) == 8
+    fixed = dataclasses.replace(cfg, steps=10_000, windows=dataclasses.replace(windows, passes=1))
+    assert window_passes(fixed, "syncnet", len(train.clip_ids)) == 1
 
 
 def test_bad_inputs_exit_2(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -36,7 +36,7 @@ for workers in (1, 2):
     cfg = SyncNetConfig(
         steps=2, optimizer="sgd", lr=0.01, batch_size=batch, workers=workers, cpus_per_worker=0,
         worker_resources={"slot": 1}, placement_strategy="STRICT_SPREAD",
-        windows=WindowConfig(windows_per_clip=1), eval_clips=0, log_every=1, checkpoint_every=1,
+        windows=WindowConfig(windows_per_clip=1, passes=1), eval_clips=0, log_every=1, checkpoint_every=1,
         num_to_keep=None, shuffle_buffer=0, seed=0,
     )
     result = run(cfg, data, f"{out}/workers{workers}")

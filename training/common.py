@@ -89,6 +89,8 @@ def validate(cfg: TrainConfig) -> None:
         raise BadInput(f"threads_per_worker must be >= 1, not {cfg.threads_per_worker}")
     if cfg.checkpoint_every < 1 or cfg.eval_every < 1 or cfg.log_every < 1:
         raise BadInput("checkpoint_every, eval_every and log_every must be >= 1")
+    if cfg.windows.passes is not None and cfg.windows.passes < 1:
+        raise BadInput(f"windows.passes must be >= 1, not {cfg.windows.passes}")
     if cfg.optimizer not in OPTIMIZERS:
         raise BadInput(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
 
@@ -114,10 +116,23 @@ def select_splits(data: str, cfg: TrainConfig) -> tuple[Selected, Selected]:
     return train, select(data, cfg.data, "val", clips, max_clips=cfg.eval_clips, seed=cfg.seed)
 
 
+MAX_WINDOW_PASSES = 8
+"""Distinct window draws per clip in the train dataset; longer runs cycle through them."""
+
+
+def window_passes(cfg: TrainConfig, kind: str, train_clips: int) -> int:
+    """WindowConfig.passes, else the passes of distinct windows the run's steps consume (1..MAX_WINDOW_PASSES)."""
+    if cfg.windows.passes is not None:
+        return cfg.windows.passes
+    per_pass = max(1, train_clips * cfg.windows.windows_per_clip * (2 if kind == "syncnet" else 1))
+    return max(1, min(MAX_WINDOW_PASSES, math.ceil(cfg.steps * cfg.batch_size / per_pass)))
+
+
 def datasets(train: Selected, val: Selected, kind: str, cfg: TrainConfig) -> dict[str, Any]:
     """Ray Datasets: "train" streams windows epoch after epoch; "val" is a fixed set cut once."""
     cpus = cfg.data_cpus_per_task
-    out = {"train": windows_dataset(train, kind, cfg.windows, cfg.img_size, cpus)}
+    passes = window_passes(cfg, kind, len(train.clip_ids))
+    out = {"train": windows_dataset(train, kind, cfg.windows, cfg.img_size, cpus, passes)}
     if val.clip_ids:
         val_windows = dataclasses.replace(cfg.windows, windows_per_clip=cfg.eval_windows_per_clip)
         out["val"] = windows_dataset(val, kind, val_windows, cfg.img_size, cpus).materialize()

@@ -26,6 +26,7 @@ corpus is never copied into memory as a whole.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,7 @@ class WindowConfig:
     reference_min_distance: int = SYNC_FRAMES  # reference window starts this far from the target's
     correct_offset: bool = False  # shift mels by the clip's estimated av_offset_frames
     seed: int = 0
+    passes: int | None = None  # distinct draws of windows the train stream cycles through (None: auto)
 
 
 @dataclass(frozen=True)
@@ -317,9 +319,22 @@ class WindowMaker:
 
 
 def windows_dataset(
-    selected: Selected, kind: str, cfg: WindowConfig, img_size: int, num_cpus: float = 1.0
+    selected: Selected, kind: str, cfg: WindowConfig, img_size: int, num_cpus: float = 1.0, passes: int = 1
 ) -> Any:
-    """A streaming Ray Dataset of `kind` samples from the selected clips' shards (`num_cpus` per task)."""
+    """A streaming Ray Dataset of `kind` samples from the selected clips' shards (`num_cpus` per task).
+
+    With `passes` > 1 it is that many passes over the clips, each cutting its own windows (WindowConfig seed
+    + pass, as the in-memory tuning trials do per epoch), so an epoch of training is `passes` epochs of
+    distinct windows rather than the same windows again.
+    """
+    parts = [
+        _windows_pass(selected, kind, dataclasses.replace(cfg, seed=cfg.seed + i), img_size, num_cpus)
+        for i in range(passes)
+    ]
+    return parts[0].union(*parts[1:]) if passes > 1 else parts[0]
+
+
+def _windows_pass(selected: Selected, kind: str, cfg: WindowConfig, img_size: int, num_cpus: float) -> Any:
     import ray.data
     from ray.data.expressions import col
 
