@@ -369,6 +369,19 @@ def test_syncnet_run_checkpoints_and_logs(syncnet_run: tuple[Path, dict]) -> Non
     assert [step for step, _ in history] == [1, 2]
 
 
+@pytest.mark.timeout(420)
+def test_workers_leaving_less_than_one_free_cpu_still_get_their_windows(
+    corpus: Path,
+    ray_session,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    """2 workers x 0.8 CPU on the 2-CPU session Ray leave 0.4 CPU: the window tasks (0.2 each) must fit there.
+    With `read_parquet` the run waited forever for a whole free CPU (its file-listing tasks take one)."""
+    cfg = small(SyncNetConfig, workers=2, cpus_per_worker=0.8, data_cpus_per_task=0.2, eval_clips=0)
+    result = run_syncnet(cfg, str(corpus), str(tmp_path / "out"))
+    assert result["step"] == 2
+
+
 def test_init_from_fine_tunes_one_language(syncnet_run: tuple[Path, dict], base_checkpoint: Path) -> None:
     _, result = syncnet_run
     tuned = load_model(result["checkpoint"], "syncnet").model.state_dict()

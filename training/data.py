@@ -20,8 +20,8 @@ Samples (numpy, one dict each; images stay uint8 until they reach the device):
   `indiv_mels` (5, 1, 80, 16) one window per frame.
 
 The window makers are plain functions of a shard row; `windows_dataset` streams them with Ray Data
-(`read_parquet` of the selected shard files, a pushed-down `clip_id` filter, then `flat_map`), so the
-corpus is never copied into memory as a whole.
+(one task per selected shard file reads its selected clips, with the `clip_id` filter pushed down to
+pyarrow, and cuts their windows), so the corpus is never copied into memory as a whole.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import cv2
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from lipsync.errors import BadInput
 from pipeline.audio import MEL_STEP_SIZE, mel_start_indices, mel_window
@@ -336,8 +337,26 @@ def windows_dataset(
 
 def _windows_pass(selected: Selected, kind: str, cfg: WindowConfig, img_size: int, num_cpus: float) -> Any:
     import ray.data
-    from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(list(selected.shard_files), num_cpus=num_cpus).select_columns(SHARD_COLUMNS)
-    ds = ds.filter(expr=col("clip_id").is_in(list(selected.clip_ids)))
-    return ds.flat_map(WindowMaker(kind, cfg, img_size), num_cpus=num_cpus)
+    shards = [{"shard": uri} for uri in selected.shard_files]
+    ds = ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
+    return ds.flat_map(ShardWindows(selected.clip_ids, kind, cfg, img_size), num_cpus=num_cpus)
+
+
+class ShardWindows:
+    """`flat_map` function: a shard file's URI → the samples of its selected clips.
+
+    Shard files are read here with pyarrow (clip_id filter pushed down) rather than by `read_parquet`, whose
+    file-listing tasks always take one whole CPU: a training run whose workers leave less than one CPU free
+    would wait for them forever, where these tasks take `data_cpus_per_task`.
+    """
+
+    def __init__(self, clip_ids: tuple[str, ...], kind: str, cfg: WindowConfig, img_size: int) -> None:
+        self.clip_ids, self.maker = list(clip_ids), WindowMaker(kind, cfg, img_size)
+
+    def __call__(self, item: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+        fs, path = fsspec.core.url_to_fs(item["shard"])
+        table = pq.read_table(
+            path, columns=list(SHARD_COLUMNS), filters=[("clip_id", "in", self.clip_ids)], filesystem=fs
+        )
+        return [sample for row in table.to_pylist() for sample in self.maker(row)]
