@@ -11,6 +11,7 @@ Prints the figures and writes benchmarks/results/generate.json. A randomly initi
 the same as a trained one. The machine's load average is recorded: figures are only comparable on an
 otherwise idle machine.
 Usage: python benchmarks/generate.py [--seconds 20] [--long-seconds 180] [--checkpoint CKPT] [--work DIR]
+       [--skip-long] [--config FILE] (e.g. post.measure_offset: false, to see what the output's tracking costs)
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ class MemorySampler:
 # --- runs ---------------------------------------------------------------------------------------
 
 
-def generate(video: Path, checkpoint: str, out: Path) -> dict:
+def generate(video: Path, checkpoint: str, out: Path, config: str | None = None) -> dict:
     """`lipsync generate` on one video (its own audio) in a fresh process with its own Ray."""
     out.mkdir(parents=True, exist_ok=True)
     pairs = out / "pairs.csv"
@@ -188,6 +189,7 @@ def generate(video: Path, checkpoint: str, out: Path) -> dict:
         str(out / "out"),
         "--checkpoint",
         checkpoint,
+        *(["--config", config] if config else []),
     ]
     load = os.getloadavg()[0]
     started = time.perf_counter()
@@ -261,6 +263,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="wav2lip checkpoint (default: random weights)")
     parser.add_argument("--work", help="working directory (default: a temporary one)")
     parser.add_argument("--skip-long", action="store_true", help="only the short input (no memory ratio)")
+    parser.add_argument("--config", help="generate config YAML (default: the built-in defaults)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-generate-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -268,27 +271,28 @@ def main() -> None:
     checkpoint = args.checkpoint or random_checkpoint(work)
     from evaluation.generate import GenerateStage, ModelConfig
 
-    report: dict = {"cpus": os.cpu_count(), "checkpoint": checkpoint}
+    report: dict = {"cpus": os.cpu_count(), "checkpoint": checkpoint, "config": args.config}
     crops, mels = face_batch(short)
     stage = GenerateStage(checkpoint, ModelConfig())
     report["model_alone_before"] = model_alone(stage, crops, mels)
-    report["short"] = generate(short, checkpoint, work / "short")
+    report["short"] = generate(short, checkpoint, work / "short", args.config)
     report["model_alone_after_short"] = model_alone(stage, crops, mels)
     report["fps_ratio_short"] = _ratio(
         report["short"], report["model_alone_before"], report["model_alone_after_short"]
     )
     print(json.dumps(report, indent=1), flush=True)
     if not args.skip_long:
-        report["long"] = generate(long, checkpoint, work / "long")
+        report["long"] = generate(long, checkpoint, work / "long", args.config)
         report["model_alone_after_long"] = model_alone(stage, crops, mels)
         after = report["model_alone_after_long"]
         report["fps_ratio_long"] = _ratio(report["long"], report["model_alone_after_short"], after)
         for key in ("max_worker_peak_rss_mb", "workers_sum_peak_rss_mb", "tree_sum_peak_rss_mb"):
             report[f"memory_ratio_{key}"] = round(report["long"][key] / report["short"][key], 3)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "generate.json").write_text(json.dumps(report, indent=1) + "\n")
+    result = RESULTS / (f"generate_{Path(args.config).stem}.json" if args.config else "generate.json")
+    result.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
-    print(f"wrote {RESULTS / 'generate.json'}")
+    print(f"wrote {result}")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def overfit_generator(data: str, out: str, expert: str, steps: int, lr: float) -
     cfg = Wav2LipConfig(
         steps=steps, batch_size=2, lr=lr, gan=False, log_every=5, checkpoint_every=steps, eval_clips=0,
         shuffle_buffer=0, threads_per_worker=THREADS,
-        data=DataSelection(clip_ids=(one_clip["clip_id"],)), windows=WindowConfig(windows_per_clip=2),
+        data=DataSelection(clip_ids=(one_clip["clip_id"],)), windows=WindowConfig(windows_per_clip=2, passes=1),
     )  # fmt: skip
     started = time.perf_counter()
     result = run(cfg, data, out, syncnet=expert)
