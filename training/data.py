@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -354,9 +355,11 @@ class ShardWindows:
     def __init__(self, clip_ids: tuple[str, ...], kind: str, cfg: WindowConfig, img_size: int) -> None:
         self.clip_ids, self.maker = list(clip_ids), WindowMaker(kind, cfg, img_size)
 
-    def __call__(self, item: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+    def __call__(self, item: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+        """The selected clips' samples, clip after clip: only one clip's windows are in memory at a time."""
         fs, path = fsspec.core.url_to_fs(item["shard"])
         table = pq.read_table(
             path, columns=list(SHARD_COLUMNS), filters=[("clip_id", "in", self.clip_ids)], filesystem=fs
         )
-        return [sample for row in table.to_pylist() for sample in self.maker(row)]
+        for i in range(table.num_rows):
+            yield from self.maker(table.slice(i, 1).to_pylist()[0])
