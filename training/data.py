@@ -36,6 +36,7 @@ import cv2
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lipsync.errors import BadInput
@@ -320,6 +321,19 @@ class WindowMaker:
 # ---------------------------------------------------------------- Ray Data
 
 
+def read_shard_clips(uri: str, clip_ids: list[str] | tuple[str, ...]) -> pa.Table:
+    """The SHARD_COLUMNS of one shard file's rows for `clip_ids` (filter pushed down to pyarrow)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return pq.read_table(
+        path, columns=list(SHARD_COLUMNS), filters=[("clip_id", "in", list(clip_ids))], filesystem=fs
+    )
+
+
+def for_pass(cfg: WindowConfig, index: int) -> WindowConfig:
+    """The window settings of pass (epoch) `index`: its own seed, so each pass cuts new windows."""
+    return dataclasses.replace(cfg, seed=cfg.seed + index)
+
+
 def windows_dataset(
     selected: Selected, kind: str, cfg: WindowConfig, img_size: int, num_cpus: float = 1.0, passes: int = 1
 ) -> Any:
@@ -329,10 +343,7 @@ def windows_dataset(
     + pass, as the in-memory tuning trials do per epoch), so an epoch of training is `passes` epochs of
     distinct windows rather than the same windows again.
     """
-    parts = [
-        _windows_pass(selected, kind, dataclasses.replace(cfg, seed=cfg.seed + i), img_size, num_cpus)
-        for i in range(passes)
-    ]
+    parts = [_windows_pass(selected, kind, for_pass(cfg, i), img_size, num_cpus) for i in range(passes)]
     return parts[0].union(*parts[1:]) if passes > 1 else parts[0]
 
 
@@ -357,9 +368,6 @@ class ShardWindows:
 
     def __call__(self, item: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
         """The selected clips' samples, clip after clip: only one clip's windows are in memory at a time."""
-        fs, path = fsspec.core.url_to_fs(item["shard"])
-        table = pq.read_table(
-            path, columns=list(SHARD_COLUMNS), filters=[("clip_id", "in", self.clip_ids)], filesystem=fs
-        )
+        table = read_shard_clips(item["shard"], self.clip_ids)
         for i in range(table.num_rows):
             yield from self.maker(table.slice(i, 1).to_pylist()[0])

@@ -28,9 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -38,7 +36,7 @@ from lipsync.config import config_hash, from_dict, to_dict
 from pipeline.storage import join_uri
 from training.checkpoint import MODEL_FILE, checkpoint_payload, save_checkpoint
 from training.common import TrainConfig, read_checkpoint_dir, validate, worker_amp
-from training.data import SHARD_COLUMNS, Selected, WindowMaker, read_clips, select
+from training.data import Selected, WindowMaker, for_pass, read_clips, read_shard_clips, select
 from tuning.space import apply
 
 DIVERGED_LOSS = 1000.0
@@ -113,13 +111,10 @@ def trial_splits(setup: TrialSetup, cfg: TrainConfig) -> tuple[Selected, Selecte
 
 def shard_rows(selected: Selected) -> list[dict[str, Any]]:
     """The selected clips' shard rows (the columns windows are cut from), read into this process."""
-    frames = []
-    for uri in selected.shard_files:
-        with fsspec.open(uri, "rb") as fh:
-            df = pd.read_parquet(fh, columns=SHARD_COLUMNS)
-        frames.append(df[df["clip_id"].isin(selected.clip_ids)])
-    rows = pd.concat(frames).sort_values("clip_id") if frames else pd.DataFrame(columns=SHARD_COLUMNS)
-    return rows.to_dict("records")
+    rows = [
+        row for uri in selected.shard_files for row in read_shard_clips(uri, selected.clip_ids).to_pylist()
+    ]
+    return sorted(rows, key=lambda row: row["clip_id"])
 
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -160,7 +155,7 @@ class BatchStream:
     def _epoch(self, epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, epoch])
-        windows = dataclasses.replace(cfg.windows, seed=cfg.windows.seed + epoch)
+        windows = for_pass(cfg.windows, epoch)
         maker = WindowMaker(self.kind, windows, cfg.img_size)
         size = max(cfg.shuffle_buffer, cfg.batch_size)
         buffer: list[dict[str, np.ndarray]] = []
