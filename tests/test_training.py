@@ -394,6 +394,25 @@ def test_init_from_fine_tunes_one_language(syncnet_run: tuple[Path, dict], base_
     assert (fresh[conv] - base[conv]).abs().max() > 1e-2
 
 
+def test_a_checkpoint_cut_short_is_skipped_for_the_one_before(tmp_path: Path) -> None:
+    """A worker killed while Ray Train copies a checkpoint into place leaves a truncated model.pt."""
+    model = build_model("syncnet", 96)
+    for step in (4, 8):
+        save_checkpoint(
+            str(tmp_path / "syncnet" / f"checkpoint_{step:08d}"),
+            checkpoint_payload(model, "syncnet", 96, step),
+        )
+    newest = tmp_path / "syncnet" / "checkpoint_00000008" / "model.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    assert latest_checkpoint(str(tmp_path), "syncnet") == (
+        str(tmp_path / "syncnet" / "checkpoint_00000004"),
+        4,
+    )
+    newest.unlink()
+    (tmp_path / "syncnet" / "checkpoint_00000004" / "model.pt").write_bytes(b"")
+    assert latest_checkpoint(str(tmp_path), "syncnet") is None
+
+
 def test_rerunning_a_finished_command_does_no_more_steps(
     syncnet_run: tuple[Path, dict], corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -52,6 +52,8 @@ import json, os, signal, sys, threading, time
 from pathlib import Path
 import ray
 import torch
+from lipsync.errors import BadInput
+from training.checkpoint import read_payload
 from training.data import WindowConfig
 from training.syncnet_job import SyncNetConfig, run
 
@@ -95,8 +97,14 @@ killed = {}
 
 def kill_a_worker():
     marker = out / "syncnet" / f"checkpoint_{kill_after:08d}" / "model.pt"
-    while not marker.exists():
-        time.sleep(0.05)
+    # Complete, not just begun: Ray Train copies the 189 MB file into place, and a kill during that copy
+    # leaves a truncated checkpoint that the restart rightly skips (then there is nothing to resume from).
+    while True:
+        try:
+            read_payload(str(marker))
+            break
+        except (BadInput, FileNotFoundError):
+            time.sleep(0.05)
     time.sleep(0.5)  # mid-way between checkpoints
     # The busiest one: the training worker, not an idle process that hosted (or awaits) a worker actor.
     workers = sorted(
