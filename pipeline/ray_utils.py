@@ -52,6 +52,9 @@ def map_on_actor_pool(
     """
     import ray
 
+    # max_restarts/max_task_retries reach the actors only as `ray_remote_args`, which Ray 2.60 (pinned in
+    # pyproject.toml and cluster/) deprecates for removal in 2.64 without a named replacement. Ray Data's
+    # own default is unbounded (-1), so dropping them would retry a poison input forever: revisit on upgrade.
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     env = forwarded_env()
     return ds.map_batches(
