@@ -3,7 +3,8 @@
 1. A synth clip (default 20 s) and the same clip looped to a long input (default 180 s).
 2. `lipsync generate` on each, as a subprocess with its own local Ray; a sampler reads /proc every 0.5 s
    for every process of the run's tree: the peak resident memory of each Ray worker (VmHWM, i.e. its
-   ru_maxrss), the peak of the workers' summed RSS and of the whole tree's (driver, raylet, object store).
+   ru_maxrss), the peak of the workers' summed RSS and of the whole tree's (driver, raylet, object store),
+   and the CPU seconds each kind of process used (utime + stime): where the cores went besides the model.
 3. The model's forward pass alone on the short clip's own face crops and mel windows (same checkpoint,
    batch size and threads as the pipeline's actor), timed after a warm-up, just before and just after
    each run; the fps ratio divides by their mean, since other load on the machine drifts.
@@ -83,6 +84,9 @@ def _status(pid: int) -> dict[str, int]:
             key, _, value = line.partition(":")
             if key in ("VmRSS", "VmHWM", "PPid"):
                 fields[key] = int(value.split()[0])
+    with open(f"/proc/{pid}/stat") as fh:
+        stat = fh.read().rsplit(")", 1)[1].split()
+    fields["cpu_ticks"] = int(stat[11]) + int(stat[12])  # utime + stime
     return fields
 
 
@@ -126,6 +130,7 @@ class MemorySampler:
     def __init__(self, root: int, interval: float = 0.5) -> None:
         self.root, self.interval = root, interval
         self.hwm_kb: dict[int, int] = {}
+        self.cpu_ticks: dict[int, int] = {}
         self.labels: dict[int, str] = {}
         self.workers_peak_kb = self.tree_peak_kb = 0
         self._stop = threading.Event()
@@ -148,6 +153,7 @@ class MemorySampler:
                 if label not in ("driver", "ray_system") or pid not in self.labels:
                     self.labels[pid] = label
                 self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), status.get("VmHWM", 0))
+                self.cpu_ticks[pid] = max(self.cpu_ticks.get(pid, 0), status.get("cpu_ticks", 0))
                 if cmd.startswith("ray::"):
                     workers += status.get("VmRSS", 0)
             self.workers_peak_kb = max(self.workers_peak_kb, workers)
@@ -162,7 +168,11 @@ class MemorySampler:
         worker_hwm = [
             kb for pid, kb in self.hwm_kb.items() if self.labels[pid] not in ("driver", "ray_system")
         ]
+        cpu: dict[str, float] = {}
+        for pid, ticks in self.cpu_ticks.items():
+            cpu[self.labels[pid]] = cpu.get(self.labels[pid], 0.0) + ticks / os.sysconf("SC_CLK_TCK")
         return {
+            "cpu_seconds_by_process": {k: round(v, 1) for k, v in sorted(cpu.items())},
             "peak_rss_mb_by_process": dict(sorted(per_label.items())),
             "max_worker_peak_rss_mb": round(max(worker_hwm, default=0) / 1024, 1),
             "workers_sum_peak_rss_mb": round(self.workers_peak_kb / 1024, 1),
@@ -286,6 +296,12 @@ def main() -> None:
         report["model_alone_after_long"] = model_alone(stage, crops, mels)
         after = report["model_alone_after_long"]
         report["fps_ratio_long"] = _ratio(report["long"], report["model_alone_after_short"], after)
+        cpu = report["long"]["cpu_seconds_by_process"]
+        # Steadier than the fps ratio when the machine's speed drifts between runs: the model's part of
+        # all the CPU time the run's processes used (1.0 would mean nothing else cost anything).
+        report["model_cpu_share_long"] = round(
+            cpu.get("GenerateStage", 0.0) / max(sum(cpu.values()), 1e-9), 3
+        )
         for key in ("max_worker_peak_rss_mb", "workers_sum_peak_rss_mb", "tree_sum_peak_rss_mb"):
             report[f"memory_ratio_{key}"] = round(report["long"][key] / report["short"][key], 3)
     RESULTS.mkdir(parents=True, exist_ok=True)

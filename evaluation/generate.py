@@ -66,7 +66,7 @@ from pipeline.corpus import _read_manifest
 from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
 from pipeline.landmarks import FaceMeshTracker, mouth_openness, smooth_landmarks
 from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
-from pipeline.ray_utils import ensure_ray, forwarded_env
+from pipeline.ray_utils import ensure_ray, executor_poll_interval, forwarded_env
 from pipeline.storage import Store, is_remote, manifest_path, manifest_text
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class ResourcesConfig:
     finalize_cpus: float = 0.25
     object_store_mb: int = 256  # Ray Data's object-store budget for in-flight chunks (0: Ray's default)
     source_cache_files: int = 4  # remote source videos a composite actor keeps on local disk
+    poll_seconds: float = 0.5  # Ray Data's driver loop interval (Ray: 0.1); chunks take seconds each
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ def validate(cfg: GenerateConfig) -> None:
     counts = (cfg.model.actors, cfg.model.batch_size, cfg.model.rows_per_batch)
     if min(counts) < 1 or cfg.resources.prepare_actors < 1 or cfg.resources.composite_actors < 1:
         raise BadInput("actor counts, model.batch_size and model.rows_per_batch must be >= 1")
+    if not 0 < cfg.resources.poll_seconds <= 5:
+        raise BadInput(f"resources.poll_seconds must be in (0, 5], not {cfg.resources.poll_seconds}")
 
 
 # --- pairs --------------------------------------------------------------------------------------
@@ -829,7 +832,8 @@ def _data_context(cfg: ResourcesConfig) -> Iterator[None]:
         )
     ctx.execution_options = options
     try:
-        yield
+        with executor_poll_interval(cfg.poll_seconds):
+            yield
     finally:
         ctx.target_max_block_size, ctx.enable_progress_bars, ctx.execution_options = saved
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from lipsync.config import code_version, config_hash, to_dict
+from lipsync.config import code_version, to_dict
 from lipsync.errors import BadInput
 from pipeline.corpus import discover
-from pipeline.ray_utils import ensure_ray, map_on_actor_pool
-from pipeline.stages import STATE_DIR, ClipPreprocessor, PreprocessConfig
+from pipeline.ray_utils import ensure_ray, executor_poll_interval, map_on_actor_pool
+from pipeline.stages import STATE_DIR, ClipPreprocessor, PreprocessConfig, output_hash
 from pipeline.storage import Store
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ def _validate(cfg: PreprocessConfig) -> None:
         raise BadInput(f"crop_size must be an even number >= 32, not {cfg.crop_size}")
     if cfg.resources.workers < 1 or cfg.resources.cpus_per_worker <= 0:
         raise BadInput("resources.workers must be >= 1 and resources.cpus_per_worker > 0")
+    if not 0 < cfg.resources.poll_seconds <= 5:
+        raise BadInput(f"resources.poll_seconds must be in (0, 5], not {cfg.resources.poll_seconds}")
 
 
 def finished_inputs(store: Store, cfg_hash: str, wanted: set[str]) -> dict[str, dict[str, Any]]:
@@ -75,7 +77,8 @@ def _run_pool(cfg: PreprocessConfig, out: str, pending: list[dict[str, Any]]) ->
         cpus_per_actor=cfg.resources.cpus_per_worker,
         max_restarts=cfg.resources.max_restarts,
     )
-    return list(ds.iter_rows())
+    with executor_poll_interval(cfg.resources.poll_seconds):
+        return list(ds.iter_rows())
 
 
 def assign_splits(clips: list[dict[str, Any]], val_fraction: float, seed: int) -> dict[str, str]:
@@ -146,7 +149,7 @@ def run(cfg: PreprocessConfig, source: str, out: str, address: str | None = None
         store.makedirs()
     except OSError as exc:
         raise BadInput(f"cannot write to {out}: {exc}") from exc
-    cfg_hash = config_hash(cfg)
+    cfg_hash = output_hash(cfg)
     done = finished_inputs(store, cfg_hash, {r["input_id"] for r in inputs})
     pending = [r for r in inputs if r["input_id"] not in done]
     log.info("preprocess: %d inputs, %d already done, %d to process", len(inputs), len(done), len(pending))

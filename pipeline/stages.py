@@ -15,7 +15,7 @@ import math
 import resource
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -61,6 +61,7 @@ class ResourcesConfig:
     workers: int = 2  # actors (each runs FaceMesh on one input at a time)
     cpus_per_worker: float = 0.9  # fractional, so the pool never takes every CPU
     max_restarts: int = 3  # a killed actor is restarted and its input retried
+    poll_seconds: float = 0.5  # Ray Data's driver loop interval (Ray: 0.1); an input takes seconds
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,12 @@ class AlignStage:
 
 
 # --- the composite actor ------------------------------------------------------------------------
+def output_hash(cfg: PreprocessConfig) -> str:
+    """Hash of the settings that shape the clips: all but `resources` (pool size, CPUs, polling), so a
+    re-run on another pool size resumes instead of redoing every input."""
+    return config_hash(replace(cfg, resources=ResourcesConfig()))
+
+
 def clip_id_of(source: str, start: int, end: int) -> str:
     """Stable clip id: hash of the source URI and the segment's frame range."""
     return hashlib.sha1(f"{source}#{start}-{end}".encode()).hexdigest()[:16]
@@ -294,7 +301,7 @@ class ClipPreprocessor:
     def __init__(self, cfg: PreprocessConfig, out: str) -> None:
         self.cfg = cfg
         self.store = Store(out)
-        self.hash = config_hash(cfg)
+        self.hash = output_hash(cfg)
         self.version = code_version()
         self.probe = ProbeStage(cfg)
         self.audio = AudioStage(cfg)

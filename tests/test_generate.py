@@ -428,3 +428,23 @@ def test_model_actor_resources(ray_session) -> None:
 def test_configs_generate_yaml_lists_the_defaults() -> None:
     path = Path(__file__).resolve().parents[1] / "configs" / "generate.yaml"
     assert load_config(GenerateConfig, path) == GenerateConfig()
+
+
+def test_executor_poll_interval_is_set_for_the_run_and_put_back() -> None:
+    from ray.data._internal.execution import streaming_executor_state as state
+
+    from evaluation.generate import ResourcesConfig, _data_context, validate
+    from pipeline.ray_utils import executor_poll_interval
+
+    def poll() -> float:
+        return state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S
+
+    ray_default = poll()
+    with _data_context(ResourcesConfig(poll_seconds=0.7)):
+        assert poll() == 0.7
+    assert poll() == ray_default
+    with pytest.raises(RuntimeError), executor_poll_interval(2.0):
+        raise RuntimeError("a failed run")
+    assert poll() == ray_default
+    with pytest.raises(BadInput, match="poll_seconds"):
+        validate(GenerateConfig(resources=ResourcesConfig(poll_seconds=0)))

@@ -17,7 +17,7 @@ from pipeline.landmarks import FaceMeshTracker
 from pipeline.offset import offset_of_video
 from pipeline.preprocess import run
 from pipeline.shards import decode_crops, decode_landmarks, decode_mel, decode_pcm
-from pipeline.stages import PreprocessConfig
+from pipeline.stages import PreprocessConfig, ResourcesConfig
 from pipeline.synth import SynthConfig
 from pipeline.synth import run as synth
 
@@ -79,7 +79,8 @@ def test_rerun_resumes_without_reprocessing(
 ) -> None:
     state = sorted((preprocessed_corpus / "_state").glob("*.json"))
     mtimes = [p.stat().st_mtime_ns for p in state]
-    result = run(PreprocessConfig(), str(synth_corpus), str(preprocessed_corpus))
+    other_pool = ResourcesConfig(workers=1, cpus_per_worker=0.5, poll_seconds=0.2)  # same clips
+    result = run(PreprocessConfig(resources=other_pool), str(synth_corpus), str(preprocessed_corpus))
     assert (result["processed_inputs"], result["skipped_inputs"]) == (0, 6)
     assert [p.stat().st_mtime_ns for p in state] == mtimes
     assert set(pd.read_parquet(preprocessed_corpus / "clips.parquet")["clip_id"]) == set(clips["clip_id"])
