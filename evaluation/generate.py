@@ -404,7 +404,11 @@ class PrepareStage:
         except MediaError as exc:
             raise PairFailure("video", exc.reason, str(exc).replace(video, pair["video"])) from exc
         try:
-            pcm = read_audio(pair["audio"] or video, SAMPLE_RATE)
+            pcm = (
+                read_audio(pair["audio"], SAMPLE_RATE)
+                if pair["audio"]
+                else read_audio(video, SAMPLE_RATE, info)
+            )
         except MediaError as exc:
             raise PairFailure.of("audio", exc) from exc
         n_out = frames_for_audio(len(pcm), SAMPLE_RATE, info.fps)
@@ -458,7 +462,7 @@ class PrepareStage:
         """The source decoded once in order, tracked with look-ahead smoothing, cut at n_out frames."""
         stream = FaceStream(self.tracker, plan.fps)
         chunk = max(8, round(self.cfg.chunk_seconds * plan.fps))
-        frames_iter = iter_frames(plan.local, fps=plan.fps, chunk=chunk, size=plan.track_size)
+        frames_iter = iter_frames(plan.local, fps=plan.fps, chunk=chunk, size=plan.track_size, info=plan.info)
         ended = True
         with contextlib.closing(frames_iter):
             for frames in frames_iter:

@@ -383,18 +383,20 @@ def iter_frames(
     fps: float | None = None,
     chunk: int = 64,
     size: tuple[int, int] | None = None,
+    info: ProbeInfo | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield (T_chunk, H, W, 3) uint8 RGB chunks, read incrementally from one ffmpeg pipe.
 
     `fps` resamples to a constant rate (None keeps every decoded frame); `size` is (width, height)
-    after rotation, -1 for one side keeps the aspect ratio. Raises MediaError("truncated") at the end
-    when far fewer frames decoded than the probe promised.
+    after rotation, -1 for one side keeps the aspect ratio. `info` is this file's own probe when the
+    caller has one (saves an ffprobe run). Raises MediaError("truncated") at the end when far fewer
+    frames decoded than the probe promised.
     """
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
     uri = str(path)
     with local_path(uri) as local:
-        info = _probe_local(local, uri, require_video=True)
+        info = info or _probe_local(local, uri, require_video=True)
         yield from _frame_chunks(local, info, fps, _output_size(info, size), chunk)
 
 
@@ -418,15 +420,18 @@ def read_frames(
 # --- audio ------------------------------------------------------------------------------------------
 
 
-def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
+def read_audio(
+    path: str | os.PathLike, sample_rate: int = 16000, info: ProbeInfo | None = None
+) -> np.ndarray:
     """Decode the first audio stream to float32 mono PCM in [-1, 1] at `sample_rate`.
 
     Channels are averaged in numpy (ffmpeg's own `-ac 1` sums at 1/sqrt(2) and can exceed 1).
-    A stream that starts late is padded with silence so sample 0 is t=0 of the file.
+    A stream that starts late is padded with silence so sample 0 is t=0 of the file. `info` is this
+    file's own probe when the caller has one (saves an ffprobe run).
     """
     uri = str(path)
     with local_path(uri) as local:
-        info = _probe_local(local, uri, require_video=False)
+        info = info or _probe_local(local, uri, require_video=False)
         if not info.has_audio:
             raise MediaError("no_audio_stream", uri)
         channels = info.audio_channels or 1

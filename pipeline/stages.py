@@ -131,14 +131,16 @@ class AudioStage:
     def __init__(self, cfg: PreprocessConfig) -> None:
         self.cfg = cfg
 
-    def __call__(self, row: dict[str, Any], video_path: str) -> np.ndarray:
+    def __call__(
+        self, row: dict[str, Any], video_path: str, video_info: ProbeInfo | None = None
+    ) -> np.ndarray:
         source = row.get("audio") or ""
         try:
             if source:
                 with local_path(source) as audio_path:
                     pcm = read_audio(audio_path, self.cfg.sample_rate)
             else:
-                pcm = read_audio(video_path, self.cfg.sample_rate)
+                pcm = read_audio(video_path, self.cfg.sample_rate, info=video_info)
         except MediaError as exc:
             raise Reject(
                 "audio", exc.reason, f"{source or row['video']}: {exc.reason} ({exc.detail})"
@@ -165,7 +167,10 @@ class NormaliseStage:
         """(first frame index, frames) windows of at most `segment_seconds`."""
         start = 0
         try:
-            for frames in iter_frames(decoded.path, fps=self.cfg.fps, chunk=self.window, size=decoded.size):
+            frames_iter = iter_frames(
+                decoded.path, fps=self.cfg.fps, chunk=self.window, size=decoded.size, info=decoded.info
+            )
+            for frames in frames_iter:
                 yield start, frames
                 start += len(frames)
         except MediaError as exc:
@@ -346,7 +351,7 @@ class ClipPreprocessor:
         try:
             with local_path(row["video"]) as path:
                 info = self.probe(row, path)
-                pcm = self.audio(row, path)
+                pcm = self.audio(row, path, info)
                 size, scale = self.normalise.size_for(info)
                 decoded = Decoded(row, path, info, pcm, size, scale)
                 decoded.row = {
