@@ -48,8 +48,10 @@ def executor_poll_interval(seconds: float | None) -> Iterator[None]:
     Ray 2.60 has no setting for it, so this swaps the module constant for the duration and puts it back;
     None, or a Ray without the constant, leaves Ray's own behaviour.
     """
-    from ray.data._internal.execution import streaming_executor_state as state
-
+    try:
+        from ray.data._internal.execution import streaming_executor_state as state
+    except ImportError:  # a Ray whose internals moved: keep its behaviour
+        state = None
     name = "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"
     saved = getattr(state, name, None)
     if seconds is None or saved is None:
