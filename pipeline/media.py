@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import shutil
@@ -41,11 +42,16 @@ _VFR_TOLERANCE = 0.01  # relative difference between r_frame_rate and avg_frame_
 _TRUNCATION_RATIO = 0.9  # fewer decoded frames than this share of the expected count means truncated
 
 
+TOOL_KILLED = "tool_killed"
+
+
 class MediaError(BadInput):
     """A media file that cannot be used; `reason` is a short code for reject rows.
 
     Reasons: "not_found", "unreadable", "no_video_stream", "no_audio_stream", "too_short",
-    "truncated", "decode_failed", "encode_failed". Subclasses `BadInput`, so the CLI exits with code 2.
+    "truncated", "decode_failed", "encode_failed", and TOOL_KILLED: ffmpeg/ffprobe died from a signal
+    (OOM killer, a job being torn down), which says nothing about the file, so callers may retry.
+    Subclasses `BadInput`, so the CLI exits with code 2.
     """
 
     def __init__(self, reason: str, uri: str | os.PathLike, detail: str = "") -> None:
@@ -193,11 +199,24 @@ def _pick(streams: list[dict], codec_type: str) -> dict | None:
     return None
 
 
+def check_exit(code: int, tool: str, uri: str, stderr: bytes | str | None, reason: str) -> None:
+    """MediaError(`reason`) for a tool that failed on the file; MediaError(TOOL_KILLED) for one that was
+    killed by a signal (negative exit code), whose failure is not the file's."""
+    if code < 0:
+        raise MediaError(TOOL_KILLED, uri, f"{tool} killed by signal {-code}; the file itself was not judged")
+    if code:
+        raise MediaError(reason, uri, _stderr_reason(stderr))
+
+
 def _ffprobe(path: str, uri: str) -> dict:
+    # As ffmpeg.probe, but keeping the exit code: a killed ffprobe must not make a file "unreadable".
+    cmd = ["ffprobe", "-show_format", "-show_streams", "-of", "json", path]
+    proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
+    check_exit(proc.returncode, "ffprobe", uri, proc.stderr, "unreadable")
     try:
-        return ffmpeg.probe(path, cmd="ffprobe")
-    except ffmpeg.Error as exc:
-        raise MediaError("unreadable", uri, _stderr_reason(exc.stderr)) from exc
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        raise MediaError("unreadable", uri, f"ffprobe output is not JSON: {exc}") from exc
 
 
 def _video_fields(video: dict, fmt: dict) -> dict:
@@ -369,9 +388,7 @@ def _frame_chunks(
     finally:
         if not finished:  # the consumer stopped early (or failed): do not leave ffmpeg running
             proc.kill()
-    code = proc.wait()
-    if code:
-        raise MediaError("decode_failed", info.uri, _stderr_reason(proc.stderr))
+    check_exit(proc.wait(), "ffmpeg", info.uri, proc.stderr, "decode_failed")
     expected = _expected_frames(info, fps)
     if total < _TRUNCATION_RATIO * expected - 2:
         detail = f"decoded {total} of ~{expected:.0f} frames; {_stderr_reason(proc.stderr)}"
@@ -443,8 +460,7 @@ def read_audio(
         proc = _Ffmpeg(graph, pipe_stdout=True)
         assert proc.proc.stdout is not None
         raw = proc.proc.stdout.read()
-        if proc.wait():
-            raise MediaError("decode_failed", uri, _stderr_reason(proc.stderr))
+        check_exit(proc.wait(), "ffmpeg", uri, proc.stderr, "decode_failed")
     pcm = np.frombuffer(raw, dtype=np.float32)
     pcm = pcm[: len(pcm) // channels * channels].reshape(-1, channels).mean(axis=1)
     return np.clip(pcm, -1.0, 1.0).astype(np.float32)
@@ -539,7 +555,7 @@ def _feed(proc: _Ffmpeg, chunks: Iterable[np.ndarray], uri: str) -> None:
         try:
             proc.proc.stdin.write(memoryview(frames).cast("B"))
         except BrokenPipeError as exc:
-            proc.wait()
+            check_exit(proc.wait(), "ffmpeg", uri, proc.stderr, "encode_failed")
             raise MediaError("encode_failed", uri, _stderr_reason(proc.stderr)) from exc
 
 
@@ -575,6 +591,5 @@ def write_video(
         except BaseException:
             proc.kill()
             raise
-        if proc.wait():
-            raise MediaError("encode_failed", uri, _stderr_reason(proc.stderr))
+        check_exit(proc.wait(), "ffmpeg", uri, proc.stderr, "encode_failed")
     return uri

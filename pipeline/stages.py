@@ -33,7 +33,7 @@ from pipeline.landmarks import (
     smooth_landmarks,
     split_segments,
 )
-from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
+from pipeline.media import TOOL_KILLED, MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
 from pipeline.offset import OffsetEstimate, estimate_offset
 from pipeline.shards import encode_row
 from pipeline.storage import Store
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 STATE_DIR = "_state"
 SHARD_DIR = "shards"
+TOOL_RETRIES = 2  # extra attempts at an input whose ffmpeg/ffprobe was killed by a signal
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,7 @@ class ClipPreprocessor:
         for i in range(len(batch[keys[0]])):
             row = {k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]) for k in keys}
             started, started_at = time.perf_counter(), time.time()
-            record = self.process(row)
+            record = self.process_retrying_killed_tools(row)
             self.store.write_json(f"{STATE_DIR}/{row['input_id']}.json", record)
             out["input_id"].append(row["input_id"])
             out["accepted"].append(len(record["clips"]))
@@ -341,6 +342,18 @@ class ClipPreprocessor:
             out["finished_at"].append(time.time())
             out["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return out
+
+    def process_retrying_killed_tools(self, row: dict[str, Any]) -> dict[str, Any]:
+        """`process`, again (up to TOOL_RETRIES times) while an ffmpeg/ffprobe it ran was killed by a
+        signal: that says nothing about the input, which must not be recorded as bad for good."""
+        record = self.process(row)
+        for attempt in range(TOOL_RETRIES):
+            killed = [r for r in record["rejects"] if r["reason"] == TOOL_KILLED]
+            if not killed:
+                break
+            log.warning("%s (attempt %d of %d)", killed[0]["message"], attempt + 2, TOOL_RETRIES + 1)
+            record = self.process(row)
+        return record
 
     def process(self, row: dict[str, Any]) -> dict[str, Any]:
         """All clips and rejects of one input; writes `shards/<input_id>.parquet` when any clip passed."""

@@ -280,3 +280,41 @@ def test_remote_uris_round_trip_through_a_temp_file(clips: dict[str, Path]) -> N
     media.write_video(out, np.zeros((5, 16, 16, 3), np.uint8), fps=25.0)
     assert fs.exists(out) and media.probe(out).n_frames == 5
     fs.rm(uri.rsplit("/", 1)[0], recursive=True)
+
+
+def test_a_killed_ffprobe_is_not_an_unreadable_file(tmp_path: Path) -> None:
+    """ffprobe blocks opening a FIFO nobody writes to; SIGKILL it as an OOM killer or a torn-down job would."""
+    import os
+    import signal
+    import threading
+    import time
+
+    fifo = tmp_path / "never-written.mp4"
+    os.mkfifo(fifo)
+    killed: list[int] = []
+
+    def kill_the_probe() -> None:
+        deadline = time.monotonic() + 30
+        while not killed and time.monotonic() < deadline:
+            for entry in Path("/proc").iterdir():
+                try:
+                    argv = (entry / "cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if argv[0].endswith(b"ffprobe") and str(fifo).encode() in argv:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed.append(int(entry.name))
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_probe)
+    killer.start()
+    with pytest.raises(media.MediaError) as err:
+        media.probe(fifo)
+    killer.join()
+    assert killed, "the probe was never seen running"
+    assert err.value.reason == media.TOOL_KILLED and "signal 9" in str(err.value)
+    text = tmp_path / "text.mp4"
+    text.write_text("not a video")
+    with pytest.raises(media.MediaError) as err:
+        media.probe(text)
+    assert err.value.reason == "unreadable"
