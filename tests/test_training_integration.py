@@ -171,9 +171,10 @@ def test_two_workers_on_two_nodes_make_the_one_worker_update(
     assert out["nodes"] == 2 and len(one["losses"]) == len(two["losses"]) == 2
     # The same weights and global batch, BatchNorm statistics over the global batch: the same loss.
     assert abs(one["losses"][0] - two["losses"][0]) < 1e-4, (one, two)
-    assert one["losses"][1] < one["losses"][0] and two["losses"][1] < two["losses"][0]  # both learn
-    # Step 2 after that one update, measured outside Ray as above: 5e-4 apart against a 0.13 step at lr 1e-3.
-    assert abs(one["losses"][1] - two["losses"][1]) < 0.1 * (one["losses"][0] - one["losses"][1]), (one, two)
+    # Step 2, after that one update: 5e-4 apart outside Ray as above, 1e-4 in Ray on a CI corpus. Whether one
+    # SGD step lowers the loss depends on the corpus (it fell by 0.13 on one, rose by 3e-3 on another), so only
+    # the agreement is asserted; the weight checks below are what separate DDP from two lone workers.
+    assert abs(one["losses"][1] - two["losses"][1]) < 2e-3, (one, two)
     update_one, update_two = first_update(one["out"]), first_update(two["out"])
     total = torch.sqrt(sum((u * u).sum() for u in update_one.values()))
     gap = torch.sqrt(sum(((update_two[k] - u) ** 2).sum() for k, u in update_one.items()))
