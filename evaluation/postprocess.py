@@ -30,14 +30,14 @@ import numpy as np
 from pipeline.crops import crop_face, paste_back_transform
 from pipeline.landmarks import CHIN_POINT, LIPS_POINTS, NOSE_TIP_POINT
 from pipeline.media import (
-    _LOG_ARGS,
     MediaError,
     ProbeInfo,
     _fraction,
     _output_path,
-    _stderr_reason,
+    ffprobe_json,
     local_path,
     probe,
+    run_ffmpeg,
 )
 from pipeline.offset import OffsetEstimate, estimate_offset
 
@@ -90,19 +90,13 @@ def fit_length(pcm: np.ndarray, n_samples: int) -> np.ndarray:
 
 def container_format(path: str) -> str:
     """ffprobe's format_name of a local file ("mov,mp4,m4a,3gp,3g2,mj2", "mpegts", ...)."""
-    try:
-        return str(ffmpeg.probe(path, cmd="ffprobe").get("format", {}).get("format_name", ""))
-    except ffmpeg.Error as exc:
-        raise MediaError("unreadable", path, _stderr_reason(exc.stderr)) from exc
+    return str(ffprobe_json(path, path).get("format", {}).get("format_name", ""))
 
 
 def remux_video(path: str, info: ProbeInfo, out: str) -> str:
     """Copy the video stream of `path` into a Matroska file (no re-encoding) so it seeks exactly."""
     graph = ffmpeg.input(path)[str(info.video_stream)].output(out, c="copy", format="matroska")
-    args = ffmpeg.compile(graph.overwrite_output())
-    done = subprocess.run([args[0], *_LOG_ARGS, *args[1:]], capture_output=True)
-    if done.returncode:
-        raise MediaError("decode_failed", info.uri, _stderr_reason(done.stderr))
+    run_ffmpeg(graph.overwrite_output(), info.uri, "decode_failed")
     return out
 
 
@@ -142,12 +136,9 @@ def read_frame_range(
             width, height = i420_size(width, height)
             stream = stream.filter("crop", width, height, 0, 0)
         shape = (height * 3 // 2, width)
-    args = ffmpeg.compile(stream.output("pipe:", format="rawvideo", pix_fmt=pix_fmt, fps_mode="passthrough"))
-    done = subprocess.run([args[0], *_LOG_ARGS, *args[1:]], capture_output=True)
-    if done.returncode:
-        raise MediaError("decode_failed", info.uri, _stderr_reason(done.stderr))
+    raw = stream.output("pipe:", format="rawvideo", pix_fmt=pix_fmt, fps_mode="passthrough")
     frame_bytes = int(np.prod(shape))
-    frames = np.frombuffer(done.stdout, np.uint8)
+    frames = np.frombuffer(run_ffmpeg(raw, info.uri, "decode_failed"), np.uint8)
     frames = frames[: len(frames) // frame_bytes * frame_bytes].reshape(-1, *shape)
     if len(frames) != stop - start:
         raise MediaError("truncated", info.uri, f"frames {start}-{stop}: got {len(frames)}")
@@ -176,13 +167,7 @@ def write_i420(uri: str, frames: np.ndarray, fps: float, crf: int, preset: str, 
             threads=threads,
             bf=0,
         ).overwrite_output()
-        args = ffmpeg.compile(graph)
-        proc = subprocess.Popen(
-            [args[0], *_LOG_ARGS, *args[1:]], stdin=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        _, stderr = proc.communicate(memoryview(np.ascontiguousarray(frames)).cast("B"))
-        if proc.returncode:
-            raise MediaError("encode_failed", uri, _stderr_reason(stderr))
+        run_ffmpeg(graph, uri, "encode_failed", stdin=memoryview(np.ascontiguousarray(frames)).cast("B"))
     return uri
 
 
@@ -418,13 +403,6 @@ def _concat_list(parts: Sequence[str], durations: Sequence[float], directory: st
     return listing
 
 
-def _run(graph, uri: str) -> None:
-    args = ffmpeg.compile(graph)
-    done = subprocess.run([args[0], *_LOG_ARGS, *args[1:]], capture_output=True)
-    if done.returncode:
-        raise MediaError("encode_failed", uri, _stderr_reason(done.stderr))
-
-
 def _audio_track(path: str, seconds: float, shift_seconds: float):
     """The first audio stream from t=0, advanced (> 0) or delayed (< 0), padded/trimmed to `seconds`."""
     info = probe(path, require_video=False)
@@ -444,7 +422,7 @@ def _stabilised(listing: str, mode: str, workdir: str, uri: str):
         return video.filter("deshake")
     transforms = os.path.join(workdir, "transforms.trf")
     detect = video.filter("vidstabdetect", result=transforms).output("-", format="null")
-    _run(detect, uri)
+    run_ffmpeg(detect, uri, "encode_failed")
     return ffmpeg.input(listing, format="concat", safe=0).video.filter("vidstabtransform", input=transforms)
 
 
@@ -487,5 +465,5 @@ def mux_output(
             movflags="+faststart",
             **video_args,
         ).overwrite_output()
-        _run(graph, out_uri)
+        run_ffmpeg(graph, out_uri, "encode_failed")
     return out_uri

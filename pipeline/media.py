@@ -208,8 +208,17 @@ def check_exit(code: int, tool: str, uri: str, stderr: bytes | str | None, reaso
         raise MediaError(reason, uri, _stderr_reason(stderr))
 
 
-def _ffprobe(path: str, uri: str) -> dict:
-    # As ffmpeg.probe, but keeping the exit code: a killed ffprobe must not make a file "unreadable".
+def run_ffmpeg(stream_spec, uri: str, reason: str, stdin: bytes | memoryview | None = None) -> bytes:
+    """Run an ffmpeg-python graph to the end, quietly; its stdout. Failures as `check_exit` says."""
+    args = ffmpeg.compile(stream_spec)
+    done = subprocess.run([args[0], *_LOG_ARGS, *args[1:]], input=stdin, capture_output=True)
+    check_exit(done.returncode, "ffmpeg", uri, done.stderr, reason)
+    return done.stdout
+
+
+def ffprobe_json(path: str, uri: str) -> dict:
+    """ffprobe's streams and format of a local file. As ffmpeg.probe, but keeping the exit code: a killed
+    ffprobe must not make a file "unreadable"."""
     cmd = ["ffprobe", "-show_format", "-show_streams", "-of", "json", path]
     proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
     check_exit(proc.returncode, "ffprobe", uri, proc.stderr, "unreadable")
@@ -244,7 +253,7 @@ def _video_fields(video: dict, fmt: dict) -> dict:
 
 
 def _probe_local(path: str, uri: str, require_video: bool) -> ProbeInfo:
-    data = _ffprobe(path, uri)
+    data = ffprobe_json(path, uri)
     streams, fmt = data.get("streams", []), data.get("format", {})
     video, audio = _pick(streams, "video"), _pick(streams, "audio")
     if video is None and (require_video or audio is None):
