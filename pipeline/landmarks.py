@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
 
 import cv2
 import numpy as np
@@ -71,6 +71,13 @@ class FaceTrack:
 
     def __len__(self) -> int:
         return len(self.found)
+
+    @classmethod
+    def concatenate(cls, pieces: Sequence[FaceTrack]) -> FaceTrack:
+        """One track from consecutive pieces (e.g. chunks tracked with ``resume=True``)."""
+        if len(pieces) == 1:
+            return pieces[0]
+        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in pieces]) for f in fields(cls)})
 
     @property
     def found_fraction(self) -> float:
@@ -132,6 +139,8 @@ class FaceMeshTracker:
         self.model_path = model_path
         self._mesh = None
         self._task_model: bytes | None = None
+        self._last_box: np.ndarray | None = None  # the previous call's last face box, for `resume`
+        self._last_t = -(10**9)  # its frame index, relative to the next call's first frame
         if model_path is None:
             from mediapipe.python.solutions import face_mesh
 
@@ -171,14 +180,17 @@ class FaceMeshTracker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _faces_per_frame(self, frames: np.ndarray, fps: float) -> Iterator[list[np.ndarray]]:
-        """Yield, per frame, a list of (468, 3) pixel landmark arrays (fresh tracking state per call)."""
+    def _faces_per_frame(
+        self, frames: np.ndarray, fps: float, reset: bool = True
+    ) -> Iterator[list[np.ndarray]]:
+        """Yield, per frame, a list of (468, 3) pixel landmark arrays (fresh tracking state if `reset`)."""
         h, w = frames.shape[1:3]
         scale = np.array([w, h, w], np.float32)
         if self._task_model is None:
             if self._mesh is None:
                 raise RuntimeError("FaceMeshTracker is closed")
-            self._mesh.reset()
+            if reset:
+                self._mesh.reset()
             for frame in frames:
                 result = self._mesh.process(np.ascontiguousarray(frame))
                 faces = result.multi_face_landmarks or []
@@ -195,11 +207,13 @@ class FaceMeshTracker:
                     for f in result.face_landmarks
                 ]
 
-    def track(self, frames: np.ndarray, fps: float = 25.0) -> FaceTrack:
+    def track(self, frames: np.ndarray, fps: float = 25.0, resume: bool = False) -> FaceTrack:
         """Track one face through a clip of (T, H, W, 3) uint8 RGB frames.
 
         The largest face starts the track; when several are present the one overlapping the previous
-        frame's tracked face continues it. ``fps`` only sets the Tasks API timestamps.
+        frame's tracked face continues it. ``fps`` only sets the Tasks API timestamps. ``resume``
+        continues the previous call's track (its last face box and, for the bundled FaceMesh, mediapipe's
+        tracking state), so a clip tracked chunk by chunk gives what tracking it whole gives.
         """
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames must be (T, H, W, 3) uint8 RGB, got {frames.shape} {frames.dtype}")
@@ -212,8 +226,8 @@ class FaceMeshTracker:
             face_size=np.full(t_len, np.nan),
             switched=np.zeros(t_len, bool),
         )
-        prev_box, prev_t = None, -(10**9)
-        for t, faces in enumerate(self._faces_per_frame(frames, fps)):
+        prev_box, prev_t = (self._last_box, self._last_t) if resume else (None, -(10**9))
+        for t, faces in enumerate(self._faces_per_frame(frames, fps, reset=not resume)):
             track.n_faces[t] = len(faces)
             if not faces:
                 continue
@@ -225,6 +239,7 @@ class FaceMeshTracker:
             track.found[t] = True
             track.face_size[t] = box[2] - box[0]
             prev_box, prev_t = box, t
+        self._last_box, self._last_t = prev_box, prev_t - t_len
         return track
 
 

@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
@@ -424,6 +425,72 @@ def iter_frames(
     with local_path(uri) as local:
         info = info or _probe_local(local, uri, require_video=True)
         yield from _frame_chunks(local, info, fps, _output_size(info, size), chunk)
+
+
+class ReadAhead:
+    """Iterates `chunks` in a background thread, one item ahead of the consumer.
+
+    For frame chunks from an ffmpeg pipe: the next chunk decodes (ffmpeg on another core, the pipe read
+    without the GIL) while the caller works on the current one. The thread starts at construction, so
+    decoding begins before the first `next()`; at most two chunks exist at a time (the caller's and the
+    one being read). Exceptions reach the consumer at the item where they happened. `close()` (or the
+    `with` block's end) stops the thread and closes `chunks`, which kills a running ffmpeg.
+    """
+
+    _END = object()
+
+    def __init__(self, chunks: Iterator) -> None:
+        self._chunks = chunks
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._wanted = threading.Semaphore(1)  # the first item is wanted at once
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._produce, name="read-ahead", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            while self._wanted.acquire() and not self._stop.is_set():
+                try:
+                    item = next(self._chunks)
+                except StopIteration:
+                    self._results.put((self._END, None))
+                    return
+                self._results.put((item, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer's thread
+            self._results.put((None, exc))
+        finally:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self) -> ReadAhead:
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        item, error = self._results.get()
+        if error is not None or item is self._END:
+            self._done = True
+            if error is not None:
+                raise error
+            raise StopIteration
+        self._wanted.release()  # start on the next one while the caller works on this
+        return item
+
+    def close(self) -> None:
+        """Stop reading ahead and close the source (idempotent)."""
+        self._done = True
+        self._stop.set()
+        self._wanted.release()
+        self._thread.join()
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def read_frames(

@@ -159,6 +159,7 @@ def run(cfg: PreprocessConfig, source: str, out: str, address: str | None = None
         status = _run_pool(cfg, out, pending)
     frames = sum(int(s["frames"]) for s in status)
     busy = sum(float(s["seconds"]) for s in status)
+    cpu = sum(float(s["cpu_seconds"]) for s in status)
     span = max((s["finished_at"] for s in status), default=0.0) - min(
         (s["started_at"] for s in status), default=0.0
     )
@@ -187,6 +188,8 @@ def run(cfg: PreprocessConfig, source: str, out: str, address: str | None = None
             "processing_seconds": round(span, 2),  # first input started to last finished (no start-up)
             "frames_per_processing_second": round(frames / span, 2) if span > 0 else None,
             "frames_per_busy_second": round(frames / busy, 2) if busy else None,
+            "worker_cpu_seconds": round(cpu, 2),  # the workers' and their ffmpeg children's
+            "frames_per_cpu_second": round(frames / cpu, 2) if cpu else None,
             "peak_worker_rss_mb": round(max((float(s["peak_rss_mb"]) for s in status), default=0.0), 1),
         },
         "config_hash": cfg_hash,

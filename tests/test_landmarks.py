@@ -17,6 +17,7 @@ from pipeline.landmarks import (
     LIP_GAP_POINTS,
     UPPER_FACE_POINTS,
     FaceMeshTracker,
+    FaceTrack,
     cut_scores,
     fill_gaps,
     inter_ocular,
@@ -103,6 +104,43 @@ def test_each_track_call_starts_fresh(tracker, moving):
     frames, track = moving
     again = tracker.track(frames)
     np.testing.assert_array_equal(again.landmarks, track.landmarks)
+
+
+def test_tracking_in_chunks_with_resume_equals_tracking_whole(tracker, moving):
+    frames, whole = moving
+    pieces = [
+        tracker.track(frames[:7]),
+        tracker.track(frames[7:14], resume=True),
+        tracker.track(frames[14:], resume=True),
+    ]
+    joined = FaceTrack.concatenate(pieces)
+    np.testing.assert_array_equal(joined.landmarks, whole.landmarks)
+    for name in ("found", "n_faces", "second_face", "switched", "face_size"):
+        np.testing.assert_array_equal(getattr(joined, name), getattr(whole, name))
+
+
+def test_a_switch_at_a_chunk_boundary_is_seen_with_resume(tracker):
+    head = astronaut_head()
+    frames = np.zeros((6, 300, 700, 3), np.uint8)
+    frames[:3, :, :300] = head
+    frames[3:, :, 400:] = head
+    tracker.track(frames[:3])
+    assert tracker.track(frames[3:], resume=True).switched.tolist() == [True, False, False]
+    tracker.track(frames[:3])
+    assert not tracker.track(frames[3:]).switched.any()  # a fresh call knows no earlier box
+
+
+def test_landmark_stage_windows_from_chunks_of_another_size(tracker):
+    from pipeline.stages import LandmarkStage, PreprocessConfig
+
+    frames = moving_clip(24)
+    stage = LandmarkStage(PreprocessConfig(segment_seconds=0.4))  # 10-frame windows at 25 fps
+    spans = []
+    for start, got, track, _ in stage.windows(iter([frames[i : i + 7] for i in range(0, 24, 7)])):
+        spans.append((start, len(got)))  # frames are valid until the next window is asked for
+        np.testing.assert_array_equal(got, frames[start : start + len(got)])
+        np.testing.assert_array_equal(track.landmarks, tracker.track(got).landmarks)
+    assert spans == [(0, 10), (10, 10), (20, 4)]
 
 
 def test_blank_frames_give_nan_and_not_found(tracker):

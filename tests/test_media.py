@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -172,6 +175,65 @@ def test_iter_frames_can_stop_early(clips: dict[str, Path]) -> None:
     frames = media.iter_frames(clips["v60"], chunk=4)
     assert next(frames).shape == (4, H, W, 3)
     frames.close()  # kills ffmpeg instead of waiting on a full pipe
+
+
+def _ffmpeg_children() -> list[int]:
+    """PIDs of this process's live ffmpeg children."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if int(stat[1]) == os.getpid() and cmd.startswith(b"ffmpeg") and stat[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_read_ahead_gives_the_same_chunks_and_the_error_where_it_happened(clips: dict[str, Path]) -> None:
+    with media.ReadAhead(media.iter_frames(clips["v30"], fps=25.0, chunk=7)) as chunks:
+        ahead = list(chunks)
+    np.testing.assert_array_equal(np.concatenate(ahead), media.read_frames(clips["v30"], fps=25.0))
+    got = []
+    truncated = media.ReadAhead(media.iter_frames(clips["truncated_faststart"], chunk=5))
+    with pytest.raises(media.MediaError) as err, truncated:
+        for chunk in truncated:
+            got.append(chunk)
+    assert err.value.reason == "truncated" and got  # the frames before the end still arrived
+
+
+def test_read_ahead_works_one_item_ahead_and_no_further() -> None:
+    made: list[int] = []
+    produced = threading.Condition()
+
+    def source():
+        for i in range(5):
+            with produced:
+                made.append(i)
+                produced.notify_all()
+            yield i
+
+    def wait_for(count: int) -> None:
+        with produced:
+            assert produced.wait_for(lambda: len(made) >= count, timeout=10)
+
+    with media.ReadAhead(source()) as items:
+        wait_for(1)  # started before anyone asked
+        assert next(items) == 0
+        wait_for(2)  # the next one is made while the caller holds item 0
+        time.sleep(0.2)
+        assert made == [0, 1]  # but not more than one ahead
+        assert list(items) == [1, 2, 3, 4]
+
+
+def test_closing_read_ahead_early_stops_ffmpeg(clips: dict[str, Path]) -> None:
+    chunks = media.ReadAhead(media.iter_frames(clips["v60"], chunk=4))
+    assert next(chunks).shape == (4, H, W, 3)
+    chunks.close()
+    assert _ffmpeg_children() == []
+    with pytest.raises(StopIteration):
+        next(chunks)
 
 
 def test_truncated_after_header_is_reported(clips: dict[str, Path]) -> None:

@@ -35,6 +35,8 @@ def test_every_synth_clip_is_accepted(
     assert pq.read_table(preprocessed_corpus / "rejects.parquet").num_rows == 0
     summary = json.loads((preprocessed_corpus / "summary.json").read_text())
     assert summary["accepted_clips"] == 6 and summary["rejected"] == 0
+    speed = summary["throughput"]
+    assert speed["worker_cpu_seconds"] > 0 and speed["frames_per_cpu_second"] > 0
     assert set(summary["languages"]) == {"en", "es", "hi"}
     assert all(v["speakers"] == 2 and v["phonemes_per_second"] > 5 for v in summary["languages"].values())
 
