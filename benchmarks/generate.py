@@ -5,14 +5,18 @@
    for every process of the run's tree: the peak resident memory of each Ray worker (VmHWM, i.e. its
    ru_maxrss), the peak of the workers' summed RSS and of the whole tree's (driver, raylet, object store),
    and the CPU seconds each kind of process used (utime + stime): where the cores went besides the model.
-3. The model's forward pass alone on the short clip's own face crops and mel windows (same checkpoint,
-   batch size and threads as the pipeline's actor), timed after a warm-up, just before and just after
-   each run; the fps ratio divides by their mean, since other load on the machine drifts.
-Prints the figures and writes benchmarks/results/generate.json. A randomly initialised checkpoint costs
-the same as a trained one. The machine's load average is recorded: figures are only comparable on an
-otherwise idle machine.
+   Short-lived ffmpeg children can end between samples, so the machine's busy and idle CPU seconds
+   (/proc/stat) over the run are recorded too.
+3. The model's forward pass alone on the short clip's own face crops and mel windows (same checkpoint
+   and batch size), timed after a warm-up, just before and just after each run, in the pool's layout
+   (its actors as concurrent callers with its threads each) and as one actor on every CPU; the fps ratio
+   divides by the faster layout's mean, since other load on the machine drifts.
+Prints the figures and writes benchmarks/results/generate.json (generate_cpu.json for
+--config configs/generate_cpu.yaml). A randomly initialised checkpoint costs the same as a trained one.
+The machine's load average is recorded: figures are only comparable on an otherwise idle machine.
 Usage: python benchmarks/generate.py [--seconds 20] [--long-seconds 180] [--checkpoint CKPT] [--work DIR]
-       [--skip-long] [--config FILE] (e.g. post.measure_offset: false, to see what the output's tracking costs)
+       [--skip-long] [--config FILE] (e.g. configs/generate_cpu.yaml; post.measure_offset: false shows what
+       the output's tracking costs)
 """
 
 from __future__ import annotations
@@ -180,6 +184,14 @@ class MemorySampler:
         }
 
 
+def _machine_cpu_ticks() -> tuple[int, int]:
+    """(busy, idle) CPU ticks of the whole machine since boot (idle includes iowait)."""
+    with open("/proc/stat") as fh:
+        ticks = [int(v) for v in fh.readline().split()[1:9]]  # guest time is inside user already
+    idle = ticks[3] + ticks[4]
+    return sum(ticks) - idle, idle
+
+
 # --- runs ---------------------------------------------------------------------------------------
 
 
@@ -202,6 +214,7 @@ def generate(video: Path, checkpoint: str, out: Path, config: str | None = None)
         *(["--config", config] if config else []),
     ]
     load = os.getloadavg()[0]
+    machine = _machine_cpu_ticks()
     started = time.perf_counter()
     with open(out / "stderr.txt", "w") as err:
         proc = subprocess.Popen(
@@ -209,6 +222,7 @@ def generate(video: Path, checkpoint: str, out: Path, config: str | None = None)
         )
         with MemorySampler(proc.pid) as sampler:
             stdout, _ = proc.communicate()
+    busy, idle = (b - a for a, b in zip(machine, _machine_cpu_ticks(), strict=True))
     if proc.returncode:
         raise RuntimeError(f"generate failed ({proc.returncode}); see {out / 'stderr.txt'}")
     result = json.loads(stdout.strip().splitlines()[-1])
@@ -220,6 +234,8 @@ def generate(video: Path, checkpoint: str, out: Path, config: str | None = None)
         "process_seconds": round(time.perf_counter() - started, 2),
         "load_average_before": round(load, 2),
         "load_average_after": round(os.getloadavg()[0], 2),
+        "machine_busy_cpu_seconds": round(busy / os.sysconf("SC_CLK_TCK"), 1),
+        "machine_idle_cpu_seconds": round(idle / os.sysconf("SC_CLK_TCK"), 1),
         **sampler.report(),
     }
 
@@ -243,27 +259,52 @@ def face_batch(video: Path) -> tuple:
     return crops, mels
 
 
-def model_alone(stage, crops, mels) -> dict:
-    """Forward passes alone over the clip's crops, batched as the model actor runs them."""
+def model_alone(stage, crops, mels, actors: int, threads: int) -> dict:
+    """Forward passes alone over the clip's crops, batched as the model actors run them: `actors`
+    concurrent callers (threads of this process; torch releases the GIL) of `threads` torch threads each,
+    each on its share of the frames."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    stage.torch.set_num_threads(threads)
     stage.infer(crops[:32], mels[:32])  # warm-up
+    parts = np.array_split(np.arange(len(crops)), actors)
     load = os.getloadavg()[0]
     started = time.perf_counter()
-    stage.infer(crops, mels)
+    with ThreadPoolExecutor(actors) as pool:
+        list(pool.map(lambda part: stage.infer(crops[part], mels[part]), parts))
     seconds = time.perf_counter() - started
     return {
         "frames": len(crops),
         "seconds": round(seconds, 2),
         "fps": round(len(crops) / seconds, 2),
-        "threads": stage.torch.get_num_threads(),
+        "actors": actors,
+        "threads": threads,
         "batch_size": stage.cfg.batch_size,
         "load_average_before": round(load, 2),
         "load_average_after": round(os.getloadavg()[0], 2),
     }
 
 
-def _ratio(run: dict, before: dict, after: dict) -> float:
-    """Pipeline fps over the model-alone fps measured just before and just after the run."""
-    return round(run["pipeline_fps"] / ((before["fps"] + after["fps"]) / 2), 3)
+def model_references(stage, crops, mels, layout: tuple[int, int]) -> dict:
+    """The model alone in the pipeline's layout and, when that differs, as one actor on every CPU."""
+    cpus = os.cpu_count() or 1
+    refs = {"pool": model_alone(stage, crops, mels, *layout)}
+    if layout != (1, cpus):
+        refs["one_actor_all_cpus"] = model_alone(stage, crops, mels, 1, cpus)
+    return refs
+
+
+def _reference_fps(*measurements: dict) -> float:
+    """Mean model-alone fps of the faster layout, over the measurements before and after a run."""
+    keys = measurements[0].keys()
+    return max(sum(m[k]["fps"] for m in measurements) / len(measurements) for k in keys)
+
+
+def _ratio(run: dict, *measurements: dict) -> float:
+    """Pipeline fps over the model alone (its faster layout), measured just before and after the run."""
+    return round(run["pipeline_fps"] / _reference_fps(*measurements), 3)
 
 
 def main() -> None:
@@ -279,23 +320,29 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     short, long = make_inputs(work, args.seconds, args.long_seconds)
     checkpoint = args.checkpoint or random_checkpoint(work)
-    from evaluation.generate import GenerateStage, ModelConfig
+    from evaluation.generate import GenerateConfig, GenerateStage, cpu_threads
+    from lipsync.config import load_config
 
+    model_cfg = (load_config(GenerateConfig, args.config) if args.config else GenerateConfig()).model
+    layout = (model_cfg.actors, cpu_threads(model_cfg))
     report: dict = {"cpus": os.cpu_count(), "checkpoint": checkpoint, "config": args.config}
+    report["model_layout"] = {"actors": layout[0], "threads": layout[1]}
     crops, mels = face_batch(short)
-    stage = GenerateStage(checkpoint, ModelConfig())
-    report["model_alone_before"] = model_alone(stage, crops, mels)
+    stage = GenerateStage(checkpoint, model_cfg)
+    report["model_alone_before"] = model_references(stage, crops, mels, layout)
     report["short"] = generate(short, checkpoint, work / "short", args.config)
-    report["model_alone_after_short"] = model_alone(stage, crops, mels)
+    report["model_alone_after_short"] = model_references(stage, crops, mels, layout)
     report["fps_ratio_short"] = _ratio(
         report["short"], report["model_alone_before"], report["model_alone_after_short"]
     )
     print(json.dumps(report, indent=1), flush=True)
     if not args.skip_long:
         report["long"] = generate(long, checkpoint, work / "long", args.config)
-        report["model_alone_after_long"] = model_alone(stage, crops, mels)
+        report["model_alone_after_long"] = model_references(stage, crops, mels, layout)
         after = report["model_alone_after_long"]
         report["fps_ratio_long"] = _ratio(report["long"], report["model_alone_after_short"], after)
+        pool_only = {"pool": after["pool"]}, {"pool": report["model_alone_after_short"]["pool"]}
+        report["fps_ratio_long_vs_pool_layout"] = _ratio(report["long"], *pool_only)
         cpu = report["long"]["cpu_seconds_by_process"]
         # Steadier than the fps ratio when the machine's speed drifts between runs: the model's part of
         # all the CPU time the run's processes used (1.0 would mean nothing else cost anything).
@@ -305,7 +352,8 @@ def main() -> None:
         for key in ("max_worker_peak_rss_mb", "workers_sum_peak_rss_mb", "tree_sum_peak_rss_mb"):
             report[f"memory_ratio_{key}"] = round(report["long"][key] / report["short"][key], 3)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result = RESULTS / (f"generate_{Path(args.config).stem}.json" if args.config else "generate.json")
+    stem = Path(args.config).stem if args.config else "generate"
+    result = RESULTS / (f"{stem}.json" if stem.startswith("generate") else f"generate_{stem}.json")
     result.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
     print(f"wrote {result}")

@@ -65,7 +65,7 @@ from pipeline.audio import SAMPLE_RATE, mel_windows, melspectrogram
 from pipeline.corpus import _read_manifest
 from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
 from pipeline.landmarks import FaceMeshTracker, mouth_openness, smooth_landmarks
-from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
+from pipeline.media import MediaError, ProbeInfo, ReadAhead, iter_frames, local_path, probe, read_audio
 from pipeline.ray_utils import ensure_ray, executor_poll_interval, forwarded_env
 from pipeline.storage import Store, is_remote, manifest_path, manifest_text
 
@@ -87,7 +87,7 @@ class ModelConfig:
     actors: int = 1
     gpus_per_actor: float = 1.0
     cpus_per_actor: float = 1.0  # fractional on CPU-only nodes so the CPU stages keep a share
-    threads: int = 0  # torch threads of a CPU actor; 0: the node's CPU count
+    threads: int = 0  # torch threads of a CPU actor; 0: the node's CPUs shared among the pool's actors
     batch_size: int = 32  # frames per forward pass
     rows_per_batch: int = 1  # chunks per actor call; raise it on a GPU to fill batches
     half: bool = False  # fp16 autocast on CUDA
@@ -464,8 +464,8 @@ class PrepareStage:
         chunk = max(8, round(self.cfg.chunk_seconds * plan.fps))
         frames_iter = iter_frames(plan.local, fps=plan.fps, chunk=chunk, size=plan.track_size, info=plan.info)
         ended = True
-        with contextlib.closing(frames_iter):
-            for frames in frames_iter:
+        with ReadAhead(frames_iter) as decoding:  # the next chunk decodes while this one is tracked
+            for frames in decoding:
                 for piece in stream.push(frames):
                     yield from self.tracked_rows(plan, piece, cache)
                 if stream.pushed >= plan.n_out + stream.context:
@@ -550,7 +550,7 @@ class GenerateStage:
         self.torch = torch
         self.device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
-            torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+            torch.set_num_threads(cpu_threads(cfg))
         self.cfg = cfg
         self.model = load_model(checkpoint, "wav2lip", self.device).model
 
@@ -590,6 +590,16 @@ class GenerateStage:
                 y = (y.float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)
             out[i : i + len(bgr)] = y.cpu().numpy()[..., ::-1]
         return out
+
+
+def cpu_threads(cfg: ModelConfig) -> int:
+    """Torch threads of one CPU model actor: `threads`, or this node's CPUs split among the actors.
+
+    On CPU, several single-threaded actors outrun one actor with as many threads (the model alone on 2
+    cores: 2 x 1 thread 18.5 frames/s, 1 x 2 threads 16.5), and a CPU stage taking a core stalls only
+    one of them; `configs/generate_cpu.yaml` lays the pool out so. benchmarks/generate.py measures both.
+    """
+    return cfg.threads or max(1, (os.cpu_count() or 1) // cfg.actors)
 
 
 # --- stage 3: paste back, encode ----------------------------------------------------------------

@@ -17,6 +17,7 @@ CLASSES = {
     "train_syncnet.yaml": "training.syncnet_job:SyncNetConfig",
     "train_wav2lip.yaml": "training.wav2lip_job:Wav2LipConfig",
     "generate.yaml": "evaluation.generate:GenerateConfig",
+    "generate_cpu.yaml": "evaluation.generate:GenerateConfig",
     "demo.yaml": "lipsync.demo:DemoConfig",
     "tune": "tuning.sweep:SweepConfig",
 }

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -423,6 +424,30 @@ def test_model_actor_resources(ray_session) -> None:
         assert _model_resources(ModelConfig(device="auto")) == {"num_cpus": 1.0}
         with pytest.raises(BadInput, match="no GPU"):
             _model_resources(ModelConfig(device="cuda"))
+
+
+def test_cpu_threads_split_the_node_among_the_actors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from evaluation.generate import ModelConfig, cpu_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert cpu_threads(ModelConfig(actors=1)) == 8
+    assert cpu_threads(ModelConfig(actors=2)) == 4
+    assert cpu_threads(ModelConfig(actors=16)) == 1
+    assert cpu_threads(ModelConfig(actors=2, threads=3)) == 3
+
+
+def test_the_cpu_layout_fits_a_two_core_node() -> None:
+    """Its reservations must leave room for every stage at once, or Ray Data waits for CPUs forever."""
+    path = Path(__file__).resolve().parents[1] / "configs" / "generate_cpu.yaml"
+    cfg = load_config(GenerateConfig, path)
+    res = cfg.resources
+    reserved = (
+        cfg.model.actors * cfg.model.cpus_per_actor
+        + res.prepare_actors * res.prepare_cpus
+        + res.composite_actors * res.composite_cpus
+        + res.finalize_cpus
+    )
+    assert cfg.model.actors == 2 and cfg.model.device == "cpu" and reserved <= 2.0
 
 
 def test_configs_generate_yaml_lists_the_defaults() -> None:
