@@ -426,7 +426,7 @@ class ClipPreprocessor:
                 found_any = False
                 try:  # FaceMesh runs while ffmpeg decodes the next second and the audio decodes
                     with self.normalise.start(path, info, size) as decoding:
-                        chunks = self.normalise.chunks(row, decoding)
+                        chunks = _until_failed(self.normalise.chunks(row, decoding), audio)
                         for start, frames, track, segments in self.landmarks.windows(chunks):
                             frames_seen += len(frames)
                             found_any |= bool(track.found.any())
@@ -547,6 +547,15 @@ class ClipPreprocessor:
         shard_rows.append(
             encode_row(clip_id, seg.crops, seg.crop_landmarks, seg_pcm, mel, cfg.fps, shard_meta)
         )
+
+
+def _until_failed(chunks: Iterator[np.ndarray], audio: Future) -> Iterator[np.ndarray]:
+    """`chunks`, stopped by the audio's Reject as soon as it is known: a silent or unreadable track
+    should not cost the input's FaceMesh time."""
+    for chunk in chunks:
+        if audio.done() and audio.exception() is not None:
+            audio.result()
+        yield chunk
 
 
 def _cpu_seconds() -> float:

@@ -170,6 +170,7 @@ BAD = {  # file -> the exact reason code it must be rejected with
     "empty.mp4": "unreadable",
     "text.mp4": "unreadable",
     "noaudio.mp4": "no_audio_stream",
+    "silent.mp4": "silent_audio",  # the audio decodes beside FaceMesh; its reject must still win
     "audioonly.mp4": "no_video_stream",
     "noface.mp4": "no_face",
     "twofaces.mp4": "multiple_faces",
@@ -191,6 +192,7 @@ def make_bad_corpus(corpus: Path, out: Path) -> Path:
     Path(o("text.mp4")).write_text("this is a text file, not a video\n" * 20)
     ffmpeg("-i", a, "-c:v", "copy", "-an", o("noaudio.mp4"))
     ffmpeg("-i", a, "-vn", "-c:a", "copy", o("audioonly.mp4"))
+    ffmpeg("-i", a, "-c:v", "copy", "-af", "volume=0", "-c:a", "aac", o("silent.mp4"))
     ffmpeg(
         "-f", "lavfi", "-i", f"testsrc2=size=256x256:rate=25:duration={CLIP_SECONDS}",
         "-f", "lavfi", "-i", f"sine=frequency=440:duration={CLIP_SECONDS}",
