@@ -48,7 +48,7 @@ from pipeline import phonemes as ph
 from pipeline.corpus import MANIFEST_EXTENSIONS, VIDEO_EXTENSIONS, discover, input_id
 from pipeline.landmarks import FaceMeshTracker, fill_gaps, mouth_openness, smooth_landmarks
 from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
-from pipeline.ray_utils import ensure_ray, map_on_actor_pool
+from pipeline.ray_utils import ensure_ray, executor_poll_interval, map_on_actor_pool
 from pipeline.stages import ResourcesConfig
 from pipeline.storage import Store, is_remote, join_uri, manifest_path, manifest_text
 
@@ -416,8 +416,7 @@ class ClipScorer:
 def _validate(cfg: ScoreConfig) -> None:
     if cfg.fps <= 0 or cfg.max_side < 64 or cfg.vshift < 1 or cfg.max_lag < 1:
         raise BadInput("fps must be > 0, max_side >= 64, vshift and max_lag >= 1")
-    if cfg.resources.workers < 1 or cfg.resources.cpus_per_worker <= 0:
-        raise BadInput("resources.workers must be >= 1 and resources.cpus_per_worker > 0")
+    cfg.resources.validate()
 
 
 def _check_models(syncnet: str | None, syncnet_v2: str | None) -> None:
@@ -449,7 +448,8 @@ def _run_pool(
         cpus_per_actor=cfg.resources.cpus_per_worker,
         max_restarts=cfg.resources.max_restarts,
     )
-    return [json.loads(r["row"]) for r in ds.iter_rows()]
+    with executor_poll_interval(cfg.resources.poll_seconds):  # a video takes seconds to score
+        return [json.loads(r["row"]) for r in ds.iter_rows()]
 
 
 def scores_table(rows: list[dict[str, Any]]) -> pa.Table:

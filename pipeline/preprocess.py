@@ -44,10 +44,7 @@ def _validate(cfg: PreprocessConfig) -> None:
         raise BadInput(f"align.mode must be keep, repair or reject, not {cfg.align.mode!r}")
     if cfg.crop_size < 32 or cfg.crop_size % 2:
         raise BadInput(f"crop_size must be an even number >= 32, not {cfg.crop_size}")
-    if cfg.resources.workers < 1 or cfg.resources.cpus_per_worker <= 0:
-        raise BadInput("resources.workers must be >= 1 and resources.cpus_per_worker > 0")
-    if not 0 < cfg.resources.poll_seconds <= 5:
-        raise BadInput(f"resources.poll_seconds must be in (0, 5], not {cfg.resources.poll_seconds}")
+    cfg.resources.validate()
 
 
 def finished_inputs(store: Store, cfg_hash: str, wanted: set[str]) -> dict[str, dict[str, Any]]:

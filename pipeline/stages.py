@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from lipsync.config import code_version, config_hash
+from lipsync.errors import BadInput
 from pipeline import audio as audio_features
 from pipeline import filters
 from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
@@ -75,6 +76,13 @@ class ResourcesConfig:
     cpus_per_worker: float = 0.9  # fractional, so the pool never takes every CPU
     max_restarts: int = 3  # a killed actor is restarted and its input retried
     poll_seconds: float = 0.5  # Ray Data's driver loop interval (Ray: 0.1); an input takes seconds
+
+    def validate(self) -> None:
+        """BadInput naming the first bad setting (preprocessing and scoring share these)."""
+        if self.workers < 1 or self.cpus_per_worker <= 0:
+            raise BadInput("resources.workers must be >= 1 and resources.cpus_per_worker > 0")
+        if not 0 < self.poll_seconds <= 5:
+            raise BadInput(f"resources.poll_seconds must be in (0, 5], not {self.poll_seconds}")
 
 
 @dataclass(frozen=True)

@@ -51,3 +51,21 @@ def test_unknown_key_names_the_key(tmp_path: Path) -> None:
     bad.write_text("filters:\n  min_secnds: 2\n")
     with pytest.raises(BadInput, match="min_secnds"):
         load_config(_class(CLASSES["preprocess.yaml"]), bad)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"workers": 0}, {"cpus_per_worker": 0.0}, {"poll_seconds": 0.0}, {"poll_seconds": 6.0}]
+)
+def test_preprocess_and_score_refuse_the_same_bad_resources(bad: dict) -> None:
+    from evaluation.score import ScoreConfig
+    from evaluation.score import _validate as validate_score
+    from pipeline.preprocess import _validate as validate_preprocess
+    from pipeline.stages import PreprocessConfig, ResourcesConfig
+
+    resources = ResourcesConfig(**bad)
+    name = next(iter(bad))
+    with pytest.raises(BadInput, match=name.split("_")[0]):
+        validate_preprocess(PreprocessConfig(resources=resources))
+    with pytest.raises(BadInput, match=name.split("_")[0]):
+        validate_score(ScoreConfig(resources=resources))
+    validate_score(ScoreConfig(resources=ResourcesConfig()))  # the defaults pass
