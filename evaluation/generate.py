@@ -596,8 +596,8 @@ def cpu_threads(cfg: ModelConfig) -> int:
     """Torch threads of one CPU model actor: `threads`, or this node's CPUs split among the actors.
 
     On CPU, several single-threaded actors outrun one actor with as many threads (the model alone on 2
-    cores: 2 x 1 thread 18.5 frames/s, 1 x 2 threads 16.5), and a CPU stage taking a core stalls only
-    one of them; `configs/generate_cpu.yaml` lays the pool out so. benchmarks/generate.py measures both.
+    cores: 2 x 1 thread 22.5 frames/s, 1 x 2 threads 20.7-21.7 in benchmarks/generate.py), and a CPU
+    stage taking a core stalls only one of them; `configs/generate_cpu.yaml` lays the pool out so.
     """
     return cfg.threads or max(1, (os.cpu_count() or 1) // cfg.actors)
 
