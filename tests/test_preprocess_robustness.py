@@ -529,3 +529,43 @@ def test_offset_moves_with_shifted_audio_on_real_clips(shared_media: Path, tmp_p
     assert tracker.runs == len(videos), "a shifted copy changed the video frames"
     print(json.dumps(table, indent=1))
     assert not failures, "estimate does not move by K +- 1:\n" + "\n".join(failures) + f"\n{table}"
+
+
+def _ffprobe_killed_first(tmp_path: Path, kills: int) -> Path:
+    """A directory whose `ffprobe` SIGKILLs itself on its first `kills` runs, then is the real one.
+
+    Each run appends a line to `calls`: how many times the input was probed."""
+    real = shutil.which("ffprobe")
+    assert real, "ffprobe is needed"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    script = bin_dir / "ffprobe"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo run >> "{calls}"\n'
+        f'if [ "$(wc -l < "{calls}")" -le {kills} ]; then kill -9 $$; fi\n'
+        f'exec "{real}" "$@"\n'
+    )
+    script.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize(("kills", "accepted"), [(1, True), (3, False)])
+def test_an_input_whose_ffprobe_was_killed_is_run_again(
+    synth_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kills: int, accepted: bool
+) -> None:
+    """A killed tool says nothing about the input: it is retried (twice), and only then rejected."""
+    from pipeline.corpus import discover
+    from pipeline.media import TOOL_KILLED
+    from pipeline.stages import TOOL_RETRIES, ClipPreprocessor
+
+    row = discover(str(synth_corpus))[0]
+    monkeypatch.setenv("PATH", f"{_ffprobe_killed_first(tmp_path, kills)}{os.pathsep}{os.environ['PATH']}")
+    record = ClipPreprocessor(PreprocessConfig(), str(tmp_path / "out")).process_retrying_killed_tools(row)
+    probes = len((tmp_path / "calls").read_text().splitlines())
+    if accepted:
+        assert probes == kills + 1 and len(record["clips"]) == 1 and not record["rejects"]
+    else:
+        assert probes == TOOL_RETRIES + 1 and not record["clips"]
+        assert [r["reason"] for r in record["rejects"]] == [TOOL_KILLED]
