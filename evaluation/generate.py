@@ -66,7 +66,7 @@ from pipeline.corpus import _read_manifest
 from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
 from pipeline.landmarks import FaceMeshTracker, mouth_openness, smooth_landmarks
 from pipeline.media import MediaError, ProbeInfo, ReadAhead, iter_frames, local_path, probe, read_audio
-from pipeline.ray_utils import ensure_ray, executor_poll_interval, forwarded_env
+from pipeline.ray_utils import check_poll_seconds, ensure_ray, executor_poll_interval, forwarded_env
 from pipeline.storage import Store, is_remote, manifest_path, manifest_text
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,7 @@ def validate(cfg: GenerateConfig) -> None:
     counts = (cfg.model.actors, cfg.model.batch_size, cfg.model.rows_per_batch)
     if min(counts) < 1 or cfg.resources.prepare_actors < 1 or cfg.resources.composite_actors < 1:
         raise BadInput("actor counts, model.batch_size and model.rows_per_batch must be >= 1")
-    if not 0 < cfg.resources.poll_seconds <= 5:
-        raise BadInput(f"resources.poll_seconds must be in (0, 5], not {cfg.resources.poll_seconds}")
+    check_poll_seconds(cfg.resources.poll_seconds)
 
 
 # --- pairs --------------------------------------------------------------------------------------
@@ -596,8 +595,8 @@ def cpu_threads(cfg: ModelConfig) -> int:
     """Torch threads of one CPU model actor: `threads`, or this node's CPUs split among the actors.
 
     On CPU, several single-threaded actors outrun one actor with as many threads (the model alone on 2
-    cores: 2 x 1 thread 22.5 frames/s, 1 x 2 threads 20.7-21.7 in benchmarks/generate.py), and a CPU
-    stage taking a core stalls only one of them; `configs/generate_cpu.yaml` lays the pool out so.
+    cores, three times each in one run of benchmarks/generate.py: 2 x 1 thread 21.4-22.6 frames/s, 1 x 2
+    threads 19.2-21.7); `configs/generate_cpu.yaml` lays the pool out so.
     """
     return cfg.threads or max(1, (os.cpu_count() or 1) // cfg.actors)
 

@@ -432,9 +432,9 @@ class ReadAhead:
 
     For frame chunks from an ffmpeg pipe: the next chunk decodes (ffmpeg on another core, the pipe read
     without the GIL) while the caller works on the current one. The thread starts at construction, so
-    decoding begins before the first `next()`; it never runs more than one item ahead (the caller's
-    and the next one exist). Exceptions reach the consumer at the item where they happened. `close()` (or the
-    `with` block's end) stops the thread and closes `chunks`, which kills a running ffmpeg.
+    decoding begins before the first `next()`; it never runs more than one item ahead (the caller's and
+    the next one exist). Exceptions reach the consumer at the item where they happened. `close()` (or
+    the `with` block's end) stops the thread and closes `chunks`, which kills a running ffmpeg.
     """
 
     _END = object()

@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from lipsync.errors import BadInput
+
 log = logging.getLogger(__name__)
 
 # Environment variables forwarded to Ray workers so they reach the same object store and tools.
@@ -37,6 +39,16 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:  # "local": never join a cluster that a `ray start` on this machine left behind
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
     log.info("ray: %s", ray.cluster_resources())
+
+
+POLL_SECONDS_RANGE = (0.0, 5.0)  # exclusive low, inclusive high: longer would stall small runs
+
+
+def check_poll_seconds(seconds: float) -> None:
+    """BadInput unless `seconds` is a usable `resources.poll_seconds` (any command's config)."""
+    low, high = POLL_SECONDS_RANGE
+    if not low < seconds <= high:
+        raise BadInput(f"resources.poll_seconds must be in ({low:g}, {high:g}], not {seconds}")
 
 
 @contextlib.contextmanager

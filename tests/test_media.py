@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import threading
 import time
@@ -177,18 +178,25 @@ def test_iter_frames_can_stop_early(clips: dict[str, Path]) -> None:
     frames.close()  # kills ffmpeg instead of waiting on a full pipe
 
 
+def _processes() -> list[tuple[int, int, list[bytes]]]:
+    """(pid, parent pid, argv) of every live (not zombie) process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():  # self, thread-self, sys, ...
+            continue
+        try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if state != "Z":
+            found.append((int(entry.name), int(ppid), argv))
+    return found
+
+
 def _ffmpeg_children() -> list[int]:
     """PIDs of this process's live ffmpeg children."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmd = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError):
-            continue
-        if int(stat[1]) == os.getpid() and cmd.startswith(b"ffmpeg") and stat[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
+    return [pid for pid, ppid, argv in _processes() if ppid == os.getpid() and argv[0].endswith(b"ffmpeg")]
 
 
 def test_read_ahead_gives_the_same_chunks_and_the_error_where_it_happened(clips: dict[str, Path]) -> None:
@@ -346,11 +354,6 @@ def test_remote_uris_round_trip_through_a_temp_file(clips: dict[str, Path]) -> N
 
 def test_a_killed_ffprobe_is_not_an_unreadable_file(tmp_path: Path) -> None:
     """ffprobe blocks opening a FIFO nobody writes to; SIGKILL it as an OOM killer or a torn-down job would."""
-    import os
-    import signal
-    import threading
-    import time
-
     fifo = tmp_path / "never-written.mp4"
     os.mkfifo(fifo)
     killed: list[int] = []
@@ -358,14 +361,10 @@ def test_a_killed_ffprobe_is_not_an_unreadable_file(tmp_path: Path) -> None:
     def kill_the_probe() -> None:
         deadline = time.monotonic() + 30
         while not killed and time.monotonic() < deadline:
-            for entry in Path("/proc").iterdir():
-                try:
-                    argv = (entry / "cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
+            for pid, _, argv in _processes():
                 if argv[0].endswith(b"ffprobe") and str(fifo).encode() in argv:
-                    os.kill(int(entry.name), signal.SIGKILL)
-                    killed.append(int(entry.name))
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
             time.sleep(0.05)
 
     killer = threading.Thread(target=kill_the_probe)
