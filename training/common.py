@@ -261,7 +261,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         ):
             return super().forward(x)
         all_reduce = _AllReduceSum.apply
-        xf, channels = x.float(), x.shape[1]
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp16/bf16 → fp32; fp32 and fp64 stay
+        channels = x.shape[1]
         count = torch.tensor([xf.numel() / channels], device=x.device)
         totals = all_reduce(torch.cat([xf.sum(dim=(0, 2, 3)), count]))
         n = totals[-1]
