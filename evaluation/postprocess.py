@@ -325,6 +325,7 @@ class PostprocessConfig:
     correct_offset: bool = True  # shift the audio when the estimate is confident and large enough
     min_confidence: float = 0.2
     min_seconds: float = 6.0  # shorter outputs are measured but never corrected (too few mouth movements)
+    measure_seconds: float = 60.0  # only the output's first seconds are tracked for the estimate (0: all)
     min_abs_offset: int = 2  # frames; smaller measured offsets are left alone (estimator noise)
     max_abs_offset: int = 8  # frames; larger ones are not trusted
     max_lag: int = 15

@@ -229,6 +229,7 @@ def test_lineage_calibration_and_offsets_recorded(generated: dict, checkpoint: P
         row = out.loc[pair]
         assert np.isfinite(row["offset_before"]) and np.isfinite(row["offset_after"])
         assert row["offset_shift_frames"] == 0  # clips under post.min_seconds are never shifted
+        assert row["offset_frames_measured"] == row["frames"]  # all of it: shorter than post.measure_seconds
         assert row["seconds"] > 0 and row["stabilised"] == "off"
 
 
@@ -331,6 +332,41 @@ def test_offset_correction_cancels_a_known_lag() -> None:
     assert fix.before.offset_frames == lag and fix.shift_frames == lag and fix.after.offset_frames == 0
     unfixed = pp.correct_offset(mouth, pcm, sr, fps, pp.PostprocessConfig(correct_offset=False))
     assert unfixed.shift_frames == 0 and unfixed.after == unfixed.before
+
+
+def test_offset_is_measured_on_the_first_seconds_only(synth_corpus: Path, tmp_path: Path) -> None:
+    """CompositeStage tracks only chunks starting inside post.measure_seconds; finalize_pair estimates on
+    those frames and still writes the whole video (0 measures every frame)."""
+    from evaluation.generate import CompositeStage, finalize_pair, new_row, pack, validate
+
+    video = str(synth_corpus / pd.read_csv(synth_corpus / "manifest.csv")["video"][0])
+    info = probe(video)
+    n_out, size = 100, 25
+    common = dict(n_frames=size, n_out=n_out, n_source=n_out, fps=info.fps, source=video)
+    pair = {"id": "p", "video": video, "audio": "", "language": "en", "speaker": "", "timeline": ""}
+    pair |= {name: "" for name in ("transcript", "system")}
+    measured = {}
+    for seconds in (1.0, 0.0):
+        cfg = GenerateConfig(post=pp.PostprocessConfig(measure_seconds=seconds, min_seconds=1.0))
+        validate(cfg)
+        out = tmp_path / f"measure{seconds}"
+        stage = CompositeStage(cfg, str(out))
+        chunks = [
+            stage.composite(
+                new_row("p", start=start, source_index=pack(np.arange(start, start + size)), **common)
+            )
+            for start in range(0, n_out, size)
+        ]
+        assert all(c["status"] == "ok" for c in chunks), chunks
+        tracked = [c["start"] for c in chunks if c["openness"]]
+        assert tracked == ([0] if seconds else [0, 25, 50, 75])
+        row = finalize_pair(cfg, str(out), pair, chunks)
+        assert row["status"] == "ok", row
+        assert row["frames"] == n_out and probe(row["output"]).n_frames == n_out
+        measured[seconds] = row["offset_frames_measured"]
+    assert measured == {1.0: 25, 0.0: 100}
+    with pytest.raises(BadInput, match="measure_seconds"):
+        validate(GenerateConfig(post=pp.PostprocessConfig(measure_seconds=3.0, min_seconds=6.0)))
 
 
 @pytest.mark.parametrize("stabilise", ["off", "deshake", "auto"])
