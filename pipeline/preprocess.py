@@ -3,7 +3,7 @@
 Inputs stream through an actor pool of `ClipPreprocessor`s (one input per batch). Each actor writes the
 input's shard and then, last and atomically, its completion record `_state/<input_id>.json`. A re-run
 skips inputs whose record exists with the same config hash, so a killed driver or worker loses nothing and
-duplicates nothing. The driver then folds the records into `clips.parquet` (speaker-disjoint split),
+duplicates nothing; an input whose ffmpeg/ffprobe was killed by a signal on every attempt is run again. The driver then folds the records into `clips.parquet` (speaker-disjoint split),
 `rejects.parquet` and `summary.json`.
 """
 
@@ -20,6 +20,7 @@ import pyarrow as pa
 from lipsync.config import code_version, to_dict
 from lipsync.errors import BadInput
 from pipeline.corpus import discover
+from pipeline.media import TOOL_KILLED
 from pipeline.ray_utils import ensure_ray, executor_poll_interval, map_on_actor_pool
 from pipeline.stages import STATE_DIR, ClipPreprocessor, PreprocessConfig, output_hash
 from pipeline.storage import Store
@@ -58,6 +59,16 @@ def finished_inputs(store: Store, cfg_hash: str, wanted: set[str]) -> dict[str, 
         if record.get("config_hash") == cfg_hash:
             done[input_id] = record
     return done
+
+
+def to_process(
+    store: Store, cfg_hash: str, inputs: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(inputs to process, records of those done). An input whose ffmpeg/ffprobe was killed by a signal on
+    every attempt has a record (its `tool_killed` reject is reported) but was never judged: run it again."""
+    records = finished_inputs(store, cfg_hash, {r["input_id"] for r in inputs})
+    done = {k: r for k, r in records.items() if not any(x["reason"] == TOOL_KILLED for x in r["rejects"])}
+    return [r for r in inputs if r["input_id"] not in done], done
 
 
 def _run_pool(cfg: PreprocessConfig, out: str, pending: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -147,8 +158,7 @@ def run(cfg: PreprocessConfig, source: str, out: str, address: str | None = None
     except OSError as exc:
         raise BadInput(f"cannot write to {out}: {exc}") from exc
     cfg_hash = output_hash(cfg)
-    done = finished_inputs(store, cfg_hash, {r["input_id"] for r in inputs})
-    pending = [r for r in inputs if r["input_id"] not in done]
+    pending, done = to_process(store, cfg_hash, inputs)
     log.info("preprocess: %d inputs, %d already done, %d to process", len(inputs), len(done), len(pending))
     status: list[dict[str, Any]] = []
     if pending:

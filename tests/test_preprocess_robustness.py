@@ -555,17 +555,28 @@ def _ffprobe_killed_first(tmp_path: Path, kills: int) -> Path:
 def test_an_input_whose_ffprobe_was_killed_is_run_again(
     synth_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kills: int, accepted: bool
 ) -> None:
-    """A killed tool says nothing about the input: it is retried (twice), and only then rejected."""
+    """A killed tool says nothing about the input: it is retried (twice), and only then rejected, and that
+    reject does not count as done: the next run processes the input again."""
     from pipeline.corpus import discover
     from pipeline.media import TOOL_KILLED
-    from pipeline.stages import TOOL_RETRIES, ClipPreprocessor
+    from pipeline.preprocess import to_process
+    from pipeline.stages import TOOL_RETRIES, ClipPreprocessor, output_hash
+    from pipeline.storage import Store
 
     row = discover(str(synth_corpus))[0]
     monkeypatch.setenv("PATH", f"{_ffprobe_killed_first(tmp_path, kills)}{os.pathsep}{os.environ['PATH']}")
-    record = ClipPreprocessor(PreprocessConfig(), str(tmp_path / "out")).process_retrying_killed_tools(row)
+    cfg, out = PreprocessConfig(), str(tmp_path / "out")
+    preprocessor = ClipPreprocessor(cfg, out)
+    preprocessor({k: np.array([v]) for k, v in row.items()})  # writes the completion record, as a worker does
+    record = json.loads((tmp_path / "out" / STATE_DIR / f"{row['input_id']}.json").read_text())
     probes = len((tmp_path / "calls").read_text().splitlines())
+    pending, done = to_process(Store(out), output_hash(cfg), [row])
     if accepted:
         assert probes == kills + 1 and len(record["clips"]) == 1 and not record["rejects"]
+        assert not pending and list(done) == [row["input_id"]]
     else:
         assert probes == TOOL_RETRIES + 1 and not record["clips"]
         assert [r["reason"] for r in record["rejects"]] == [TOOL_KILLED]
+        assert pending == [row] and not done
+        preprocessor({k: np.array([v]) for k, v in row.items()})  # the next run: ffprobe is no longer killed
+        assert not to_process(Store(out), output_hash(cfg), [row])[0]
