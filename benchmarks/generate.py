@@ -4,7 +4,8 @@
 2. `lipsync generate` on each, as a subprocess with its own local Ray; a sampler reads /proc every 0.5 s
    for every process of the run's tree: the peak resident memory of each Ray worker (VmHWM, i.e. its
    ru_maxrss), the peak of the workers' summed RSS and of the whole tree's (driver, raylet, object store),
-   and the CPU seconds each kind of process used (utime + stime): where the cores went besides the model.
+   and the CPU seconds each kind of process used (utime + stime; an ffmpeg/ffprobe child under its
+   stage's name, e.g. CompositeStage:ffmpeg): where the cores went besides the model.
    Short-lived ffmpeg children can end between samples, so the machine's busy and idle CPU seconds
    (/proc/stat) over the run are recorded too.
 3. The model's forward pass alone on the short clip's own face crops and mel windows (same checkpoint
@@ -128,6 +129,17 @@ def _label(cmd: str) -> str:
     return "driver" if "lipsync.cli" in cmd else "ray_system"
 
 
+def _name(cmd: str) -> str:
+    """A finer name than `_label`: the Ray actor or task (ray::IDLE for an idle worker), else the program."""
+    if cmd.startswith("ray::"):
+        name = cmd.split()[0][len("ray::") :]
+        stage = _label(cmd)
+        return stage if stage != "ray_worker" else name
+    words = cmd.split()
+    program = next((w for w in words if w.endswith(".py")), words[0] if words else "?")
+    return "driver" if "lipsync.cli" in cmd else os.path.basename(program)
+
+
 class MemorySampler:
     """Samples a process tree's memory in a thread until stopped."""
 
@@ -136,6 +148,7 @@ class MemorySampler:
         self.hwm_kb: dict[int, int] = {}
         self.cpu_ticks: dict[int, int] = {}
         self.labels: dict[int, str] = {}
+        self.names: dict[int, str] = {}
         self.workers_peak_kb = self.tree_peak_kb = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -154,8 +167,12 @@ class MemorySampler:
             workers = 0
             for pid, (cmd, status) in tree.items():
                 label = _label(cmd)
+                parent = tree.get(status.get("PPid", 0))
+                if cmd.startswith(("ffmpeg", "ffprobe")) and parent is not None:
+                    label = f"{_label(parent[0])}:{cmd.split()[0]}"  # e.g. CompositeStage:ffmpeg
                 if label not in ("driver", "ray_system") or pid not in self.labels:
                     self.labels[pid] = label
+                    self.names[pid] = _name(cmd)
                 self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), status.get("VmHWM", 0))
                 self.cpu_ticks[pid] = max(self.cpu_ticks.get(pid, 0), status.get("cpu_ticks", 0))
                 if cmd.startswith("ray::"):
@@ -169,14 +186,23 @@ class MemorySampler:
         for pid, kb in self.hwm_kb.items():
             label = self.labels[pid]
             per_label[label] = max(per_label.get(label, 0.0), round(kb / 1024, 1))
-        worker_hwm = [
-            kb for pid, kb in self.hwm_kb.items() if self.labels[pid] not in ("driver", "ray_system")
+        worker_hwm = [  # Ray workers only: not the driver, Ray's own processes or ffmpeg children
+            kb
+            for pid, kb in self.hwm_kb.items()
+            if self.labels[pid] not in ("driver", "ray_system") and ":" not in self.labels[pid]
         ]
         cpu: dict[str, float] = {}
+        by_name: dict[str, float] = {}
         for pid, ticks in self.cpu_ticks.items():
-            cpu[self.labels[pid]] = cpu.get(self.labels[pid], 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+            seconds = ticks / os.sysconf("SC_CLK_TCK")
+            cpu[self.labels[pid]] = cpu.get(self.labels[pid], 0.0) + seconds
+            name = self.labels[pid] if ":" in self.labels[pid] else self.names[pid]
+            by_name[name] = by_name.get(name, 0.0) + seconds
         return {
             "cpu_seconds_by_process": {k: round(v, 1) for k, v in sorted(cpu.items())},
+            "cpu_seconds_by_name": {
+                k: round(v, 1) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])
+            },
             "peak_rss_mb_by_process": dict(sorted(per_label.items())),
             "max_worker_peak_rss_mb": round(max(worker_hwm, default=0) / 1024, 1),
             "workers_sum_peak_rss_mb": round(self.workers_peak_kb / 1024, 1),
