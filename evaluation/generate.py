@@ -44,6 +44,7 @@ from evaluation.postprocess import (
     MOUTH_POINTS,
     SEEKABLE_FORMATS,
     BlendConfig,
+    FrameRangeReader,
     PostprocessConfig,
     blend_i420,
     container_format,
@@ -649,6 +650,7 @@ class CompositeStage:
         self.cfg = cfg
         self.parts = f"{out.rstrip('/')}/{PARTS_DIR}"
         self.sources = SourceCache(cfg.resources.source_cache_files)
+        self.frames = FrameRangeReader()  # chunks of a pair mostly arrive in order: one ffmpeg runs on
         self.tracker = None
         if cfg.post.measure_offset:
             self.tracker = FaceMeshTracker(max_faces=1, model_path=cfg.landmarker_model)
@@ -679,7 +681,7 @@ class CompositeStage:
         index = unpack(row["source_index"]).astype(np.int64)
         lo, hi = int(index.min()), int(index.max()) + 1
         local, info = self.sources.get(row["source"])
-        frames = read_frame_range(local, lo, hi, row["fps"], info=info, pix_fmt="yuv420p")
+        frames = self.frames.read(local, lo, hi, row["fps"], info, pix_fmt="yuv420p")
         frames = frames[index - lo] if not np.array_equal(index, np.arange(lo, hi)) else frames
         if not row["faces"]:
             return frames

@@ -295,7 +295,7 @@ def probe(path: str | os.PathLike, require_video: bool = True) -> ProbeInfo:
 # --- ffmpeg processes -------------------------------------------------------------------------------
 
 
-class _Ffmpeg:
+class FfmpegProcess:
     """A running ffmpeg whose stderr is drained by a thread (a full stderr pipe would deadlock it)."""
 
     def __init__(self, stream_spec, pipe_stdin: bool = False, pipe_stdout: bool = False) -> None:
@@ -335,7 +335,7 @@ class _Ffmpeg:
         self.wait()
 
 
-def _read_exact(stream, buffer: memoryview) -> int:
+def read_exact(stream, buffer: memoryview) -> int:
     """Fill `buffer` from a pipe; returns the number of bytes read (short only at EOF)."""
     filled = 0
     while filled < len(buffer):
@@ -382,13 +382,13 @@ def _frame_chunks(
 ) -> Iterator[np.ndarray]:
     width, height = size
     frame_bytes = width * height * 3
-    proc = _Ffmpeg(_frames_graph(path, info, fps, size), pipe_stdout=True)
+    proc = FfmpegProcess(_frames_graph(path, info, fps, size), pipe_stdout=True)
     assert proc.proc.stdout is not None
     total, finished = 0, False
     try:
         while True:
             buffer = np.empty((chunk, height, width, 3), dtype=np.uint8)
-            got = _read_exact(proc.proc.stdout, memoryview(buffer).cast("B")) // frame_bytes
+            got = read_exact(proc.proc.stdout, memoryview(buffer).cast("B")) // frame_bytes
             if got:
                 total += got
                 yield buffer[:got]
@@ -533,7 +533,7 @@ def read_audio(
             .filter("aresample", sample_rate, first_pts=0)
             .output("pipe:", format="f32le", acodec="pcm_f32le", ar=sample_rate, ac=channels)
         )
-        proc = _Ffmpeg(graph, pipe_stdout=True)
+        proc = FfmpegProcess(graph, pipe_stdout=True)
         assert proc.proc.stdout is not None
         raw = proc.proc.stdout.read()
         check_exit(proc.wait(), "ffmpeg", uri, proc.stderr, "decode_failed")
@@ -620,7 +620,7 @@ def _encode_graph(
     ).overwrite_output()
 
 
-def _feed(proc: _Ffmpeg, chunks: Iterable[np.ndarray], uri: str) -> None:
+def _feed(proc: FfmpegProcess, chunks: Iterable[np.ndarray], uri: str) -> None:
     """Write frames to ffmpeg's stdin; every chunk must keep the first chunk's size."""
     assert proc.proc.stdin is not None
     shape = None
@@ -661,7 +661,7 @@ def write_video(
         if audio is not None:
             wav = os.path.join(tmp, "audio.wav")
             _write_wav(wav, audio, sample_rate)
-        proc = _Ffmpeg(_encode_graph(out, size, fps, wav, crf, preset, threads), pipe_stdin=True)
+        proc = FfmpegProcess(_encode_graph(out, size, fps, wav, crf, preset, threads), pipe_stdin=True)
         try:
             _feed(proc, itertools.chain([first], chunks), uri)
         except BaseException:

@@ -34,7 +34,7 @@ from lipsync.config import config_hash, load_config
 from lipsync.errors import BadInput
 from pipeline.crops import crop_boxes
 from pipeline.landmarks import FaceMeshTracker, smooth_landmarks
-from pipeline.media import iter_frames, probe, read_audio, read_frames
+from pipeline.media import MediaError, iter_frames, probe, read_audio, read_frames
 
 SECONDS = 0.8
 HIDDEN = range(6, 12)  # portrait frames with a black box over the face
@@ -280,6 +280,34 @@ def test_read_frame_range_equals_full_decode(lavfi_clips: dict[str, Path], name:
     yuv = pp.read_frame_range(path, 10, 12, fps, pix_fmt="yuv420p")
     assert yuv.shape == (2, 64 * 3 // 2, 96)
     assert _psnr(pp.i420_to_rgb(yuv[0]), full[10]) > 35
+
+
+@pytest.mark.parametrize("name", ["v25", "v30"])
+def test_frame_range_reader_runs_on_between_consecutive_ranges(
+    lavfi_clips: dict[str, Path], name: str
+) -> None:
+    """Consecutive ranges come from one ffmpeg; a jump back, another pixel format or the end restarts it;
+    every range equals `read_frame_range`'s."""
+    path = str(lavfi_clips[name])
+    info = probe(path)
+    fps = info.fps
+    reader = pp.FrameRangeReader()
+    ranges = [(0, 10), (10, 27), (27, 40), (20, 30), (30, 33)]
+    for i, (start, stop) in enumerate(ranges):
+        got = reader.read(path, start, stop, fps, info, pix_fmt="yuv420p")
+        np.testing.assert_array_equal(got, pp.read_frame_range(path, start, stop, fps, pix_fmt="yuv420p"))
+        assert reader.starts == (1 if i < 3 else 2), (start, stop)  # (20, 30) jumped back
+    rgb = reader.read(path, 33, 35, fps, info, pix_fmt="rgb24")
+    np.testing.assert_array_equal(rgb, pp.read_frame_range(path, 33, 35, fps))
+    assert reader.starts == 3
+    n = len(np.concatenate(list(iter_frames(path, fps=fps))))
+    with pytest.raises(MediaError) as err:
+        reader.read(path, 35, n + 5, fps, info, pix_fmt="rgb24")
+    assert err.value.reason == "truncated"
+    np.testing.assert_array_equal(
+        reader.read(path, n - 3, n, fps, info, pix_fmt="rgb24"), pp.read_frame_range(path, n - 3, n, fps)
+    )
+    reader.close()
 
 
 def test_mpegts_is_remuxed_to_a_seekable_container(lavfi_clips: dict[str, Path], tmp_path: Path) -> None:
