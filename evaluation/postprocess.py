@@ -19,6 +19,7 @@ import math
 import os
 import subprocess
 import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -176,24 +177,27 @@ class FrameRangeReader:
     """
 
     def __init__(self) -> None:
-        self._proc: FfmpegProcess | None = None
+        self._running: list[FfmpegProcess] = []  # 0 or 1; a dropped reader kills it (weakref.finalize)
         self._key: tuple[str, float, str] = ("", 0.0, "")
         self._next = -1
         self._shape: tuple[int, ...] = ()
         self.starts = 0  # ffmpeg processes started so far
+        weakref.finalize(self, _kill_all, self._running)
 
     def read(self, path: str, start: int, stop: int, fps: float, info: ProbeInfo, pix_fmt: str) -> np.ndarray:
         """Frames [start, stop) as `read_frame_range(path, start, stop, fps, info=info, pix_fmt=pix_fmt)`."""
         key = (path, fps, pix_fmt)
-        if self._proc is None or key != self._key or start != self._next:
+        if not self._running or key != self._key or start != self._next:
             self.close()
             graph, self._shape = _range_graph(path, start, None, fps, None, info, pix_fmt)
-            self._proc, self._key, self.starts = FfmpegProcess(graph, pipe_stdout=True), key, self.starts + 1
+            self._running.append(FfmpegProcess(graph, pipe_stdout=True))
+            self._key, self.starts = key, self.starts + 1
+        proc = self._running[0]
         frames = np.empty((stop - start, *self._shape), np.uint8)
-        assert self._proc.proc.stdout is not None
-        got = read_exact(self._proc.proc.stdout, memoryview(frames).cast("B")) // int(np.prod(self._shape))
+        assert proc.proc.stdout is not None
+        got = read_exact(proc.proc.stdout, memoryview(frames).cast("B")) // int(np.prod(self._shape))
         if got < stop - start:  # ffmpeg reached the end (or failed)
-            proc, self._proc = self._proc, None
+            self._running.clear()
             check_exit(proc.wait(), "ffmpeg", info.uri, proc.stderr, "decode_failed")
             raise MediaError("truncated", info.uri, f"frames {start}-{stop}: got {got}")
         self._next = stop
@@ -201,9 +205,12 @@ class FrameRangeReader:
 
     def close(self) -> None:
         """Stop the running ffmpeg, if any."""
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc = None
+        _kill_all(self._running)
+
+
+def _kill_all(processes: list[FfmpegProcess]) -> None:
+    while processes:
+        processes.pop().kill()
 
 
 def write_i420(uri: str, frames: np.ndarray, fps: float, crf: int, preset: str, threads: int = 2) -> str:

@@ -8,6 +8,7 @@ face is hidden by a black box for some frames, and three pairs that must fail wi
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -307,7 +308,12 @@ def test_frame_range_reader_runs_on_between_consecutive_ranges(
     np.testing.assert_array_equal(
         reader.read(path, n - 3, n, fps, info, pix_fmt="rgb24"), pp.read_frame_range(path, n - 3, n, fps)
     )
-    reader.close()
+    dropped = pp.FrameRangeReader()
+    dropped.read(path, 0, 2, fps, info, pix_fmt="rgb24")
+    ffmpeg_pid = dropped._running[0].proc.pid  # the ffmpeg left running for the next range
+    del dropped  # a reader dropped without close() (an actor's last pair) does not leave ffmpeg behind
+    gc.collect()
+    assert not Path(f"/proc/{ffmpeg_pid}").exists()
 
 
 def test_mpegts_is_remuxed_to_a_seekable_container(lavfi_clips: dict[str, Path], tmp_path: Path) -> None:
