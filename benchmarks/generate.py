@@ -130,7 +130,7 @@ def _label(cmd: str) -> str:
 
 
 def _name(cmd: str) -> str:
-    """A finer name than `_label`: the Ray actor or task (ray::IDLE for an idle worker), else the program."""
+    """A finer name than `_label`: the Ray actor or task (IDLE for an idle worker), else the program."""
     if cmd.startswith("ray::"):
         name = cmd.split()[0][len("ray::") :]
         stage = _label(cmd)

@@ -371,14 +371,13 @@ def test_offset_correction_cancels_a_known_lag() -> None:
 def test_offset_is_measured_on_the_first_seconds_only(synth_corpus: Path, tmp_path: Path) -> None:
     """CompositeStage tracks only chunks starting inside post.measure_seconds; finalize_pair estimates on
     those frames and still writes the whole video (0 measures every frame)."""
-    from evaluation.generate import CompositeStage, finalize_pair, new_row, pack, validate
+    from evaluation.generate import PAIR_COLUMNS, CompositeStage, finalize_pair, new_row, pack, validate
 
     video = str(synth_corpus / pd.read_csv(synth_corpus / "manifest.csv")["video"][0])
     info = probe(video)
     n_out, size = 100, 25
     common = dict(n_frames=size, n_out=n_out, n_source=n_out, fps=info.fps, source=video)
-    pair = {"id": "p", "video": video, "audio": "", "language": "en", "speaker": "", "timeline": ""}
-    pair |= {name: "" for name in ("transcript", "system")}
+    pair = {name: "" for name in PAIR_COLUMNS} | {"id": "p", "video": video, "language": "en"}
     measured = {}
     for seconds in (1.0, 0.0):
         cfg = GenerateConfig(post=pp.PostprocessConfig(measure_seconds=seconds, min_seconds=1.0))
