@@ -11,7 +11,6 @@ import math
 
 import cv2
 import numpy as np
-from scipy.signal import savgol_filter
 
 _BORDERS = {"edge": cv2.BORDER_REPLICATE, "black": cv2.BORDER_CONSTANT}
 
@@ -53,6 +52,8 @@ def crop_boxes(
     (a line is fitted at the run's ends, so steady motion is followed without lag). Boxes may extend past the frame; ``crop_faces`` pads. NaN without a face.
     ``frame_shape`` (H, W, ...) is accepted for callers that clamp or check; the boxes are not clipped.
     """
+    from scipy.signal import savgol_filter  # here: scipy.signal costs 0.8 s to import
+
     del frame_shape  # boxes are deliberately not clipped: cropping pads instead, keeping them square
     boxes = raw_boxes(landmarks_smoothed, pad_bottom, scale)
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2

@@ -16,7 +16,6 @@ from dataclasses import dataclass, fields
 
 import cv2
 import numpy as np
-from scipy.signal import savgol_filter
 
 from lipsync.errors import BadInput
 
@@ -304,6 +303,8 @@ def smooth_landmarks(
     motion at 25 fps at 93 %). Frames without a face stay NaN. Use ``~np.isnan(out[:, 0, 0])`` as the
     found mask after gap filling.
     """
+    from scipy.signal import savgol_filter  # here: scipy.signal costs 0.8 s to import
+
     out, filled = fill_gaps(landmarks, found, max_gap)
     out[~filled] = np.nan
     for start, end in _runs(filled):
