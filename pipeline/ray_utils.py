@@ -21,6 +21,17 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
 
 
+# (Ray session and job, forwarded environment) of the Ray that ensure_ray started or joined in this process.
+_connected_with: tuple[str, dict[str, str]] | None = None
+
+
+def _ray_connection() -> str:
+    import ray
+
+    context = ray.get_runtime_context()
+    return f"{context.get_session_name()}/{context.get_job_id()}"
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` ("auto" for a local `ray start`), or start a local embedded Ray.
 
@@ -28,17 +39,34 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """
     import ray
 
+    global _connected_with
     if ray.is_initialized():
         return
     kwargs: dict = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     env = forwarded_env()
-    if env:
-        kwargs["runtime_env"] = {"env_vars": env}
     if address:
+        if env:  # the job's runtime_env: every worker of this job gets the variables
+            kwargs["runtime_env"] = {"env_vars": env}
         ray.init(address=address, **kwargs)
     else:  # "local": never join a cluster that a `ray start` on this machine left behind
+        # Ray's processes are this one's children and inherit its environment: no runtime_env, which
+        # would cost every worker a setup_worker.py start and leave Ray's prestarted workers unused.
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    _connected_with = (_ray_connection(), env)
     log.info("ray: %s", ray.cluster_resources())
+
+
+def worker_runtime_env() -> dict[str, Any] | None:
+    """The runtime_env that gives a task or actor the driver's forwarded variables; None when not needed.
+
+    Not needed when there are none, or when ensure_ray started or joined this Ray with the same values
+    (its workers have them already). A Ray initialised elsewhere (tests, notebooks) or variables set
+    since (an S3 endpoint) get them passed explicitly.
+    """
+    env = forwarded_env()
+    if not env or (_connected_with is not None and _connected_with == (_ray_connection(), env)):
+        return None
+    return {"env_vars": env}
 
 
 POLL_SECONDS_RANGE = (0.0, 5.0)  # exclusive low, inclusive high: longer would stall small runs
@@ -95,14 +123,13 @@ def map_on_actor_pool(
     # pyproject.toml and cluster/) deprecates for removal in 2.64 without a named replacement. Ray Data's
     # own default is unbounded (-1), so dropping them would retry a poison input forever: revisit on upgrade.
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    env = forwarded_env()
     return ds.map_batches(
         actor,
         fn_constructor_kwargs=constructor_kwargs,
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(rows)))),
         num_cpus=cpus_per_actor,
-        runtime_env={"env_vars": env} if env else None,
+        runtime_env=worker_runtime_env(),
         max_restarts=max_restarts,  # bounded: an input that kills its actor every time fails the run
         max_task_retries=max_restarts,
     )

@@ -1,0 +1,74 @@
+"""How commands reach Ray: forwarded environment variables and when a runtime_env is needed for them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline.ray_utils import forwarded_env, worker_runtime_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+# In its own process: ensure_ray starts a local Ray whose workers inherit the driver's variables.
+EMBEDDED = textwrap.dedent(
+    """
+    import os
+    import ray
+    from pipeline.ray_utils import ensure_ray, worker_runtime_env
+
+    os.environ["LIPSYNC_PROBE"] = "at start"
+    ensure_ray(num_cpus=1)
+
+    @ray.remote(num_cpus=0)
+    def seen() -> str | None:
+        return os.environ.get("LIPSYNC_PROBE")
+
+    print("runtime_env at start:", worker_runtime_env())
+    print("worker sees:", ray.get(seen.remote()))
+    os.environ["LIPSYNC_PROBE"] = "changed"
+    env = worker_runtime_env()
+    print("runtime_env after a change:", env["env_vars"]["LIPSYNC_PROBE"])
+    print("worker sees without it:", ray.get(seen.remote()))
+    print("worker sees with it:", ray.get(seen.options(runtime_env=env).remote()))
+    ray.shutdown()
+    """
+)
+
+
+@pytest.mark.slow
+def test_an_embedded_ray_needs_no_runtime_env_until_a_variable_changes() -> None:
+    """Workers of the Ray that ensure_ray starts see the driver's variables without a runtime_env (which
+    would cost each worker a setup_worker.py start); a variable changed since gets one."""
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", EMBEDDED], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines == [
+        "runtime_env at start: None",
+        "worker sees: at start",
+        "runtime_env after a change: changed",
+        "worker sees without it: at start",
+        "worker sees with it: changed",
+    ]
+
+
+def test_a_ray_started_elsewhere_gets_the_variables_passed(
+    ray_session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tests' Ray was not started by ensure_ray: its workers may lack the driver's variables."""
+    for name in forwarded_env():
+        monkeypatch.delenv(name)
+    assert worker_runtime_env() is None
+    monkeypatch.setenv("LIPSYNC_PROBE", "1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("UNRELATED", "x")
+    assert worker_runtime_env() == {
+        "env_vars": {"LIPSYNC_PROBE": "1", "AWS_ENDPOINT_URL": "http://127.0.0.1:1"}
+    }
