@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -122,7 +123,7 @@ def _tree(root: int) -> dict[int, tuple[str, dict[str, int]]]:
 
 def _label(cmd: str) -> str:
     if cmd.startswith("ray::"):
-        for stage in ("PrepareStage", "GenerateStage", "CompositeStage", "finalize_pair"):
+        for stage in ("PrepareStage", "GenerateStage", "CompositeStage", "FinalizeStage"):
             if stage in cmd:
                 return stage
         return "ray_worker"
@@ -135,8 +136,10 @@ def _name(cmd: str) -> str:
         name = cmd.split()[0][len("ray::") :]
         stage = _label(cmd)
         return stage if stage != "ray_worker" else name
-    words = cmd.split()
-    program = next((w for w in words if w.endswith(".py")), words[0] if words else "?")
+    words = cmd.split() or ["?"]
+    program = words[0]  # a Python script by its name; the raylet's arguments name setup_worker.py
+    if os.path.basename(program).startswith("python"):
+        program = next((w for w in words[1:] if w.endswith(".py")), program)
     return "driver" if "lipsync.cli" in cmd else os.path.basename(program)
 
 
@@ -150,6 +153,10 @@ class MemorySampler:
         self.labels: dict[int, str] = {}
         self.names: dict[int, str] = {}
         self.workers_peak_kb = self.tree_peak_kb = 0
+        self.timeline: list[
+            tuple[float, dict[str, int], int]
+        ] = []  # (seconds, CPU ticks by name, machine idle)
+        self._started = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -178,8 +185,19 @@ class MemorySampler:
                 if cmd.startswith("ray::"):
                     workers += status.get("VmRSS", 0)
             self.workers_peak_kb = max(self.workers_peak_kb, workers)
+            elapsed = time.perf_counter() - self._started
+            self.timeline.append((elapsed, self._ticks_by_name(), _machine_cpu_ticks()[1]))
             self.tree_peak_kb = max(self.tree_peak_kb, sum(s.get("VmRSS", 0) for _, s in tree.values()))
             self._stop.wait(self.interval)
+
+    def _name_of(self, pid: int) -> str:
+        return self.labels[pid] if ":" in self.labels[pid] else self.names[pid]
+
+    def _ticks_by_name(self) -> dict[str, int]:
+        ticks: dict[str, int] = {}
+        for pid, count in self.cpu_ticks.items():
+            ticks[self._name_of(pid)] = ticks.get(self._name_of(pid), 0) + count
+        return ticks
 
     def report(self) -> dict[str, float]:
         per_label: dict[str, float] = {}
@@ -196,9 +214,9 @@ class MemorySampler:
         for pid, ticks in self.cpu_ticks.items():
             seconds = ticks / os.sysconf("SC_CLK_TCK")
             cpu[self.labels[pid]] = cpu.get(self.labels[pid], 0.0) + seconds
-            name = self.labels[pid] if ":" in self.labels[pid] else self.names[pid]
-            by_name[name] = by_name.get(name, 0.0) + seconds
+            by_name[self._name_of(pid)] = by_name.get(self._name_of(pid), 0.0) + seconds
         return {
+            "model_phases": _phases(self.timeline),
             "cpu_seconds_by_process": {k: round(v, 1) for k, v in sorted(cpu.items())},
             "cpu_seconds_by_name": {
                 k: round(v, 1) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])
@@ -208,6 +226,28 @@ class MemorySampler:
             "workers_sum_peak_rss_mb": round(self.workers_peak_kb / 1024, 1),
             "tree_sum_peak_rss_mb": round(self.tree_peak_kb / 1024, 1),
         }
+
+
+def _phases(timeline: list[tuple[float, dict[str, int], int]]) -> dict[str, Any]:
+    """Seconds and machine idle CPU seconds before the model's first CPU use, while it runs, and after;
+    and the CPU seconds each process name used while the model ran."""
+    model = [t[1].get("GenerateStage", 0) for t in timeline]
+    busy = [i for i in range(1, len(timeline)) if model[i] > model[i - 1]]
+    if not busy:
+        return {}
+    first, last = busy[0] - 1, busy[-1]
+    tick = os.sysconf("SC_CLK_TCK")
+    spans = {"before_model": (0, first), "model": (first, last), "after_model": (last, len(timeline) - 1)}
+    report: dict[str, Any] = {}
+    for name, (a, b) in spans.items():
+        report[f"{name}_seconds"] = round(timeline[b][0] - timeline[a][0], 1)
+        report[f"{name}_machine_idle_cpu_seconds"] = round((timeline[b][2] - timeline[a][2]) / tick, 1)
+    start, end = timeline[first][1], timeline[last][1]
+    during = {k: (v - start.get(k, 0)) / tick for k, v in end.items()}
+    report["model_cpu_seconds_by_name"] = {
+        k: round(v, 1) for k, v in sorted(during.items(), key=lambda kv: -kv[1]) if v >= 0.05
+    }
+    return report
 
 
 def _machine_cpu_ticks() -> tuple[int, int]:

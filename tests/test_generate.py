@@ -485,6 +485,26 @@ def test_bad_checkpoint_or_manifest_exit_2(tmp_path: Path, checkpoint: Path) -> 
     assert main([*args, "--config", str(tmp_path / "bad.yaml")]) == 2
 
 
+def test_a_finalize_that_dies_or_raises_is_a_failed_row(ray_session) -> None:
+    """A finalize actor lost for good (or a bug in finalize) fails its pair, not the run."""
+    from evaluation.generate import PAIR_COLUMNS, PairProgress, _finished
+
+    @ray_session.remote(num_cpus=0, max_restarts=0)
+    class Finalizer:
+        def dies(self) -> None:
+            os._exit(1)
+
+        def raises(self) -> None:
+            raise KeyError("openness")
+
+    progress = PairProgress({name: "" for name in PAIR_COLUMNS} | {"id": "p"})
+    died = _finished(progress, Finalizer.remote().dies.remote())
+    raised = _finished(progress, Finalizer.remote().raises.remote())
+    assert (died["status"], died["stage"], died["reason"]) == ("failed", "finalize", "worker_died")
+    assert (raised["status"], raised["reason"]) == ("failed", "error")
+    assert "openness" in raised["message"] and died["id"] == raised["id"] == "p"
+
+
 def test_model_actor_resources(ray_session) -> None:
     from evaluation.generate import ModelConfig, _model_resources
 
@@ -514,7 +534,7 @@ def test_the_cpu_layout_fits_a_two_core_node() -> None:
         cfg.model.actors * cfg.model.cpus_per_actor
         + res.prepare_actors * res.prepare_cpus
         + res.composite_actors * res.composite_cpus
-        + res.finalize_cpus
+        + res.finalize_actors * res.finalize_cpus
     )
     assert cfg.model.actors == 2 and cfg.model.device == "cpu" and reserved <= 2.0
 
