@@ -45,9 +45,11 @@ def make_corpus(root: Path, clips: int, seed: int, seconds: float = 4.0) -> Path
 
 def facemesh_alone(corpus: Path) -> tuple[int, float, float]:
     """(frames, seconds, CPU seconds) of FaceMesh tracking alone on every clip's decoded frames."""
+    from lipsync.malloc import reuse_freed_memory
     from pipeline.landmarks import FaceMeshTracker
     from pipeline.media import read_frames
 
+    reuse_freed_memory()  # the workers' allocator settings (see main): a like-for-like reference
     tracker = FaceMeshTracker(max_faces=2)
     clips = [read_frames(str(v), fps=25.0) for v in sorted(corpus.glob("*/*/*.mp4"))]
     tracker.track(clips[0][:5])  # warm-up
@@ -71,8 +73,15 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=12, help="clips in the base corpus")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each clip")
     args = parser.parse_args()
+    import os
+
     import ray
 
+    from lipsync.malloc import allocator_env
+
+    os.environ.update(
+        allocator_env()
+    )  # Ray's workers start with them, as under pipeline.ray_utils.ensure_ray
     ray.init(
         address="local",
         num_cpus=2,

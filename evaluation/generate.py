@@ -62,6 +62,7 @@ from evaluation.postprocess import (
 )
 from lipsync.config import code_version, config_hash, to_dict
 from lipsync.errors import BadInput
+from lipsync.malloc import reuse_freed_memory
 from pipeline.audio import SAMPLE_RATE, mel_windows, melspectrogram
 from pipeline.corpus import _read_manifest
 from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
@@ -382,6 +383,7 @@ class PrepareStage:
     """Stage 1 (CPU actor): one pair in, its chunk rows out, streamed as they are ready."""
 
     def __init__(self, cfg: GenerateConfig, img_size: int, calibration: Calibration, out: str) -> None:
+        reuse_freed_memory()  # decoded frames and crops: every chunk's arrays would fault in afresh
         self.cfg, self.img_size, self.calibration = cfg, img_size, calibration
         self.work = f"{out.rstrip('/')}/{WORK_DIR}"
         self.tracker = FaceMeshTracker(max_faces=1, model_path=cfg.landmarker_model)
@@ -556,6 +558,7 @@ class GenerateStage:
 
         from training.checkpoint import load_model
 
+        reuse_freed_memory()  # activations: a third of the forward pass was page faults without it
         self.torch = torch
         self.device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
@@ -650,6 +653,7 @@ class CompositeStage:
     """Stage 3 (CPU actor): generated mouths pasted into the chunk's source frames, encoded to a file."""
 
     def __init__(self, cfg: GenerateConfig, out: str) -> None:
+        reuse_freed_memory()
         self.cfg = cfg
         self.parts = f"{out.rstrip('/')}/{PARTS_DIR}"
         self.sources = SourceCache(cfg.resources.source_cache_files)

@@ -44,6 +44,7 @@ from evaluation.sync import (
 )
 from lipsync.config import code_version, config_hash, to_dict
 from lipsync.errors import BadInput
+from lipsync.malloc import reuse_freed_memory
 from pipeline import phonemes as ph
 from pipeline.corpus import MANIFEST_EXTENSIONS, VIDEO_EXTENSIONS, discover, input_id
 from pipeline.landmarks import FaceMeshTracker, fill_gaps, mouth_openness, smooth_landmarks
@@ -261,6 +262,7 @@ class ClipScorer:
     """The map_batches callable: FaceMesh and the SyncNets loaded once per actor, one video per row."""
 
     def __init__(self, cfg: ScoreConfig, syncnet: str | None = None, syncnet_v2: str | None = None) -> None:
+        reuse_freed_memory()
         self.cfg = cfg
         self.tracker = FaceMeshTracker(max_faces=1)
         self.embedders: list[Any] = []  # torch is imported only when a SyncNet is used

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from lipsync.errors import BadInput
+from lipsync.malloc import allocator_env
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,21 @@ def _ray_connection() -> str:
     return f"{context.get_session_name()}/{context.get_job_id()}"
 
 
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """`variables` set in os.environ for the block (for the processes it starts), then put back."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` ("auto" for a local `ray start`), or start a local embedded Ray.
 
@@ -45,13 +61,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     kwargs: dict = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     env = forwarded_env()
     if address:
-        if env:  # the job's runtime_env: every worker of this job gets the variables
-            kwargs["runtime_env"] = {"env_vars": env}
+        # The job's runtime_env: every worker of this job gets the variables and the allocator settings.
+        kwargs["runtime_env"] = {"env_vars": {**env, **allocator_env()}}
         ray.init(address=address, **kwargs)
     else:  # "local": never join a cluster that a `ray start` on this machine left behind
         # Ray's processes are this one's children and inherit its environment: no runtime_env, which
         # would cost every worker a setup_worker.py start and leave Ray's prestarted workers unused.
-        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        with _environment(allocator_env()):
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
     _connected_with = (_ray_connection(), env)
     log.info("ray: %s", ray.cluster_resources())
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from lipsync.config import code_version, config_hash
 from lipsync.errors import BadInput
+from lipsync.malloc import reuse_freed_memory
 from pipeline import audio as audio_features
 from pipeline import filters
 from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
@@ -367,6 +368,7 @@ class ClipPreprocessor:
     completion record (`_state/<input_id>.json`, written last and atomically) to OUT."""
 
     def __init__(self, cfg: PreprocessConfig, out: str) -> None:
+        reuse_freed_memory()  # decoded frames, crops and mels: fault-free reuse between clips
         self.cfg = cfg
         self.store = Store(out)
         self.hash = output_hash(cfg)

@@ -19,6 +19,7 @@ EMBEDDED = textwrap.dedent(
     """
     import os
     import ray
+    from lipsync.malloc import TUNABLES
     from pipeline.ray_utils import ensure_ray, worker_runtime_env
 
     os.environ["LIPSYNC_PROBE"] = "at start"
@@ -28,6 +29,12 @@ EMBEDDED = textwrap.dedent(
     def seen() -> str | None:
         return os.environ.get("LIPSYNC_PROBE")
 
+    @ray.remote(num_cpus=0)
+    def tunables() -> str | None:
+        return os.environ.get("GLIBC_TUNABLES")
+
+    print("worker allocator tunables:", ray.get(tunables.remote()) == TUNABLES)
+    print("driver allocator tunables:", os.environ.get("GLIBC_TUNABLES"))
     print("runtime_env at start:", worker_runtime_env())
     print("worker sees:", ray.get(seen.remote()))
     os.environ["LIPSYNC_PROBE"] = "changed"
@@ -43,14 +50,18 @@ EMBEDDED = textwrap.dedent(
 @pytest.mark.slow
 def test_an_embedded_ray_needs_no_runtime_env_until_a_variable_changes() -> None:
     """Workers of the Ray that ensure_ray starts see the driver's variables without a runtime_env (which
-    would cost each worker a setup_worker.py start); a variable changed since gets one."""
+    would cost each worker a setup_worker.py start), and the allocator settings; a variable changed since
+    gets a runtime_env."""
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("GLIBC_TUNABLES", None)
     done = subprocess.run(
         [sys.executable, "-c", EMBEDDED], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines == [
+        "worker allocator tunables: True",  # its workers start with reuse_freed_memory's settings
+        "driver allocator tunables: None",  # the driver's own environment is left as it was
         "runtime_env at start: None",
         "worker sees: at start",
         "runtime_env after a change: changed",
