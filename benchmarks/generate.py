@@ -4,6 +4,7 @@
 2. `lipsync generate` on each, as a subprocess with its own local Ray; a sampler reads /proc every 0.5 s
    for every process of the run's tree: the peak resident memory of each Ray worker (VmHWM, i.e. its
    ru_maxrss), the peak of the workers' summed RSS and of the whole tree's (driver, raylet, object store),
+   the same for the workers' private memory (RssAnon: RSS without the object store's shared pages),
    and the CPU seconds each kind of process used (utime + stime; an ffmpeg/ffprobe child under its
    stage's name, e.g. CompositeStage:ffmpeg): where the cores went besides the model.
    Short-lived ffmpeg children can end between samples, so the machine's busy and idle CPU seconds
@@ -88,7 +89,7 @@ def _status(pid: int) -> dict[str, int]:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "PPid"):
+            if key in ("VmRSS", "VmHWM", "PPid", "RssAnon"):
                 fields[key] = int(value.split()[0])
     with open(f"/proc/{pid}/stat") as fh:
         stat = fh.read().rsplit(")", 1)[1].split()
@@ -153,6 +154,10 @@ class MemorySampler:
         self.labels: dict[int, str] = {}
         self.names: dict[int, str] = {}
         self.workers_peak_kb = self.tree_peak_kb = 0
+        # Private memory only: RSS also counts object-store (shared memory) pages a worker has read, so it
+        # climbs towards the store's fixed budget as a long run cycles through it, whatever the length.
+        self.anon_peak_kb: dict[int, int] = {}
+        self.workers_anon_peak_kb = 0
         self.timeline: list[
             tuple[float, dict[str, int], int]
         ] = []  # (seconds, CPU ticks by name, machine idle)
@@ -171,7 +176,7 @@ class MemorySampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             tree = _tree(self.root)
-            workers = 0
+            workers = workers_anon = 0
             for pid, (cmd, status) in tree.items():
                 label = _label(cmd)
                 parent = tree.get(status.get("PPid", 0))
@@ -184,7 +189,10 @@ class MemorySampler:
                 self.cpu_ticks[pid] = max(self.cpu_ticks.get(pid, 0), status.get("cpu_ticks", 0))
                 if cmd.startswith("ray::"):
                     workers += status.get("VmRSS", 0)
+                    workers_anon += status.get("RssAnon", 0)
+                    self.anon_peak_kb[pid] = max(self.anon_peak_kb.get(pid, 0), status.get("RssAnon", 0))
             self.workers_peak_kb = max(self.workers_peak_kb, workers)
+            self.workers_anon_peak_kb = max(self.workers_anon_peak_kb, workers_anon)
             elapsed = time.perf_counter() - self._started
             self.timeline.append((elapsed, self._ticks_by_name(), _machine_cpu_ticks()[1]))
             self.tree_peak_kb = max(self.tree_peak_kb, sum(s.get("VmRSS", 0) for _, s in tree.values()))
@@ -224,6 +232,8 @@ class MemorySampler:
             "peak_rss_mb_by_process": dict(sorted(per_label.items())),
             "max_worker_peak_rss_mb": round(max(worker_hwm, default=0) / 1024, 1),
             "workers_sum_peak_rss_mb": round(self.workers_peak_kb / 1024, 1),
+            "max_worker_peak_anon_mb": round(max(self.anon_peak_kb.values(), default=0) / 1024, 1),
+            "workers_sum_peak_anon_mb": round(self.workers_anon_peak_kb / 1024, 1),
             "tree_sum_peak_rss_mb": round(self.tree_peak_kb / 1024, 1),
         }
 
@@ -415,7 +425,13 @@ def main() -> None:
         report["model_cpu_share_long"] = round(
             cpu.get("GenerateStage", 0.0) / max(sum(cpu.values()), 1e-9), 3
         )
-        for key in ("max_worker_peak_rss_mb", "workers_sum_peak_rss_mb", "tree_sum_peak_rss_mb"):
+        for key in (
+            "max_worker_peak_rss_mb",
+            "workers_sum_peak_rss_mb",
+            "tree_sum_peak_rss_mb",
+            "max_worker_peak_anon_mb",
+            "workers_sum_peak_anon_mb",
+        ):
             report[f"memory_ratio_{key}"] = round(report["long"][key] / report["short"][key], 3)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = Path(args.config).stem if args.config else "generate"
