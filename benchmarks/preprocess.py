@@ -73,22 +73,19 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=12, help="clips in the base corpus")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each clip")
     args = parser.parse_args()
-    import os
-
     import ray
 
     from lipsync.malloc import allocator_env
+    from pipeline.ray_utils import scoped_environ
 
-    os.environ.update(
-        allocator_env()
-    )  # Ray's workers start with them, as under pipeline.ray_utils.ensure_ray
-    ray.init(
-        address="local",
-        num_cpus=2,
-        object_store_memory=300 * 1024**2,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
+    with scoped_environ(allocator_env()):  # Ray's workers start with them, as under ensure_ray
+        ray.init(
+            address="local",
+            num_cpus=2,
+            object_store_memory=300 * 1024**2,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
     with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:
         root = Path(tmp)
         base = make_corpus(root / "base", args.clips, seed=1, seconds=args.seconds)

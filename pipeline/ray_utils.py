@@ -34,8 +34,8 @@ def _ray_connection() -> str:
 
 
 @contextlib.contextmanager
-def _environment(variables: dict[str, str]) -> Iterator[None]:
-    """`variables` set in os.environ for the block (for the processes it starts), then put back."""
+def scoped_environ(variables: dict[str, str]) -> Iterator[None]:
+    """`variables` set in os.environ for the block (for what it starts or reads), then put back."""
     saved = {name: os.environ.get(name) for name in variables}
     os.environ.update(variables)
     try:
@@ -67,7 +67,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:  # "local": never join a cluster that a `ray start` on this machine left behind
         # Ray's processes are this one's children and inherit its environment: no runtime_env, which
         # would cost every worker a setup_worker.py start and leave Ray's prestarted workers unused.
-        with _environment(allocator_env()):
+        with scoped_environ(allocator_env()):
             ray.init(address="local", num_cpus=num_cpus, **kwargs)
     _connected_with = (_ray_connection(), env)
     log.info("ray: %s", ray.cluster_resources())

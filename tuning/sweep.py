@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ import yaml
 
 from lipsync.config import config_hash, from_dict, to_dict
 from lipsync.errors import BadInput
+from pipeline.ray_utils import scoped_environ
 from tuning.space import (
     DEFAULT_SPACES,
     METRICS,
@@ -299,24 +299,14 @@ def Progress(metric: str, total: int) -> Any:  # noqa: N802 - a class made on de
     return _Progress()
 
 
-@contextlib.contextmanager
-def tune_env(state_save_s: float) -> Iterator[None]:
+def tune_env(state_save_s: float) -> contextlib.AbstractContextManager[None]:
     """While the sweep runs: Tune saves its state (what --resume reads) every `state_save_s` seconds and
     does not warn about it (a trial checkpoint also forces a save with num_to_keep=1)."""
     env = {
         "TUNE_GLOBAL_CHECKPOINT_S": str(state_save_s),
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return scoped_environ(env)
 
 
 # ---------------------------------------------------------------- the driver
