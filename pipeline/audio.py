@@ -6,9 +6,9 @@ scaled symmetrically to [-4, 4] with clipping. That gives 80 mel frames per seco
 at 25 fps, and a 16-frame window covers 0.2 s (5 video frames at 25 fps).
 
 Differences from the reference, on purpose:
-- `librosa.stft` is called with `pad_mode="reflect"` explicitly: it was librosa's default when Wav2Lip
-  was trained (librosa 0.7) and is no longer (0.10 switched to zero padding), which would change the first
-  and last two mel frames.
+- The signal is reflect-padded by n_fft // 2 at both ends, as `librosa.stft(center=True)` did by default
+  when Wav2Lip was trained (librosa 0.7; 0.10 switched to zero padding, which would change the first and
+  last two mel frames). The padding is built per STFT block, so memory does not grow with the length.
 - Window start indices. Inference (`int(i * 80. / fps)`) and training (`crop_audio_window`) use the same
   formula, but training's `get_segmented_mels` turns a window starting at video frame `s` into `s + 1`
   ("0-indexing to 1-indexing") and then crops at `i - 2`, so the mel for frame `s` starts at frame
@@ -21,7 +21,6 @@ Differences from the reference, on purpose:
 
 from __future__ import annotations
 
-import warnings
 from functools import lru_cache
 
 import librosa
@@ -40,6 +39,7 @@ MIN_LEVEL_DB = -100.0
 MAX_ABS_VALUE = 4.0
 MEL_FRAMES_PER_SECOND = SAMPLE_RATE // HOP_SIZE  # 80
 MEL_STEP_SIZE = 16  # mel frames per window (0.2 s)
+MEL_BLOCK_FRAMES = 2000  # mel frames per STFT block (25 s of audio)
 
 
 @lru_cache(maxsize=1)
@@ -53,10 +53,22 @@ def mel_frequencies() -> np.ndarray:
     return librosa.mel_frequencies(n_mels=N_MELS + 2, fmin=FMIN, fmax=FMAX)[1:-1]
 
 
-def _preemphasis(wav: np.ndarray) -> np.ndarray:
-    from scipy import signal  # imported here: scipy.signal costs 0.8 s to import
+def _reflect(index: np.ndarray, length: int) -> np.ndarray:
+    """Indices past either end mirrored back into [0, length), as numpy's pad mode "reflect" does."""
+    if length == 1:
+        return np.zeros_like(index)
+    period = 2 * (length - 1)
+    index = np.abs(index) % period
+    return np.where(index < length, index, period - index)
 
-    return signal.lfilter([1.0, -PREEMPHASIS], [1.0], wav)
+
+def _padded_preemphasis(wav: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Samples [start, stop) of the pre-emphasised signal (y[n] = x[n] - 0.97 x[n-1]) reflect-padded by
+    n_fft // 2 at both ends, i.e. what `librosa.stft(center=True, pad_mode="reflect")` frames, for one block."""
+    index = _reflect(np.arange(start, stop) - N_FFT // 2, len(wav))
+    current = wav[index].astype(np.float64)
+    previous = np.where(index > 0, wav[np.maximum(index - 1, 0)], 0.0)
+    return current - PREEMPHASIS * previous
 
 
 def _amp_to_db(x: np.ndarray) -> np.ndarray:
@@ -70,17 +82,23 @@ def _normalize(db: np.ndarray) -> np.ndarray:
 
 
 def melspectrogram(wav: np.ndarray) -> np.ndarray:
-    """Wav2Lip's normalised log-mel spectrogram of 16 kHz mono PCM: (80, 1 + len(wav) // 200) float32."""
+    """Wav2Lip's normalised log-mel spectrogram of 16 kHz mono PCM: (80, 1 + len(wav) // 200) float32.
+
+    Computed in blocks of MEL_BLOCK_FRAMES, equal to the whole signal at once (tests/test_audio.py): for
+    3 minutes of audio the float64 STFT at once peaked at 163 MB (tracemalloc), which the workers'
+    allocator then keeps; in blocks the peak is 32 MB, the 4.6 MB result included.
+    """
     wav = np.asarray(wav, dtype=np.float32).reshape(-1)
     if len(wav) == 0:
         return np.full((N_MELS, 1), -MAX_ABS_VALUE, dtype=np.float32)
-    with warnings.catch_warnings():  # clips shorter than n_fft are fine: reflect padding covers them
-        warnings.filterwarnings("ignore", message="n_fft=.* is too large", category=UserWarning)
-        stft = librosa.stft(
-            y=_preemphasis(wav), n_fft=N_FFT, hop_length=HOP_SIZE, win_length=WIN_SIZE, pad_mode="reflect"
-        )
-    db = _amp_to_db(mel_basis() @ np.abs(stft)) - REF_LEVEL_DB
-    return _normalize(db).astype(np.float32)
+    n_frames = 1 + len(wav) // HOP_SIZE
+    mel = np.empty((N_MELS, n_frames), dtype=np.float32)
+    for first in range(0, n_frames, MEL_BLOCK_FRAMES):
+        last = min(n_frames, first + MEL_BLOCK_FRAMES)
+        block = _padded_preemphasis(wav, first * HOP_SIZE, (last - 1) * HOP_SIZE + N_FFT)
+        stft = librosa.stft(y=block, n_fft=N_FFT, hop_length=HOP_SIZE, win_length=WIN_SIZE, center=False)
+        mel[:, first:last] = _normalize(_amp_to_db(mel_basis() @ np.abs(stft)) - REF_LEVEL_DB)
+    return mel
 
 
 def frames_to_mel_length(n_frames: int, fps: float = 25.0) -> int:

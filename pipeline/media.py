@@ -538,8 +538,8 @@ def read_audio(
         raw = proc.proc.stdout.read()
         check_exit(proc.wait(), "ffmpeg", uri, proc.stderr, "decode_failed")
     pcm = np.frombuffer(raw, dtype=np.float32)
-    pcm = pcm[: len(pcm) // channels * channels].reshape(-1, channels).mean(axis=1)
-    return np.clip(pcm, -1.0, 1.0).astype(np.float32)
+    pcm = pcm[: len(pcm) // channels * channels].reshape(-1, channels).mean(axis=1)  # a new float32 array
+    return np.clip(pcm, -1.0, 1.0, out=pcm)  # in place: a long input's PCM is not copied twice more
 
 
 def shift_audio(pcm: np.ndarray, sample_rate: int, seconds: float) -> np.ndarray:

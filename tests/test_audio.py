@@ -25,6 +25,33 @@ def test_mel_length_is_3_2_per_video_frame(n_frames: int) -> None:
     assert audio.MEL_FRAMES_PER_SECOND == 80
 
 
+def _reference_mel(wav: np.ndarray) -> np.ndarray:
+    """Wav2Lip's audio.py on the whole signal at once: lfilter pre-emphasis, librosa.stft reflect-padded."""
+    from scipy import signal
+
+    emphasised = signal.lfilter([1.0, -0.97], [1.0], wav)
+    stft = librosa.stft(y=emphasised, n_fft=800, hop_length=200, win_length=800, pad_mode="reflect")
+    mel = librosa.filters.mel(sr=SR, n_fft=800, n_mels=80, fmin=55.0, fmax=7600.0) @ np.abs(stft)
+    db = 20.0 * np.log10(np.maximum(1e-5, mel)) - 20.0
+    return np.clip(8.0 * ((db + 100.0) / 100.0) - 4.0, -4.0, 4.0)
+
+
+@pytest.mark.filterwarnings("ignore:n_fft=.* is too large")
+@pytest.mark.parametrize("samples", [1, 150, 401, 799, 1000, 16000])
+def test_mel_of_short_signals_equals_the_reference(samples: int) -> None:
+    wav = np.random.default_rng(samples).uniform(-0.8, 0.8, samples).astype(np.float32)
+    np.testing.assert_allclose(audio.melspectrogram(wav), _reference_mel(wav), atol=1e-4)
+
+
+def test_mel_computed_in_blocks_equals_the_whole_signal_at_once() -> None:
+    samples = (2 * audio.MEL_BLOCK_FRAMES + 321) * audio.HOP_SIZE + 77  # two block edges and a ragged end
+    rng = np.random.default_rng(1)
+    wav = (_tone(220, samples / SR) + rng.normal(0, 0.05, samples)).astype(np.float32)
+    mel = audio.melspectrogram(wav)
+    assert mel.shape[1] > 2 * audio.MEL_BLOCK_FRAMES
+    np.testing.assert_allclose(mel, _reference_mel(wav), atol=1e-4)
+
+
 def test_silence_is_the_floor() -> None:
     assert (audio.melspectrogram(np.zeros(SR, np.float32)) == -4.0).all()
 
