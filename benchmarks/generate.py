@@ -5,13 +5,15 @@
    for every process of the run's tree: the peak resident memory of each Ray worker (VmHWM, i.e. its
    ru_maxrss), the peak of the workers' summed RSS and of the whole tree's (driver, raylet, object store),
    the same for the workers' private memory (RssAnon: RSS without the object store's shared pages),
+   and the tree's summed PSS (each shared page split among the processes mapping it: counted once),
    and the CPU seconds each kind of process used (utime + stime; an ffmpeg/ffprobe child under its
    stage's name, e.g. CompositeStage:ffmpeg): where the cores went besides the model.
    Short-lived ffmpeg children can end between samples, so the machine's busy and idle CPU seconds
    (/proc/stat) over the run are recorded too.
 3. The model's forward pass alone on the short clip's own face crops and mel windows (same checkpoint
    and batch size), timed after a warm-up, just before and just after each run, in the pool's layout
-   (its actors as concurrent callers with its threads each) and as one actor on every CPU; the fps ratio
+   (its actors as concurrent callers with its threads each) and as one actor on every CPU, under the
+   workers' allocator settings (lipsync.malloc; the script re-runs itself with them); the fps ratio
    divides by the faster layout's mean, since other load on the machine drifts.
 Prints the figures and writes benchmarks/results/generate.json (generate_cpu.json for
 --config configs/generate_cpu.yaml). A randomly initialised checkpoint costs the same as a trained one.
@@ -94,7 +96,20 @@ def _status(pid: int) -> dict[str, int]:
     with open(f"/proc/{pid}/stat") as fh:
         stat = fh.read().rsplit(")", 1)[1].split()
     fields["cpu_ticks"] = int(stat[11]) + int(stat[12])  # utime + stime
+    fields["Pss"] = _pss_kb(pid)
     return fields
+
+
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: each shared page (object store, libraries) split among its mappers."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return 0
 
 
 def _tree(root: int) -> dict[int, tuple[str, dict[str, int]]]:
@@ -153,7 +168,7 @@ class MemorySampler:
         self.cpu_ticks: dict[int, int] = {}
         self.labels: dict[int, str] = {}
         self.names: dict[int, str] = {}
-        self.workers_peak_kb = self.tree_peak_kb = 0
+        self.workers_peak_kb = self.tree_peak_kb = self.tree_pss_peak_kb = 0
         # Private memory only: RSS also counts object-store (shared memory) pages a worker has read, so it
         # climbs towards the store's fixed budget as a long run cycles through it, whatever the length.
         self.anon_peak_kb: dict[int, int] = {}
@@ -196,6 +211,7 @@ class MemorySampler:
             elapsed = time.perf_counter() - self._started
             self.timeline.append((elapsed, self._ticks_by_name(), _machine_cpu_ticks()[1]))
             self.tree_peak_kb = max(self.tree_peak_kb, sum(s.get("VmRSS", 0) for _, s in tree.values()))
+            self.tree_pss_peak_kb = max(self.tree_pss_peak_kb, sum(s.get("Pss", 0) for _, s in tree.values()))
             self._stop.wait(self.interval)
 
     def _name_of(self, pid: int) -> str:
@@ -235,6 +251,7 @@ class MemorySampler:
             "max_worker_peak_anon_mb": round(max(self.anon_peak_kb.values(), default=0) / 1024, 1),
             "workers_sum_peak_anon_mb": round(self.workers_anon_peak_kb / 1024, 1),
             "tree_sum_peak_rss_mb": round(self.tree_peak_kb / 1024, 1),
+            "tree_sum_peak_pss_mb": round(self.tree_pss_peak_kb / 1024, 1),
         }
 
 
@@ -278,6 +295,8 @@ def generate(video: Path, checkpoint: str, out: Path, config: str | None = None)
     pairs.write_text(f"id,video\nclip,{video}\n")
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
     env.setdefault("RAY_agent_register_timeout_ms", "120000")
+    if env.pop(_ADDED_TUNABLES, None):  # the run sees the caller's environment; ensure_ray sets the workers'
+        env.pop("GLIBC_TUNABLES", None)
     cmd = [
         sys.executable,
         "-m",
@@ -383,7 +402,22 @@ def _ratio(run: dict, *measurements: dict) -> float:
     return round(run["pipeline_fps"] / _reference_fps(*measurements), 3)
 
 
+_ADDED_TUNABLES = "LIPSYNC_BENCHMARK_ADDED_GLIBC_TUNABLES"
+
+
+def _rerun_with_workers_allocator() -> None:
+    """Re-run this script under the allocator settings `lipsync generate` gives its workers, which glibc
+    reads only at process start: the model alone must be measured as the model actors run it. Without
+    them, two threads at batch 32 mapped and unmapped every activation and ran at 28.8 frames/s against
+    41.7 with them, which made the pipeline look closer to the model than it was."""
+    from lipsync.malloc import allocator_env
+
+    if env := allocator_env():
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env, _ADDED_TUNABLES: "1"})
+
+
 def main() -> None:
+    _rerun_with_workers_allocator()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--long-seconds", type=float, default=180.0)
@@ -431,6 +465,7 @@ def main() -> None:
             "tree_sum_peak_rss_mb",
             "max_worker_peak_anon_mb",
             "workers_sum_peak_anon_mb",
+            "tree_sum_peak_pss_mb",
         ):
             report[f"memory_ratio_{key}"] = round(report["long"][key] / report["short"][key], 3)
     RESULTS.mkdir(parents=True, exist_ok=True)
