@@ -608,8 +608,8 @@ def cpu_threads(cfg: ModelConfig) -> int:
     """Torch threads of one CPU model actor: `threads`, or this node's CPUs split among the actors.
 
     On CPU, several single-threaded actors outrun one actor with as many threads (the model alone on 2
-    cores, three times each in one run of benchmarks/generate.py: 2 x 1 thread 21.4-22.6 frames/s, 1 x 2
-    threads 19.2-21.7); `configs/generate_cpu.yaml` lays the pool out so.
+    cores, three times each in one run of benchmarks/generate.py: 2 x 1 thread 41.2-43.7 frames/s, 1 x 2
+    threads 38.5-39.7); `configs/generate_cpu.yaml` lays the pool out so.
     """
     return cfg.threads or max(1, (os.cpu_count() or 1) // cfg.actors)
 
