@@ -13,7 +13,7 @@
 3. The model's forward pass alone on the short clip's own face crops and mel windows (same checkpoint
    and batch size), timed after a warm-up, just before and just after each run, in the pool's layout
    (its actors as concurrent callers with its threads each) and as one actor on every CPU, under the
-   workers' allocator settings (lipsync.malloc; the script re-runs itself with them); the fps ratio
+   workers' allocator settings (lipsync.malloc.reuse_freed_memory, before any thread); the fps ratio
    divides by the faster layout's mean, since other load on the machine drifts.
 Prints the figures and writes benchmarks/results/generate.json (generate_cpu.json for
 --config configs/generate_cpu.yaml). A randomly initialised checkpoint costs the same as a trained one.
@@ -103,8 +103,9 @@ def _status(pid: int) -> dict[str, int]:
 def _pss_kb(pid: int) -> int:
     """Proportional set size: each shared page (object store, libraries) split among its mappers.
 
-    The kernel walks the process's page tables for it: read for every worker every 0.5 s it cost 30 CPU
-    seconds in a 185 s run (9 % of the machine), so MemorySampler reads it every PSS_EVERY samples only.
+    The kernel walks the process's mappings for it: 20 ms of CPU per read of a model actor (0.55 ms for a
+    plain 1.2 GB array), ~40 ms for a pass over a 10-process Ray tree. Every 0.5 s that took ~30 CPU-s of
+    a 185 s run, 9 % of the machine, so MemorySampler reads it every PSS_EVERY samples only.
     """
     try:
         with open(f"/proc/{pid}/smaps_rollup") as fh:
@@ -199,7 +200,6 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.sampler_cpu_seconds = time.thread_time()  # this thread's own cost: not in the run's figures
             tree = _tree(self.root)
             workers = workers_anon = 0
             for pid, (cmd, status) in tree.items():
@@ -226,6 +226,7 @@ class MemorySampler:
                 pss = sum(_pss_kb(pid) for pid in tree)
                 self.tree_pss_peak_kb = max(self.tree_pss_peak_kb, pss)
             self._stop.wait(self.interval)
+        self.sampler_cpu_seconds = time.thread_time()  # this thread's own cost: not in the run's figures
 
     def _name_of(self, pid: int) -> str:
         return self.labels[pid] if ":" in self.labels[pid] else self.names[pid]
@@ -254,10 +255,8 @@ class MemorySampler:
             by_name[self._name_of(pid)] = by_name.get(self._name_of(pid), 0.0) + seconds
         waited: dict[str, float] = {}
         for pid, ticks in self.child_ticks.items():
-            if ticks:
-                waited[self.labels[pid]] = waited.get(self.labels[pid], 0.0) + ticks / os.sysconf(
-                    "SC_CLK_TCK"
-                )
+            label = self.labels[pid]
+            waited[label] = waited.get(label, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
         return {
             "model_phases": _phases(self.timeline),
             "sampler_cpu_seconds": round(self.sampler_cpu_seconds, 1),
@@ -268,7 +267,9 @@ class MemorySampler:
             # CPU of the children each kind of process ran and waited for, sampled or not: short-lived
             # ffmpeg/ffprobe runs that end between samples show up here only (the driver's include Ray's
             # own processes, which it waits for when it shuts Ray down)
-            "waited_children_cpu_seconds_by_process": {k: round(v, 1) for k, v in sorted(waited.items())},
+            "waited_children_cpu_seconds_by_process": {
+                k: round(v, 1) for k, v in sorted(waited.items()) if v
+            },
             "peak_rss_mb_by_process": dict(sorted(per_label.items())),
             "max_worker_peak_rss_mb": round(max(worker_hwm, default=0) / 1024, 1),
             "workers_sum_peak_rss_mb": round(self.workers_peak_kb / 1024, 1),
@@ -319,8 +320,6 @@ def generate(video: Path, checkpoint: str, out: Path, config: str | None = None)
     pairs.write_text(f"id,video\nclip,{video}\n")
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
     env.setdefault("RAY_agent_register_timeout_ms", "120000")
-    if env.pop(_ADDED_TUNABLES, None):  # the run sees the caller's environment; ensure_ray sets the workers'
-        env.pop("GLIBC_TUNABLES", None)
     cmd = [
         sys.executable,
         "-m",
@@ -426,22 +425,13 @@ def _ratio(run: dict, *measurements: dict) -> float:
     return round(run["pipeline_fps"] / _reference_fps(*measurements), 3)
 
 
-_ADDED_TUNABLES = "LIPSYNC_BENCHMARK_ADDED_GLIBC_TUNABLES"
-
-
-def _rerun_with_workers_allocator() -> None:
-    """Re-run this script under the allocator settings `lipsync generate` gives its workers, which glibc
-    reads only at process start: the model alone must be measured as the model actors run it. Without
-    them, two threads at batch 32 mapped and unmapped every activation and ran at 28.8 frames/s against
-    41.7 with them, which made the pipeline look closer to the model than it was."""
-    from lipsync.malloc import allocator_env
-
-    if env := allocator_env():
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env, _ADDED_TUNABLES: "1"})
-
-
 def main() -> None:
-    _rerun_with_workers_allocator()
+    from lipsync.malloc import reuse_freed_memory
+
+    # First, before any thread exists: the model alone then allocates as the model actors do (ensure_ray
+    # starts them with the same settings). With glibc's defaults two threads at batch 32 mapped and
+    # unmapped every activation: 28.8 frames/s against 41.7, which flattered the pipeline's ratio.
+    reuse_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--long-seconds", type=float, default=180.0)
