@@ -3,8 +3,9 @@
 Prints and writes benchmarks/results/preprocess.json:
 - end-to-end frames/s per busy core (decode, FaceMesh, crops, JPEG, mel, offset, filters, shard write)
   against FaceMesh alone on the same decoded frames with the same settings (target >= 0.85); a busy
-  core is a worker's wall time on its inputs, during which its ffmpeg decodes ahead on another core, so
-  the same ratio on CPU seconds (worker plus ffmpeg children) is printed beside it;
+  core is a worker's wall time while it holds an input, during which its ffmpeg decodes ahead and its
+  next input probes on another core, so the same ratio on CPU seconds (worker plus ffmpeg children) is
+  printed beside it;
 - wall-clock speed-up of 2 workers over 1 on the same corpus (target >= 1.8), with Ray start-up excluded
   and included;
 - peak worker memory (max RSS of the actors) for a corpus 4x larger (target <= 1.2x).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -85,9 +86,42 @@ def _run_pool(cfg: PreprocessConfig, out: str, pending: list[dict[str, Any]]) ->
         actors=cfg.resources.workers,
         cpus_per_actor=cfg.resources.cpus_per_worker,
         max_restarts=cfg.resources.max_restarts,
+        calls_per_actor=cfg.resources.inputs_per_worker,
     )
     with executor_poll_interval(cfg.resources.poll_seconds):
         return list(ds.iter_rows())
+
+
+def worker_busy_and_cpu_seconds(status: list[dict[str, Any]]) -> tuple[float, float]:
+    """(busy, CPU) seconds summed over workers. A worker is busy while it holds at least one input (its
+    calls overlap, so their durations would count the overlap twice); its CPU is what it and its ffmpeg
+    children used from its first input's start to its last one's finish."""
+    busy = cpu = 0.0
+    for pid in {s["worker_pid"] for s in status}:
+        calls = sorted((s for s in status if s["worker_pid"] == pid), key=lambda s: s["started_at"])
+        end = -math.inf
+        for call in calls:
+            busy += max(0.0, call["finished_at"] - max(call["started_at"], end))
+            end = max(end, call["finished_at"])
+        cpu += max(c["cpu_at_finish"] for c in calls) - min(c["cpu_at_start"] for c in calls)
+    return busy, cpu
+
+
+def max_inputs_in_flight(status: list[dict[str, Any]]) -> int:
+    """The most inputs any worker held at once (`resources.inputs_per_worker` caps it)."""
+    most = 0
+    for pid in {s["worker_pid"] for s in status}:
+        events = sorted(
+            (t, step)
+            for s in status
+            if s["worker_pid"] == pid
+            for t, step in ((s["started_at"], 1), (s["finished_at"], -1))
+        )
+        held = 0
+        for _, step in events:  # at equal times a finish (-1) sorts before a start
+            held += step
+            most = max(most, held)
+    return most
 
 
 def assign_splits(clips: list[dict[str, Any]], val_fraction: float, seed: int) -> dict[str, str]:
@@ -166,8 +200,7 @@ def run(cfg: PreprocessConfig, source: str, out: str, address: str | None = None
         ensure_ray(address)
         status = _run_pool(cfg, out, pending)
     frames = sum(int(s["frames"]) for s in status)
-    busy = sum(float(s["seconds"]) for s in status)
-    cpu = sum(float(s["cpu_seconds"]) for s in status)
+    busy, cpu = worker_busy_and_cpu_seconds(status)
     span = max((s["finished_at"] for s in status), default=0.0) - min(
         (s["started_at"] for s in status), default=0.0
     )
@@ -198,6 +231,7 @@ def run(cfg: PreprocessConfig, source: str, out: str, address: str | None = None
             "frames_per_busy_second": round(frames / busy, 2) if busy else None,
             "worker_cpu_seconds": round(cpu, 2),  # the workers' and their ffmpeg children's
             "frames_per_cpu_second": round(frames / cpu, 2) if cpu else None,
+            "max_inputs_in_flight_per_worker": max_inputs_in_flight(status),
             "peak_worker_rss_mb": round(max((float(s["peak_rss_mb"]) for s in status), default=0.0), 1),
         },
         "config_hash": cfg_hash,

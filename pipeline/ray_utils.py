@@ -128,11 +128,14 @@ def map_on_actor_pool(
     actors: int,
     cpus_per_actor: float,
     max_restarts: int,
+    calls_per_actor: int = 1,
 ) -> Any:
     """A Ray Dataset of `rows` (one block each) mapped one row per call by a pool of `actor` instances.
 
     At most `actors` of them (never more than rows); each restarts up to `max_restarts` times if killed
-    and its row is retried on the new one; the driver's forwarded environment reaches them.
+    and its rows in flight are retried on the new one; the driver's forwarded environment reaches them.
+    `calls_per_actor` > 1 runs that many calls at once in each actor, in threads: `actor` must be
+    thread-safe.
     """
     import ray
 
@@ -144,7 +147,11 @@ def map_on_actor_pool(
         actor,
         fn_constructor_kwargs=constructor_kwargs,
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(rows)))),
+        compute=ray.data.ActorPoolStrategy(
+            size=max(1, min(actors, len(rows))),
+            max_concurrent_calls_per_actor=calls_per_actor if calls_per_actor > 1 else None,
+            enable_true_multi_threading=calls_per_actor > 1,
+        ),
         num_cpus=cpus_per_actor,
         runtime_env=worker_runtime_env(),
         max_restarts=max_restarts,  # bounded: an input that kills its actor every time fails the run

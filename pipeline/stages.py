@@ -14,7 +14,9 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import resource
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -59,6 +61,20 @@ log = logging.getLogger(__name__)
 STATE_DIR = "_state"
 SHARD_DIR = "shards"
 TOOL_RETRIES = 2  # extra attempts at an input whose ffmpeg/ffprobe was killed by a signal
+# One status row per input (ClipPreprocessor's output). Calls overlap within an actor, so its time and
+# CPU are summed per `worker_pid` over the span of its calls, not per input (pipeline.preprocess).
+STATUS_COLUMNS = (
+    "input_id",
+    "accepted",
+    "rejected",
+    "frames",
+    "worker_pid",
+    "cpu_at_start",  # the worker's CPU seconds so far, its finished ffmpeg children included
+    "cpu_at_finish",
+    "started_at",
+    "finished_at",
+    "peak_rss_mb",
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,9 @@ class ResourcesConfig:
 
     workers: int = 2  # actors (each runs FaceMesh on one input at a time)
     cpus_per_worker: float = 0.9  # fractional, so the pool never takes every CPU
+    # preprocessing: inputs an actor holds at once. One is in FaceMesh; the others download, probe and
+    # decode their first second meanwhile, which would otherwise leave FaceMesh idle between inputs
+    inputs_per_worker: int = 2
     max_restarts: int = 3  # a killed actor is restarted and its input retried
     poll_seconds: float = 0.5  # Ray Data's driver loop interval (Ray: 0.1); an input takes seconds
 
@@ -84,6 +103,8 @@ class ResourcesConfig:
         """BadInput naming the first bad setting (preprocessing and scoring share these)."""
         if self.workers < 1 or self.cpus_per_worker <= 0:
             raise BadInput("resources.workers must be >= 1 and resources.cpus_per_worker > 0")
+        if self.inputs_per_worker < 1:
+            raise BadInput("resources.inputs_per_worker must be >= 1")
         check_poll_seconds(self.poll_seconds)
 
 
@@ -380,31 +401,26 @@ class ClipPreprocessor:
         self.crop = CropStage(cfg)
         self.align = AlignStage(cfg)
         self.background = futures.ThreadPoolExecutor(1, thread_name_prefix="audio")
+        # Calls can overlap (`resources.inputs_per_worker`): one input at a time tracks faces, since
+        # FaceMesh's tracking state and the window buffer are the actor's; the others wait here with
+        # their download, probe and first decoded second done.
+        self.facemesh_turn = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         keys = list(batch)
-        out: dict[str, list] = {
-            "input_id": [],
-            "accepted": [],
-            "rejected": [],
-            "frames": [],
-            "seconds": [],
-            "cpu_seconds": [],
-            "peak_rss_mb": [],
-            "started_at": [],
-            "finished_at": [],
-        }
+        out: dict[str, list] = {k: [] for k in STATUS_COLUMNS}
         for i in range(len(batch[keys[0]])):
             row = {k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]) for k in keys}
-            started, started_at, cpu = time.perf_counter(), time.time(), _cpu_seconds()
+            started_at, cpu = time.time(), _cpu_seconds()
             record = self.process_retrying_killed_tools(row)
             self.store.write_json(f"{STATE_DIR}/{row['input_id']}.json", record)
             out["input_id"].append(row["input_id"])
             out["accepted"].append(len(record["clips"]))
             out["rejected"].append(len(record["rejects"]))
             out["frames"].append(record["frames"])
-            out["seconds"].append(time.perf_counter() - started)
-            out["cpu_seconds"].append(_cpu_seconds() - cpu)
+            out["worker_pid"].append(os.getpid())
+            out["cpu_at_start"].append(cpu)
+            out["cpu_at_finish"].append(_cpu_seconds())
             out["started_at"].append(started_at)
             out["finished_at"].append(time.time())
             out["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -438,11 +454,12 @@ class ClipPreprocessor:
                 # FaceMesh runs while ffmpeg decodes the next second and the audio decodes.
                 with _audio_rejects_first(audio), self.normalise.start(path, info, size) as decoding:
                     chunks = _until_failed(self.normalise.chunks(row, decoding), audio)
-                    for start, frames, track, segments in self.landmarks.windows(chunks):
-                        frames_seen += len(frames)
-                        found_any |= bool(track.found.any())
-                        for s, e in segments:
-                            self._segment(decoded, start, frames, track, s, e, clips, shard_rows, rejects)
+                    with self.facemesh_turn:
+                        for start, frames, track, segments in self.landmarks.windows(chunks):
+                            frames_seen += len(frames)
+                            found_any |= bool(track.found.any())
+                            for s, e in segments:
+                                self._segment(decoded, start, frames, track, s, e, clips, shard_rows, rejects)
                 if not clips and not rejects:
                     reason = filters.TOO_SHORT if found_any else filters.NO_FACE
                     message = (

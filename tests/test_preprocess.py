@@ -88,6 +88,31 @@ def test_rerun_resumes_without_reprocessing(
     assert set(pd.read_parquet(preprocessed_corpus / "clips.parquet")["clip_id"]) == set(clips["clip_id"])
 
 
+def test_overlapping_inputs_give_the_clips_of_one_at_a_time(
+    preprocessed_corpus: Path, synth_corpus: Path, clips: pd.DataFrame, tmp_path: Path
+) -> None:
+    """The default pool holds two inputs per actor at once (one in FaceMesh, the next probing and
+    decoding); a single actor taking one input at a time must write exactly the same shards."""
+    summary = json.loads((preprocessed_corpus / "summary.json").read_text())
+    assert summary["config"]["resources"]["inputs_per_worker"] == 2
+    assert summary["throughput"]["max_inputs_in_flight_per_worker"] == 2
+    one_at_a_time = ResourcesConfig(workers=1, inputs_per_worker=1)
+    run(PreprocessConfig(resources=one_at_a_time), str(synth_corpus), str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["throughput"]["max_inputs_in_flight_per_worker"] == 1
+    assert set(pd.read_parquet(tmp_path / "clips.parquet")["clip_id"]) == set(clips["clip_id"])
+    for shard in sorted(set(clips["shard"])):
+        rows = pq.read_table(preprocessed_corpus / shard).to_pylist()
+        again = {r["clip_id"]: r for r in pq.read_table(tmp_path / shard).to_pylist()}
+        for row in rows:
+            other = again[row["clip_id"]]
+            n = row["n_frames"]
+            assert np.array_equal(decode_crops(row, 0, n), decode_crops(other, 0, n))
+            assert np.array_equal(decode_landmarks(row), decode_landmarks(other))
+            assert np.array_equal(decode_mel(row), decode_mel(other))
+            assert row["av_offset_frames"] == other["av_offset_frames"]
+
+
 def test_offset_estimate_matches_injected_offsets(tmp_path: Path) -> None:
     """`lipsync offset` on synth clips made with --offset-frames K (K in -8..8): K +- 1 for >= 95 %."""
     tracker = FaceMeshTracker(max_faces=1)
