@@ -205,8 +205,10 @@ class MemorySampler:
             for pid, (cmd, status) in tree.items():
                 label = _label(cmd)
                 parent = tree.get(status.get("PPid", 0))
-                if cmd.startswith(("ffmpeg", "ffprobe")) and parent is not None:
-                    label = f"{_label(parent[0])}:{cmd.split()[0]}"  # e.g. CompositeStage:ffmpeg
+                tool = os.path.basename(cmd.split()[0]) if cmd else ""
+                if tool.startswith(("ffmpeg", "ffprobe")) and parent is not None:
+                    tool = tool.split("-")[0]  # imageio-ffmpeg's binary: ffmpeg-linux-x86_64-v9.0.2
+                    label = f"{_label(parent[0])}:{tool}"  # e.g. CompositeStage:ffmpeg
                 if label not in ("driver", "ray_system") or pid not in self.labels:
                     self.labels[pid] = label
                     self.names[pid] = _name(cmd)

@@ -38,6 +38,7 @@ from pipeline.media import (
     _fraction,
     _output_path,
     check_exit,
+    ffmpeg_executable,
     ffprobe_json,
     local_path,
     probe,
@@ -402,7 +403,7 @@ class PostprocessConfig:
 @lru_cache(maxsize=1)
 def ffmpeg_filters() -> frozenset[str]:
     """Names of the filters this ffmpeg build has."""
-    done = subprocess.run(["ffmpeg", "-hide_banner", "-filters"], capture_output=True, text=True)
+    done = subprocess.run([ffmpeg_executable(), "-hide_banner", "-filters"], capture_output=True, text=True)
     names = set()
     for line in done.stdout.splitlines():
         parts = line.split()

@@ -88,24 +88,28 @@ def test_rerun_resumes_without_reprocessing(
     assert set(pd.read_parquet(preprocessed_corpus / "clips.parquet")["clip_id"]) == set(clips["clip_id"])
 
 
-def test_overlapping_inputs_give_the_clips_of_one_at_a_time(
-    preprocessed_corpus: Path, synth_corpus: Path, clips: pd.DataFrame, tmp_path: Path
-) -> None:
-    """The default pool holds two inputs per actor at once (one in FaceMesh, the next probing and
-    decoding); a single actor taking one input at a time must write exactly the same shards."""
-    summary = json.loads((preprocessed_corpus / "summary.json").read_text())
-    assert summary["config"]["resources"]["inputs_per_worker"] == 2
-    assert summary["throughput"]["max_inputs_in_flight_per_worker"] == 2
-    one_at_a_time = ResourcesConfig(workers=1, inputs_per_worker=1)
-    run(PreprocessConfig(resources=one_at_a_time), str(synth_corpus), str(tmp_path))
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["throughput"]["max_inputs_in_flight_per_worker"] == 1
-    assert set(pd.read_parquet(tmp_path / "clips.parquet")["clip_id"]) == set(clips["clip_id"])
+def test_overlapping_inputs_give_the_clips_of_one_at_a_time(synth_corpus: Path, tmp_path: Path) -> None:
+    """By default an actor holds two inputs at once (one in FaceMesh, the next probing and decoding);
+    taking one input at a time must write exactly the same shards."""
+    assert PreprocessConfig().resources.inputs_per_worker == 2
+    runs = {}
+    for held in (2, 1):
+        out = tmp_path / f"held{held}"
+        run(
+            PreprocessConfig(resources=ResourcesConfig(workers=1, inputs_per_worker=held)),
+            str(synth_corpus),
+            str(out),
+        )
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["throughput"]["max_inputs_in_flight_per_worker"] == held
+        runs[held] = (out, pd.read_parquet(out / "clips.parquet"))
+    (overlapped, clips), (one_at_a_time, again) = runs[2], runs[1]
+    assert len(clips) == 6 and set(clips["clip_id"]) == set(again["clip_id"])
     for shard in sorted(set(clips["shard"])):
-        rows = pq.read_table(preprocessed_corpus / shard).to_pylist()
-        again = {r["clip_id"]: r for r in pq.read_table(tmp_path / shard).to_pylist()}
+        rows = pq.read_table(overlapped / shard).to_pylist()
+        others = {r["clip_id"]: r for r in pq.read_table(one_at_a_time / shard).to_pylist()}
         for row in rows:
-            other = again[row["clip_id"]]
+            other = others[row["clip_id"]]
             n = row["n_frames"]
             assert np.array_equal(decode_crops(row, 0, n), decode_crops(other, 0, n))
             assert np.array_equal(decode_landmarks(row), decode_landmarks(other))
