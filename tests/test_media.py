@@ -379,3 +379,27 @@ def test_a_killed_ffprobe_is_not_an_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(media.MediaError) as err:
         media.probe(text)
     assert err.value.reason == "unreadable"
+
+
+def test_every_ffmpeg_run_uses_the_chosen_ffmpeg(
+    clips: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$LIPSYNC_FFMPEG picks the binary (default: imageio-ffmpeg's static build, not PATH's)."""
+    import imageio_ffmpeg
+
+    media.ffmpeg_executable.cache_clear()
+    assert media.ffmpeg_executable() == imageio_ffmpeg.get_ffmpeg_exe()
+    calls = tmp_path / "calls"
+    wrapper = tmp_path / "my-ffmpeg"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\nexec ffmpeg "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("LIPSYNC_FFMPEG", str(wrapper))
+    media.ffmpeg_executable.cache_clear()
+    try:
+        pcm = media.read_audio(clips["v30"], 16000)
+        frames = media.read_frames(clips["v30"], fps=25.0)
+    finally:
+        monkeypatch.delenv("LIPSYNC_FFMPEG")
+        media.ffmpeg_executable.cache_clear()
+    assert len(pcm) == pytest.approx(SECONDS * 16000, abs=1600) and len(frames) == 50
+    assert len(calls.read_text().splitlines()) == 2  # the audio decode and the frame decode
