@@ -62,15 +62,18 @@ def make_corpus(root: Path, clips: int, seed: int, seconds: float = 4.0) -> Path
     return root
 
 
-def facemesh_alone(corpus: Path) -> tuple[int, float, float]:
-    """(frames, seconds, CPU seconds) of FaceMesh tracking alone on every clip's decoded frames."""
-    from lipsync.malloc import reuse_freed_memory
-    from pipeline.landmarks import FaceMeshTracker
+def decoded_clips(corpus: Path) -> list:
+    """Every clip's frames as the pipeline decodes them (25 fps), once for all FaceMesh-alone runs."""
     from pipeline.media import read_frames
 
-    reuse_freed_memory()  # the workers' allocator settings (see main): a like-for-like reference
+    return [read_frames(str(v), fps=25.0) for v in sorted(corpus.glob("*/*/*.mp4"))]
+
+
+def facemesh_alone(clips: list) -> tuple[int, float, float]:
+    """(frames, seconds, CPU seconds) of FaceMesh tracking alone on the decoded clips."""
+    from pipeline.landmarks import FaceMeshTracker
+
     tracker = FaceMeshTracker(max_faces=2)
-    clips = [read_frames(str(v), fps=25.0) for v in sorted(corpus.glob("*/*/*.mp4"))]
     tracker.track(clips[0][:5])  # warm-up
     start, cpu = time.perf_counter(), time.process_time()
     frames = sum(len(tracker.track(c).found) for c in clips)
@@ -121,6 +124,9 @@ def round_figures(alone: list[tuple[int, float, float]], ones: list[dict], twos:
 
 
 def main() -> None:
+    from lipsync.malloc import reuse_freed_memory
+
+    reuse_freed_memory()  # the workers' allocator settings (see below): FaceMesh alone allocates as they do
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=12, help="clips in the base corpus")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each clip")
@@ -146,12 +152,14 @@ def main() -> None:
         # This machine's speed drifts by up to ~40 % between minutes (FaceMesh alone: 224-351 frames/s
         # in one afternoon), so each figure is the median of `--rounds` rounds: FaceMesh alone, 1 worker,
         # 2 workers, FaceMesh alone again; a round's reference is the mean of the FaceMesh runs around it.
-        alone = [facemesh_alone(base)]
+        frames = decoded_clips(base)
+        alone = [facemesh_alone(frames)]
         ones, twos = [], []
         for r in range(args.rounds):
             ones.append(preprocess(base, root / f"out1_{r}", workers=1))
             twos.append(preprocess(base, root / f"out2_{r}", workers=2))
-            alone.append(facemesh_alone(base))
+            alone.append(facemesh_alone(frames))
+        del frames
         big = preprocess(large, root / "out_large", workers=2)
     ray.shutdown()
     result = {"clips": args.clips, "clip_seconds": args.seconds, "frames": alone[0][0], "rounds": args.rounds}

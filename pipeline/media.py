@@ -55,8 +55,9 @@ def ffmpeg_executable() -> str:
     build that the imageio-ffmpeg package ships, else `ffmpeg` on PATH.
 
     Preprocessing runs two ffmpeg per input. Debian's ffmpeg links ~215 shared libraries with BIND_NOW:
-    each start costs ~50 ms of CPU in the dynamic loader before any work, a third of a 4 s clip's CPU
-    besides FaceMesh. The static build starts in ~2 ms, and is the same build on every node.
+    `ffmpeg -version` costs ~60 ms of CPU, most of it in the dynamic loader, so two starts were ~120 of
+    the ~370 ms a 4 s clip cost besides FaceMesh. The static build (imageio-ffmpeg 0.8.1: ffmpeg 9.0.2)
+    starts in ~10 ms, and is the same build on every node.
     """
     chosen = os.environ.get("LIPSYNC_FFMPEG")
     if chosen:

@@ -92,13 +92,20 @@ def _run_pool(cfg: PreprocessConfig, out: str, pending: list[dict[str, Any]]) ->
         return list(ds.iter_rows())
 
 
+def _calls_by_worker(status: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The status rows of each worker process, in the order its calls started."""
+    workers: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for s in sorted(status, key=lambda s: s["started_at"]):
+        workers[s["worker_pid"]].append(s)
+    return list(workers.values())
+
+
 def worker_busy_and_cpu_seconds(status: list[dict[str, Any]]) -> tuple[float, float]:
     """(busy, CPU) seconds summed over workers. A worker is busy while it holds at least one input (its
     calls overlap, so their durations would count the overlap twice); its CPU is what it and its ffmpeg
     children used from its first input's start to its last one's finish."""
     busy = cpu = 0.0
-    for pid in {s["worker_pid"] for s in status}:
-        calls = sorted((s for s in status if s["worker_pid"] == pid), key=lambda s: s["started_at"])
+    for calls in _calls_by_worker(status):
         end = -math.inf
         for call in calls:
             busy += max(0.0, call["finished_at"] - max(call["started_at"], end))
@@ -110,12 +117,9 @@ def worker_busy_and_cpu_seconds(status: list[dict[str, Any]]) -> tuple[float, fl
 def max_inputs_in_flight(status: list[dict[str, Any]]) -> int:
     """The most inputs any worker held at once (`resources.inputs_per_worker` caps it)."""
     most = 0
-    for pid in {s["worker_pid"] for s in status}:
+    for calls in _calls_by_worker(status):
         events = sorted(
-            (t, step)
-            for s in status
-            if s["worker_pid"] == pid
-            for t, step in ((s["started_at"], 1), (s["finished_at"], -1))
+            (t, step) for c in calls for t, step in ((c["started_at"], 1), (c["finished_at"], -1))
         )
         held = 0
         for _, step in events:  # at equal times a finish (-1) sorts before a start

@@ -387,6 +387,7 @@ def test_every_ffmpeg_run_uses_the_chosen_ffmpeg(
     """$LIPSYNC_FFMPEG picks the binary (default: imageio-ffmpeg's static build, not PATH's)."""
     import imageio_ffmpeg
 
+    monkeypatch.delenv("LIPSYNC_FFMPEG", raising=False)  # a developer's own choice must not decide this
     media.ffmpeg_executable.cache_clear()
     assert media.ffmpeg_executable() == imageio_ffmpeg.get_ffmpeg_exe()
     calls = tmp_path / "calls"
@@ -399,7 +400,7 @@ def test_every_ffmpeg_run_uses_the_chosen_ffmpeg(
         pcm = media.read_audio(clips["v30"], 16000)
         frames = media.read_frames(clips["v30"], fps=25.0)
     finally:
-        monkeypatch.delenv("LIPSYNC_FFMPEG")
+        monkeypatch.undo()  # before the cache is cleared, so later tests resolve the usual binary
         media.ffmpeg_executable.cache_clear()
     assert len(pcm) == pytest.approx(SECONDS * 16000, abs=1600) and len(frames) == 50
     assert len(calls.read_text().splitlines()) == 2  # the audio decode and the frame decode
