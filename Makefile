@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 OUT    ?= demo_out
 # The CPU wheel of torch lies on local disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
-APT_PACKAGES := ffmpeg espeak-ng libespeak-ng1 chromium
+APT_PACKAGES := ffmpeg espeak-ng libespeak-ng1 libjemalloc2 chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test test-fast lint format system venv benchmarks clean
@@ -34,6 +34,7 @@ system:
 	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	ldconfig -p | grep -q libespeak-ng.so || missing="$$missing libespeak-ng1"; \
+	ldconfig -p | grep -q libjemalloc.so.2 || missing="$$missing libjemalloc2"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \

@@ -13,7 +13,7 @@
 3. The model's forward pass alone on the short clip's own face crops and mel windows (same checkpoint
    and batch size), timed after a warm-up, just before and just after each run, in the pool's layout
    (its actors as concurrent callers with its threads each) and as one actor on every CPU, under the
-   workers' allocator settings (lipsync.malloc.reuse_freed_memory, before any thread); the fps ratio
+   workers' allocator (lipsync.malloc: jemalloc when installed, else glibc tuned before any thread); the fps ratio
    divides by the faster layout's mean, since other load on the machine drifts.
 Prints the figures and writes benchmarks/results/generate.json (generate_cpu.json for
 --config configs/generate_cpu.yaml). A randomly initialised checkpoint costs the same as a trained one.
@@ -428,11 +428,12 @@ def _ratio(run: dict, *measurements: dict) -> float:
 
 
 def main() -> None:
-    from lipsync.malloc import reuse_freed_memory
+    from lipsync.malloc import reuse_freed_memory, run_under_workers_allocator
 
     # First, before any thread exists: the model alone then allocates as the model actors do (ensure_ray
-    # starts them with the same settings). With glibc's defaults two threads at batch 32 mapped and
+    # starts them with the same allocator). With glibc's defaults two threads at batch 32 mapped and
     # unmapped every activation: 28.8 frames/s against 41.7, which flattered the pipeline's ratio.
+    run_under_workers_allocator()
     reuse_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)

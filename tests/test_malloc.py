@@ -1,11 +1,16 @@
-"""reuse_freed_memory: big arrays freed and allocated again must not page-fault each time."""
+"""The workers' allocator: big arrays freed and allocated again must not page-fault each time."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
+
+from lipsync import malloc
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -14,9 +19,9 @@ ROUNDS = textwrap.dedent(
     """
     import resource, sys
     import numpy as np
-    from lipsync.malloc import reuse_freed_memory
+    from lipsync.malloc import jemalloc_loaded, reuse_freed_memory
 
-    applied = reuse_freed_memory() if sys.argv[1] == "reuse" else None
+    applied = reuse_freed_memory() if sys.argv[1] == "reuse" else jemalloc_loaded()
     np.ones(8 << 20).sum()  # the first round may fault: memory the process never had
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(20):
@@ -26,9 +31,9 @@ ROUNDS = textwrap.dedent(
 )
 
 
-def _faults(mode: str) -> tuple[str, int]:
+def _faults(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]:
     done = subprocess.run(
-        [sys.executable, "-c", ROUNDS, mode], cwd=REPO, capture_output=True, text=True, check=True
+        [sys.executable, "-c", ROUNDS, mode], cwd=REPO, env=env, capture_output=True, text=True, check=True
     )
     applied, faults = done.stdout.split()
     return applied, int(faults)
@@ -41,3 +46,39 @@ def test_freed_arrays_are_reused_without_page_faults() -> None:
     assert applied == "True"
     assert default_faults >= 20 * huge_pages  # glibc's default: every round maps and faults it again
     assert faults < huge_pages
+
+
+def _without_allocator_choices() -> dict[str, str]:
+    names = ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES", malloc.CHOICE_VARIABLE)
+    return {name: value for name, value in os.environ.items() if name not in names}
+
+
+def test_workers_get_jemalloc_keeping_freed_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make` installs libjemalloc2; processes started with allocator_env() allocate with it, and its
+    settings keep freed pages (jemalloc's own defaults fault every round again)."""
+    clean = _without_allocator_choices()
+    monkeypatch.setattr(os, "environ", dict(clean))
+    env = malloc.allocator_env()
+    assert malloc.jemalloc_library() is not None, "libjemalloc2 is not installed (make system)"
+    assert env["LD_PRELOAD"] == malloc.jemalloc_library() and env["MALLOC_CONF"] == malloc.JEMALLOC_CONF
+    huge_pages = (64 << 20) // (2 << 20)
+    loaded, faults = _faults("workers", {**clean, **env})
+    assert loaded == "True"
+    assert faults < huge_pages
+    loaded, default_faults = _faults("workers", {**clean, "LD_PRELOAD": env["LD_PRELOAD"]})
+    assert loaded == "True" and default_faults >= 20 * huge_pages
+
+
+def test_the_users_allocator_choices_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LIPSYNC_ALLOCATOR=glibc, or a LD_PRELOAD / MALLOC_CONF / GLIBC_TUNABLES of the user's, win."""
+    monkeypatch.setattr(os, "environ", _without_allocator_choices())
+    monkeypatch.setitem(os.environ, malloc.CHOICE_VARIABLE, "glibc")
+    assert malloc.allocator_env() == {"GLIBC_TUNABLES": malloc.TUNABLES}
+    monkeypatch.delitem(os.environ, malloc.CHOICE_VARIABLE)
+    monkeypatch.setitem(os.environ, "LD_PRELOAD", "libtcmalloc.so.4")
+    assert malloc.allocator_env() == {"GLIBC_TUNABLES": malloc.TUNABLES}
+    monkeypatch.delitem(os.environ, "LD_PRELOAD")
+    monkeypatch.setitem(os.environ, "MALLOC_CONF", "narenas:2")
+    monkeypatch.setitem(os.environ, "GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    env = malloc.allocator_env()
+    assert "GLIBC_TUNABLES" not in env and env["MALLOC_CONF"] == "narenas:2"  # passed on to remote workers

@@ -19,7 +19,7 @@ EMBEDDED = textwrap.dedent(
     """
     import os
     import ray
-    from lipsync.malloc import TUNABLES
+    from lipsync.malloc import TUNABLES, jemalloc_loaded
     from pipeline.ray_utils import ensure_ray, worker_runtime_env
 
     os.environ["LIPSYNC_PROBE"] = "at start"
@@ -33,7 +33,13 @@ EMBEDDED = textwrap.dedent(
     def tunables() -> str | None:
         return os.environ.get("GLIBC_TUNABLES")
 
+    @ray.remote(num_cpus=0)
+    def allocates_with_jemalloc() -> bool:
+        return jemalloc_loaded()
+
     print("worker allocator tunables:", ray.get(tunables.remote()) == TUNABLES)
+    print("worker allocates with jemalloc:", ray.get(allocates_with_jemalloc.remote()))
+    print("driver allocates with jemalloc:", jemalloc_loaded())
     print("driver allocator tunables:", os.environ.get("GLIBC_TUNABLES"))
     print("runtime_env at start:", worker_runtime_env())
     print("worker sees:", ray.get(seen.remote()))
@@ -53,7 +59,8 @@ def test_an_embedded_ray_needs_no_runtime_env_until_a_variable_changes() -> None
     would cost each worker a setup_worker.py start), and the allocator settings; a variable changed since
     gets a runtime_env."""
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("GLIBC_TUNABLES", None)
+    for name in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", "LIPSYNC_ALLOCATOR"):
+        env.pop(name, None)
     done = subprocess.run(
         [sys.executable, "-c", EMBEDDED], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
@@ -61,6 +68,8 @@ def test_an_embedded_ray_needs_no_runtime_env_until_a_variable_changes() -> None
     lines = done.stdout.splitlines()
     assert lines == [
         "worker allocator tunables: True",  # its workers start with reuse_freed_memory's settings
+        "worker allocates with jemalloc: True",  # and with jemalloc, which `make` installs
+        "driver allocates with jemalloc: False",
         "driver allocator tunables: None",  # the driver's own environment is left as it was
         "runtime_env at start: None",
         "worker sees: at start",
