@@ -61,9 +61,9 @@ def allocator_env() -> dict[str, str]:
     """Environment for processes to start with the workers' allocator; variables the user set are kept.
 
     jemalloc (LD_PRELOAD, MALLOC_CONF) when installed and not declined with LIPSYNC_ALLOCATOR=glibc or a
-    LD_PRELOAD of the user's. For the generator's model actor it peaked at 967 MB on a 3-minute input
+    LD_PRELOAD of the user's. For the generator's model actor it peaked at 962-967 MB on a 3-minute input
     against 1323 MB under glibc's tuned allocator, whose single heap fragments between the activations
-    and Ray's own allocations (36 MiB steps up to ~60 % through a run); end-to-end fps 33.8 vs 33.0.
+    and Ray's own allocations (36 MiB steps up to ~60 % through a run); end-to-end fps 33.3-33.8 vs 33.0.
     GLIBC_TUNABLES always: reuse_freed_memory's settings for processes without jemalloc. A Ray Data actor
     runs its calls on a worker thread with its own arena, which mallopt in __init__ does not reach: for
     the generator that was ~450 k page faults and 1 s of kernel time per 5 s call (50 frames).
@@ -81,7 +81,7 @@ def allocator_env() -> dict[str, str]:
 def jemalloc_loaded() -> bool:
     """Whether this process allocates with jemalloc (it is mapped in)."""
     try:
-        return "jemalloc" in Path("/proc/self/maps").read_text()
+        return "/libjemalloc" in Path("/proc/self/maps").read_text()
     except OSError:
         return False
 

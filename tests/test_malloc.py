@@ -48,16 +48,21 @@ def test_freed_arrays_are_reused_without_page_faults() -> None:
     assert faults < huge_pages
 
 
-def _without_allocator_choices() -> dict[str, str]:
-    names = ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES", malloc.CHOICE_VARIABLE)
-    return {name: value for name, value in os.environ.items() if name not in names}
+CHOICES = ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES", malloc.CHOICE_VARIABLE)
 
 
-def test_workers_get_jemalloc_keeping_freed_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def no_allocator_choices(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """None of the variables that choose or configure the allocator is set (a developer's own are kept)."""
+    for name in CHOICES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_workers_get_jemalloc_keeping_freed_pages(no_allocator_choices: pytest.MonkeyPatch) -> None:
     """`make` installs libjemalloc2; processes started with allocator_env() allocate with it, and its
     settings keep freed pages (jemalloc's own defaults fault every round again)."""
-    clean = _without_allocator_choices()
-    monkeypatch.setattr(os, "environ", dict(clean))
+    clean = dict(os.environ)
     env = malloc.allocator_env()
     assert malloc.jemalloc_library() is not None, "libjemalloc2 is not installed (make system)"
     assert env["LD_PRELOAD"] == malloc.jemalloc_library() and env["MALLOC_CONF"] == malloc.JEMALLOC_CONF
@@ -69,16 +74,16 @@ def test_workers_get_jemalloc_keeping_freed_pages(monkeypatch: pytest.MonkeyPatc
     assert loaded == "True" and default_faults >= 20 * huge_pages
 
 
-def test_the_users_allocator_choices_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_users_allocator_choices_are_kept(no_allocator_choices: pytest.MonkeyPatch) -> None:
     """LIPSYNC_ALLOCATOR=glibc, or a LD_PRELOAD / MALLOC_CONF / GLIBC_TUNABLES of the user's, win."""
-    monkeypatch.setattr(os, "environ", _without_allocator_choices())
-    monkeypatch.setitem(os.environ, malloc.CHOICE_VARIABLE, "glibc")
+    env_var = no_allocator_choices
+    env_var.setenv(malloc.CHOICE_VARIABLE, "glibc")
     assert malloc.allocator_env() == {"GLIBC_TUNABLES": malloc.TUNABLES}
-    monkeypatch.delitem(os.environ, malloc.CHOICE_VARIABLE)
-    monkeypatch.setitem(os.environ, "LD_PRELOAD", "libtcmalloc.so.4")
+    env_var.delenv(malloc.CHOICE_VARIABLE)
+    env_var.setenv("LD_PRELOAD", "libtcmalloc.so.4")
     assert malloc.allocator_env() == {"GLIBC_TUNABLES": malloc.TUNABLES}
-    monkeypatch.delitem(os.environ, "LD_PRELOAD")
-    monkeypatch.setitem(os.environ, "MALLOC_CONF", "narenas:2")
-    monkeypatch.setitem(os.environ, "GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    env_var.delenv("LD_PRELOAD")
+    env_var.setenv("MALLOC_CONF", "narenas:2")
+    env_var.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     env = malloc.allocator_env()
     assert "GLIBC_TUNABLES" not in env and env["MALLOC_CONF"] == "narenas:2"  # passed on to remote workers
