@@ -79,6 +79,44 @@ def test_an_embedded_ray_needs_no_runtime_env_until_a_variable_changes() -> None
     ]
 
 
+# In its own process: ensure_ray joins a cluster that was started without the allocator's variables.
+JOINED = textwrap.dedent(
+    """
+    import os
+    import ray
+    from ray.cluster_utils import Cluster
+    from lipsync.malloc import TUNABLES, jemalloc_loaded
+    from pipeline.ray_utils import ensure_ray
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    os.environ["LIPSYNC_PROBE"] = "joined"
+    ensure_ray(address=cluster.address)
+
+    @ray.remote(num_cpus=0)
+    def worker_allocator() -> tuple:
+        return jemalloc_loaded(), os.environ.get("GLIBC_TUNABLES") == TUNABLES, os.environ.get("LIPSYNC_PROBE")
+
+    print(*ray.get(worker_allocator.remote()))
+    ray.shutdown()
+    cluster.shutdown()
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_joined_cluster_s_workers_get_the_allocator_through_the_runtime_env() -> None:
+    """`--address`: the cluster's processes did not inherit the driver's environment, so the job's
+    runtime_env carries jemalloc (LD_PRELOAD, MALLOC_CONF) and the glibc tunables to its workers."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    for name in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", "LIPSYNC_ALLOCATOR", "RAY_ADDRESS"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-c", JOINED], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "True", "joined"]
+
+
 def test_a_ray_started_elsewhere_gets_the_variables_passed(
     ray_session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
