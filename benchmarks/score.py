@@ -70,10 +70,12 @@ def main() -> None:
     import pandas as pd
     import ray
 
+    from pipeline.ray_utils import ensure_ray
+
     with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ensure_ray(num_cpus=os.cpu_count())  # as `lipsync score` does, workers' allocator included
         manifest = make_corpus(root / "corpus", args.clips, args.seconds)
         synth_s = time.perf_counter() - t0
         load_before = os.getloadavg()[0]

@@ -114,14 +114,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
 
-    import ray
-
+    from pipeline.ray_utils import ensure_ray
     from training.data import WindowConfig
     from training.syncnet_job import SyncNetConfig
 
     data = corpus(args.data)
-    if not ray.is_initialized():  # preprocessing the corpus may have started it
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # As `lipsync train` does (the workers' allocator); nothing to do if preprocessing the corpus started it
+    ensure_ray(num_cpus=2)
     steps = args.interval * (args.intervals + 1)
     cfg = SyncNetConfig(
         steps=steps, batch_size=args.batch_size, log_every=args.interval, checkpoint_every=steps,

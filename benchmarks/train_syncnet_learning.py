@@ -178,11 +178,11 @@ def main() -> None:
     parser.add_argument("--out", help="keep checkpoints here (default: a temporary directory)")
     args = parser.parse_args()
 
-    import ray
+    from pipeline.ray_utils import ensure_ray
 
     data = corpus(args.speakers, args.clips_per_speaker)
-    if not ray.is_initialized():  # preprocessing the corpus may have started it
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # As `lipsync train` does (the workers' allocator); nothing to do if preprocessing the corpus started it
+    ensure_ray(num_cpus=2)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         syncnet = train_syncnet(data, str(out / "syncnet"), args.minutes, args.chunk, args.batch_size)
