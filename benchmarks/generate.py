@@ -13,8 +13,8 @@
 3. The model's forward pass alone on the short clip's own face crops and mel windows (same checkpoint
    and batch size), timed after a warm-up, just before and just after each run, in the pool's layout
    (its actors as concurrent callers with its threads each) and as one actor on every CPU, under the
-   workers' allocator (lipsync.malloc: jemalloc when installed, else glibc tuned before any thread); the fps ratio
-   divides by the faster layout's mean, since other load on the machine drifts.
+   workers' allocator (lipsync.malloc: jemalloc when installed, else glibc tuned before any thread); the
+   fps ratio divides by the faster layout's mean, since other load on the machine drifts.
 Prints the figures and writes benchmarks/results/generate.json (generate_cpu.json for
 --config configs/generate_cpu.yaml). A randomly initialised checkpoint costs the same as a trained one.
 The machine's load average is recorded: figures are only comparable on an otherwise idle machine.

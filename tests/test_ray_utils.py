@@ -94,7 +94,8 @@ JOINED = textwrap.dedent(
 
     @ray.remote(num_cpus=0)
     def worker_allocator() -> tuple:
-        return jemalloc_loaded(), os.environ.get("GLIBC_TUNABLES") == TUNABLES, os.environ.get("LIPSYNC_PROBE")
+        tunables = os.environ.get("GLIBC_TUNABLES") == TUNABLES
+        return jemalloc_loaded(), tunables, os.environ.get("LIPSYNC_PROBE")
 
     print(*ray.get(worker_allocator.remote()))
     ray.shutdown()
