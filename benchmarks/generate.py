@@ -428,13 +428,12 @@ def _ratio(run: dict, *measurements: dict) -> float:
 
 
 def main() -> None:
-    from lipsync.malloc import reuse_freed_memory, run_under_workers_allocator
+    from lipsync.malloc import allocate_as_workers_do
 
     # First, before any thread exists: the model alone then allocates as the model actors do (ensure_ray
     # starts them with the same allocator). With glibc's defaults two threads at batch 32 mapped and
     # unmapped every activation: 28.8 frames/s against 41.7, which flattered the pipeline's ratio.
-    run_under_workers_allocator()
-    reuse_freed_memory()
+    allocate_as_workers_do()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--long-seconds", type=float, default=180.0)

@@ -124,10 +124,9 @@ def round_figures(alone: list[tuple[int, float, float]], ones: list[dict], twos:
 
 
 def main() -> None:
-    from lipsync.malloc import reuse_freed_memory, run_under_workers_allocator
+    from lipsync.malloc import allocate_as_workers_do
 
-    run_under_workers_allocator()  # the workers' allocator (see below): FaceMesh alone allocates as they do
-    reuse_freed_memory()
+    allocate_as_workers_do()  # FaceMesh alone allocates as the workers do (they start with it: see below)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=12, help="clips in the base corpus")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each clip")

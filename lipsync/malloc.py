@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -29,6 +30,8 @@ TUNABLES = f"glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold={KEEP_BYTES}:g
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 # LIPSYNC_ALLOCATOR=glibc keeps glibc's allocator (with TUNABLES) in Ray's workers even with jemalloc there.
 CHOICE_VARIABLE = "LIPSYNC_ALLOCATOR"
+# Every variable that chooses or configures the allocator of a process about to start.
+VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", CHOICE_VARIABLE)
 
 
 def reuse_freed_memory() -> bool:
@@ -52,8 +55,12 @@ def reuse_freed_memory() -> bool:
     return applied
 
 
+@functools.cache
 def jemalloc_library() -> str | None:
-    """jemalloc's shared library name when the system has it (Debian: libjemalloc2), else None."""
+    """jemalloc's shared library name when the system has it (Debian: libjemalloc2), else None.
+
+    Looked up once per process: find_library runs `ldconfig -p`.
+    """
     return ctypes.util.find_library("jemalloc")
 
 
@@ -86,12 +93,14 @@ def jemalloc_loaded() -> bool:
         return False
 
 
-def run_under_workers_allocator() -> None:
-    """Start this program again under the allocator allocator_env gives Ray's workers, unless it is.
+def allocate_as_workers_do() -> None:
+    """Give this program the allocator that allocator_env gives Ray's workers.
 
     For benchmarks whose in-process reference (the model alone, FaceMesh alone) must allocate as the
-    workers do. Call first thing in main: the process is replaced, arguments and environment kept.
+    workers do. Call first thing in main, before any thread: under jemalloc the program is started again
+    (arguments and environment kept); without it glibc is tuned in place (reuse_freed_memory).
     """
     env = allocator_env()
     if "LD_PRELOAD" in env and not jemalloc_loaded():
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+    reuse_freed_memory()

@@ -20,18 +20,25 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session (2 CPUs, small object store, no dashboard)."""
+    """One local Ray for the whole test session (2 CPUs, small object store, no dashboard).
+
+    Its workers allocate as the commands' do (jemalloc; lipsync.malloc), so actors are tested as they run.
+    """
     import ray
 
+    from lipsync.malloc import allocator_env
+    from pipeline.ray_utils import scoped_environ
+
     if not ray.is_initialized():
-        ray.init(
-            address="local",  # never join a cluster a `ray start` on this machine left behind
-            num_cpus=2,
-            object_store_memory=300 * 1024 * 1024,
-            include_dashboard=False,
-            log_to_driver=False,
-            ignore_reinit_error=True,
-        )
+        with scoped_environ(allocator_env()):
+            ray.init(
+                address="local",  # never join a cluster a `ray start` on this machine left behind
+                num_cpus=2,
+                object_store_memory=300 * 1024 * 1024,
+                include_dashboard=False,
+                log_to_driver=False,
+                ignore_reinit_error=True,
+            )
     yield ray
     ray.shutdown()
 

@@ -48,13 +48,10 @@ def test_freed_arrays_are_reused_without_page_faults() -> None:
     assert faults < huge_pages
 
 
-CHOICES = ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES", malloc.CHOICE_VARIABLE)
-
-
 @pytest.fixture
 def no_allocator_choices(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """None of the variables that choose or configure the allocator is set (a developer's own are kept)."""
-    for name in CHOICES:
+    for name in malloc.VARIABLES:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lipsync.malloc import VARIABLES
 from pipeline.ray_utils import forwarded_env, worker_runtime_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def test_an_embedded_ray_needs_no_runtime_env_until_a_variable_changes() -> None
     would cost each worker a setup_worker.py start), and the allocator settings; a variable changed since
     gets a runtime_env."""
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
-    for name in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", "LIPSYNC_ALLOCATOR"):
+    for name in VARIABLES:
         env.pop(name, None)
     done = subprocess.run(
         [sys.executable, "-c", EMBEDDED], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
@@ -109,7 +110,7 @@ def test_a_joined_cluster_s_workers_get_the_allocator_through_the_runtime_env() 
     """`--address`: the cluster's processes did not inherit the driver's environment, so the job's
     runtime_env carries jemalloc (LD_PRELOAD, MALLOC_CONF) and the glibc tunables to its workers."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    for name in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", "LIPSYNC_ALLOCATOR", "RAY_ADDRESS"):
+    for name in (*VARIABLES, "RAY_ADDRESS"):
         env.pop(name, None)
     done = subprocess.run(
         [sys.executable, "-c", JOINED], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
