@@ -68,7 +68,13 @@ from pipeline.corpus import _read_manifest
 from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
 from pipeline.landmarks import FaceMeshTracker, mouth_openness, smooth_landmarks
 from pipeline.media import MediaError, ProbeInfo, ReadAhead, iter_frames, local_path, probe, read_audio
-from pipeline.ray_utils import check_poll_seconds, ensure_ray, executor_poll_interval, worker_runtime_env
+from pipeline.ray_utils import (
+    check_poll_seconds,
+    ensure_ray,
+    executor_poll_interval,
+    import_deferred,
+    worker_runtime_env,
+)
 from pipeline.storage import Store, is_remote, manifest_path, manifest_text
 
 log = logging.getLogger(__name__)
@@ -384,6 +390,7 @@ class PrepareStage:
 
     def __init__(self, cfg: GenerateConfig, img_size: int, calibration: Calibration, out: str) -> None:
         reuse_freed_memory()  # decoded frames and crops: every chunk's arrays would fault in afresh
+        import_deferred()  # landmark smoothing's scipy.signal, before the first pair
         self.cfg, self.img_size, self.calibration = cfg, img_size, calibration
         self.work = f"{out.rstrip('/')}/{WORK_DIR}"
         self.tracker = FaceMeshTracker(max_faces=1, model_path=cfg.landmarker_model)
@@ -661,6 +668,7 @@ class CompositeStage:
         self.tracker = None
         if cfg.post.measure_offset:
             self.tracker = FaceMeshTracker(max_faces=1, model_path=cfg.landmarker_model)
+            import_deferred()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return to_table([self.composite(row) for row in table.to_pylist()])
@@ -923,6 +931,8 @@ class FinalizeStage:
 
     def __init__(self, cfg: GenerateConfig, out: str) -> None:
         self.cfg, self.out = cfg, out
+        if cfg.post.measure_offset:
+            import_deferred()  # the offset estimate's librosa, before the first pair's last chunk
 
     def finalize(self, pair: dict[str, Any], chunks: list[dict[str, Any]]) -> dict[str, Any]:
         return finalize_pair(self.cfg, self.out, pair, chunks)

@@ -49,7 +49,7 @@ from pipeline import phonemes as ph
 from pipeline.corpus import MANIFEST_EXTENSIONS, VIDEO_EXTENSIONS, discover, input_id
 from pipeline.landmarks import FaceMeshTracker, fill_gaps, mouth_openness, smooth_landmarks
 from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
-from pipeline.ray_utils import ensure_ray, executor_poll_interval, map_on_actor_pool
+from pipeline.ray_utils import ensure_ray, executor_poll_interval, import_deferred, map_on_actor_pool
 from pipeline.stages import ResourcesConfig
 from pipeline.storage import Store, is_remote, join_uri, manifest_path, manifest_text
 
@@ -263,6 +263,7 @@ class ClipScorer:
 
     def __init__(self, cfg: ScoreConfig, syncnet: str | None = None, syncnet_v2: str | None = None) -> None:
         reuse_freed_memory()
+        import_deferred()
         self.cfg = cfg
         self.tracker = FaceMeshTracker(max_faces=1)
         self.embedders: list[Any] = []  # torch is imported only when a SyncNet is used

@@ -52,7 +52,7 @@ from pipeline.media import (
     read_audio,
 )
 from pipeline.offset import OffsetEstimate, estimate_offset
-from pipeline.ray_utils import check_poll_seconds
+from pipeline.ray_utils import check_poll_seconds, import_deferred
 from pipeline.shards import encode_row
 from pipeline.storage import Store
 
@@ -390,6 +390,7 @@ class ClipPreprocessor:
 
     def __init__(self, cfg: PreprocessConfig, out: str) -> None:
         reuse_freed_memory()  # decoded frames, crops and mels: fault-free reuse between clips
+        import_deferred()
         self.cfg = cfg
         self.store = Store(out)
         self.hash = output_hash(cfg)

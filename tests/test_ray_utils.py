@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lipsync.malloc import VARIABLES
-from pipeline.ray_utils import forwarded_env, worker_runtime_env
+from pipeline.ray_utils import DEFERRED_IMPORTS, forwarded_env, worker_runtime_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,3 +133,67 @@ def test_a_ray_started_elsewhere_gets_the_variables_passed(
     assert worker_runtime_env() == {
         "env_vars": {"LIPSYNC_PROBE": "1", "AWS_ENDPOINT_URL": "http://127.0.0.1:1"}
     }
+
+
+# In its own process (a fresh sys.modules): which modules an actor imports when built, and on its first input.
+FIRST_INPUT = textwrap.dedent(
+    """
+    import json, sys
+    from pipeline.corpus import discover
+    from pipeline.ray_utils import DEFERRED_IMPORTS
+
+    def loaded():
+        return [m for m in DEFERRED_IMPORTS if m in sys.modules]
+
+    kind, corpus, out = sys.argv[1:]
+    row = discover(corpus)[0]  # en, with a transcript: scoring aligns it with espeak-ng and DTW
+    if kind == "preprocess":
+        from pipeline.stages import ClipPreprocessor, PreprocessConfig
+
+        at_import = loaded()
+        actor = ClipPreprocessor(PreprocessConfig(), out)
+
+        def work():
+            return len(actor.process(row)["clips"])
+    else:
+        from evaluation.score import ClipScorer, ScoreConfig
+
+        at_import = loaded()
+        actor = ClipScorer(ScoreConfig())
+        fields = ("audio", "speaker", "split", "timeline", "phonemes", "source", "reference", "input_status",
+                  "input_reason", "injected_offset_frames")
+        row = {**dict.fromkeys(fields, ""), **row, "id": "a", "system": "test", "timeline": ""}
+
+        def work():
+            scored = actor.score(row)
+            return int(scored["status"] == "ok" and scored["timeline_source"] == "espeak")
+    built = loaded()
+    before = set(sys.modules)
+    done = work()
+    print(json.dumps({"at_import": at_import, "built": built, "done": done,
+                      "first_input": sorted(set(sys.modules) - before)}))
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["preprocess", "score"])
+def test_actors_import_deferred_modules_when_built_not_on_their_first_input(
+    kind: str, synth_corpus: Path, tmp_path: Path
+) -> None:
+    """The per-clip code imports scipy.signal and librosa's features (~2.8 s of CPU) on first use, so that
+    the command line starts without them; an actor imports them when it is built, so its first input
+    neither waits for them nor counts them as its work."""
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_INPUT, kind, str(synth_corpus), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if kind == "preprocess":
+        assert result["at_import"] == []
+    assert result["built"] == list(DEFERRED_IMPORTS)
+    assert result["done"] >= 1
+    heavy = [m for m in result["first_input"] if m.split(".")[0] in ("scipy", "librosa", "numba", "llvmlite")]
+    assert heavy == []
