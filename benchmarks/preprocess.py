@@ -10,6 +10,8 @@ Prints and writes benchmarks/results/preprocess.json:
   and included;
 - the cores one worker keeps busy (it and its ffmpeg children) and so the most 2 workers can gain over 1
   on this machine;
+- FaceMesh alone in 2 processes at once over 1 process: what this machine's two cores give a perfectly
+  parallel job (shared caches, memory bandwidth, clock), so a ceiling for the 2-over-1 speed-up too;
 - peak worker memory (max RSS of the actors) for a corpus 4x larger (target <= 1.2x).
 Usage: python benchmarks/preprocess.py [--clips 12] [--seconds 4] [--rounds 3]
 (--seconds: clip length; every input pays fixed ffprobe/ffmpeg start-up costs, so longer clips show
@@ -26,6 +28,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CORES = 2  # Ray's CPUs for the runs: this machine's
@@ -78,6 +81,44 @@ def facemesh_alone(clips: list) -> tuple[int, float, float]:
     start, cpu = time.perf_counter(), time.process_time()
     frames = sum(len(tracker.track(c).found) for c in clips)
     return frames, time.perf_counter() - start, time.process_time() - cpu
+
+
+def _facemesh_in_child(corpus: str, start: Any, results: Any) -> None:  # a Barrier and a Queue
+    frames = decoded_clips(Path(corpus))
+    start.wait()  # the processes of one measurement start FaceMesh together, their decoding done
+    frames_done, seconds, _ = facemesh_alone(frames)
+    results.put(frames_done / seconds)
+
+
+def facemesh_processes_at_once(corpus: Path, processes: int) -> float:
+    """Frames/s of FaceMesh alone summed over `processes` processes running at once, each on the whole
+    corpus (pure FaceMesh, no Ray, no ffmpeg: a perfectly parallel job)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(processes), ctx.Queue()
+    children = [
+        ctx.Process(target=_facemesh_in_child, args=(str(corpus), start, results)) for _ in range(processes)
+    ]
+    for child in children:
+        child.start()
+    total = sum(results.get() for _ in children)
+    for child in children:
+        child.join()
+    return total
+
+
+def facemesh_scaling(corpus: Path) -> dict:
+    """What this machine's cores give 2 FaceMesh processes over 1 (they share caches, memory bandwidth and
+    clock): the ceiling of any 2-over-1 speed-up here. One process, two at once, one again."""
+    one = [facemesh_processes_at_once(corpus, 1)]
+    two = facemesh_processes_at_once(corpus, 2)
+    one.append(facemesh_processes_at_once(corpus, 1))
+    return {
+        "facemesh_1_process_fps": [round(f, 1) for f in one],
+        "facemesh_2_processes_fps": round(two, 1),
+        "facemesh_2_vs_1_processes": round(two / statistics.mean(one), 3),
+    }
 
 
 def preprocess(corpus: Path, out: Path, workers: int) -> dict:
@@ -161,9 +202,14 @@ def main() -> None:
             alone.append(facemesh_alone(frames))
         del frames
         big = preprocess(large, root / "out_large", workers=2)
-    ray.shutdown()
+        ray.shutdown()
+        scaling = facemesh_scaling(base)
     result = {"clips": args.clips, "clip_seconds": args.seconds, "frames": alone[0][0], "rounds": args.rounds}
     result.update(round_figures(alone, ones, twos))
+    result.update(scaling)
+    result["speedup_2_vs_1_processing_over_facemesh_2_vs_1"] = round(
+        result["speedup_2_vs_1_processing"] / scaling["facemesh_2_vs_1_processes"], 3
+    )
     small_mem = twos[-1]["peak_worker_rss_mb"]
     result.update(
         {
