@@ -19,12 +19,13 @@ FORWARDED_PREFIXES = ("AWS_", "LIPSYNC_", "MLFLOW_")
 
 
 # Imported by the per-clip code on first use rather than with its module, so that the command line starts
-# fast: scipy.signal (landmark smoothing) and librosa.feature (the AV-offset estimate's band energies).
+# fast: scipy.signal (landmark smoothing) and librosa.feature.spectral (the AV-offset estimate's band
+# energies, scoring's MFCCs; it brings librosa's STFT and numba kernels).
 DEFERRED_IMPORTS = ("scipy.signal", "librosa.feature.spectral")
 
 
 def import_deferred() -> None:
-    """Import DEFERRED_IMPORTS now. Actors call it in `__init__`: ~2.8 s of CPU (librosa's numba kernels
+    """Import DEFERRED_IMPORTS now. Actors call it in `__init__`: ~1.5 s of CPU here (librosa's numba kernels
     included) that their first input would otherwise pay, and count as its work."""
     for name in DEFERRED_IMPORTS:
         importlib.import_module(name)

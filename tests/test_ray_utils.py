@@ -180,7 +180,7 @@ FIRST_INPUT = textwrap.dedent(
 def test_actors_import_deferred_modules_when_built_not_on_their_first_input(
     kind: str, synth_corpus: Path, tmp_path: Path
 ) -> None:
-    """The per-clip code imports scipy.signal and librosa's features (~2.8 s of CPU) on first use, so that
+    """The per-clip code imports scipy.signal and librosa's features (~1.5 s of CPU) on first use, so that
     the command line starts without them; an actor imports them when it is built, so its first input
     neither waits for them nor counts them as its work."""
     done = subprocess.run(
