@@ -51,9 +51,9 @@ def random_syncnet(root: Path) -> str:
 def score(manifest: Path, out: Path, workers: int, syncnet: str | None) -> tuple[dict, float]:
     """Run the job on the already started Ray; returns (its result, wall seconds)."""
     from evaluation.score import ScoreConfig, run
-    from pipeline.stages import ResourcesConfig
+    from pipeline.stages import PoolConfig
 
-    cfg = replace(ScoreConfig(), resources=replace(ResourcesConfig(), workers=workers))
+    cfg = replace(ScoreConfig(), resources=replace(PoolConfig(), workers=workers))
     start = time.perf_counter()
     result = run(cfg, str(manifest), str(out), syncnet=syncnet)
     return result, time.perf_counter() - start

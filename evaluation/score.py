@@ -50,7 +50,7 @@ from pipeline.corpus import MANIFEST_EXTENSIONS, VIDEO_EXTENSIONS, discover, inp
 from pipeline.landmarks import FaceMeshTracker, fill_gaps, mouth_openness, smooth_landmarks
 from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
 from pipeline.ray_utils import ensure_ray, executor_poll_interval, import_deferred, map_on_actor_pool
-from pipeline.stages import ResourcesConfig
+from pipeline.stages import PoolConfig
 from pipeline.storage import Store, is_remote, join_uri, manifest_path, manifest_text
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ class ScoreConfig:
     calibration_min_confidence: float = 0.0  # rows below this landmark confidence are left out
     calibration_min_clips: int = 3  # languages / speakers with fewer validation clips get no entry
     calibration_used: str = ""  # the calibration the scored videos were generated with (default: none)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    # one video per call: an actor holds a whole decoded video (up to max_seconds), so calls do not overlap
+    resources: PoolConfig = field(default_factory=PoolConfig)
 
 
 class Unscorable(Exception):

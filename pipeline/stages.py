@@ -88,24 +88,33 @@ class AlignConfig:
 
 
 @dataclass(frozen=True)
-class ResourcesConfig:
-    """Ray sizing of the preprocessing actor pool."""
+class PoolConfig:
+    """Ray sizing of an actor pool that takes one input per call (scoring's; preprocessing extends it)."""
 
     workers: int = 2  # actors (each runs FaceMesh on one input at a time)
     cpus_per_worker: float = 0.9  # fractional, so the pool never takes every CPU
-    # preprocessing: inputs an actor holds at once. One is in FaceMesh; the others download, probe and
-    # decode their first second meanwhile, which would otherwise leave FaceMesh idle between inputs
-    inputs_per_worker: int = 2
     max_restarts: int = 3  # a killed actor is restarted and its input retried
     poll_seconds: float = 0.5  # Ray Data's driver loop interval (Ray: 0.1); an input takes seconds
 
     def validate(self) -> None:
-        """BadInput naming the first bad setting (preprocessing and scoring share these)."""
+        """BadInput naming the first bad setting."""
         if self.workers < 1 or self.cpus_per_worker <= 0:
             raise BadInput("resources.workers must be >= 1 and resources.cpus_per_worker > 0")
+        check_poll_seconds(self.poll_seconds)
+
+
+@dataclass(frozen=True)
+class ResourcesConfig(PoolConfig):
+    """Ray sizing of the preprocessing actor pool."""
+
+    # inputs an actor holds at once. One is in FaceMesh; the others download, probe and decode their
+    # first second meanwhile, which would otherwise leave FaceMesh idle between inputs
+    inputs_per_worker: int = 2
+
+    def validate(self) -> None:
+        super().validate()
         if self.inputs_per_worker < 1:
             raise BadInput("resources.inputs_per_worker must be >= 1")
-        check_poll_seconds(self.poll_seconds)
 
 
 @dataclass(frozen=True)

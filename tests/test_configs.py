@@ -60,12 +60,27 @@ def test_preprocess_and_score_refuse_the_same_bad_resources(bad: dict) -> None:
     from evaluation.score import ScoreConfig
     from evaluation.score import _validate as validate_score
     from pipeline.preprocess import _validate as validate_preprocess
-    from pipeline.stages import PreprocessConfig, ResourcesConfig
+    from pipeline.stages import PoolConfig, PreprocessConfig, ResourcesConfig
 
-    resources = ResourcesConfig(**bad)
     name = next(iter(bad))
     with pytest.raises(BadInput, match=name.split("_")[0]):
-        validate_preprocess(PreprocessConfig(resources=resources))
+        validate_preprocess(PreprocessConfig(resources=ResourcesConfig(**bad)))
     with pytest.raises(BadInput, match=name.split("_")[0]):
-        validate_score(ScoreConfig(resources=resources))
-    validate_score(ScoreConfig(resources=ResourcesConfig()))  # the defaults pass
+        validate_score(ScoreConfig(resources=PoolConfig(**bad)))
+    validate_score(ScoreConfig())  # the defaults pass
+    validate_preprocess(PreprocessConfig())
+
+
+def test_score_config_refuses_preprocessing_s_inputs_per_worker(tmp_path: Path) -> None:
+    """Scoring takes one video per call, so preprocessing's `resources.inputs_per_worker` is an unknown key
+    in a score config, named in the error, not a setting silently ignored."""
+    from evaluation.score import ScoreConfig
+    from pipeline.stages import PreprocessConfig
+
+    path = tmp_path / "resources.yaml"
+    path.write_text("resources:\n  workers: 1\n  inputs_per_worker: 3\n")
+    assert load_config(PreprocessConfig, path).resources.inputs_per_worker == 3
+    with pytest.raises(BadInput, match="unknown key.*inputs_per_worker"):
+        load_config(ScoreConfig, path)
+    with pytest.raises(BadInput, match="inputs_per_worker"):
+        load_config(PreprocessConfig, path, {"resources.inputs_per_worker": 0}).resources.validate()
