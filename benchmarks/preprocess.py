@@ -11,7 +11,8 @@ Prints and writes benchmarks/results/preprocess.json:
 - the cores one worker keeps busy (it and its ffmpeg children) and so the most 2 workers can gain over 1
   on this machine;
 - FaceMesh alone in 2 processes at once over 1 process: what this machine's two cores give a perfectly
-  parallel job (shared caches, memory bandwidth, clock), so a ceiling for the 2-over-1 speed-up too;
+  parallel job (shared caches, memory bandwidth, clock), a reference for the 2-over-1 speed-up; one
+  sequence of runs, so on a VM whose speed drifts it can even read above 2;
 - peak worker memory (max RSS of the actors) for a corpus 4x larger (target <= 1.2x).
 Usage: python benchmarks/preprocess.py [--clips 12] [--seconds 4] [--rounds 3]
 (--seconds: clip length; every input pays fixed ffprobe/ffmpeg start-up costs, so longer clips show
@@ -110,7 +111,8 @@ def facemesh_processes_at_once(corpus: Path, processes: int) -> float:
 
 def facemesh_scaling(corpus: Path) -> dict:
     """What this machine's cores give 2 FaceMesh processes over 1 (they share caches, memory bandwidth and
-    clock): the ceiling of any 2-over-1 speed-up here. One process, two at once, one again."""
+    clock): a reference for any 2-over-1 speed-up here. One process, two at once, one again; the ones
+    around the two bracket the machine's drift, not remove it (one run read 2.245)."""
     one = [facemesh_processes_at_once(corpus, 1)]
     two = facemesh_processes_at_once(corpus, 2)
     one.append(facemesh_processes_at_once(corpus, 1))
