@@ -279,23 +279,50 @@ def mouth_mask(points: np.ndarray, size: int, cfg: BlendConfig) -> np.ndarray:
     return mask
 
 
+def mask_support(mask: np.ndarray, margin: int = 2) -> tuple[slice, slice] | None:
+    """Rows and columns of `mask`'s non-zero pixels, widened by `margin` (clipped); None when all zero.
+
+    A bilinear warp of the crop reads at most one pixel beyond where its warped mask is non-zero (the
+    default margin keeps one more), so a colour change confined to this box pastes exactly as one over
+    the whole crop would.
+    """
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return None
+    height, width = mask.shape
+    return (
+        slice(max(0, rows[0] - margin), min(height, rows[-1] + 1 + margin)),
+        slice(max(0, cols[0] - margin), min(width, cols[-1] + 1 + margin)),
+    )
+
+
 def color_match(
     generated: np.ndarray, reference: np.ndarray, mask: np.ndarray, max_gain: float
 ) -> np.ndarray:
-    """Generated RGB crop with its LAB mean/std under `mask` moved to the reference crop's (Reinhard)."""
-    weights = mask.reshape(-1)
-    if weights.sum() < 1.0:
+    """Generated RGB crop with its LAB mean/std under `mask` moved to the reference crop's (Reinhard).
+
+    Only the mask's support (see `mask_support`) is converted; pixels outside it keep their values.
+    """
+    support = mask_support(mask)
+    if support is None or mask[support].sum() < 1.0:
         return generated
-    lab_g = cv2.cvtColor(generated.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB).reshape(-1, 3)
-    lab_r = cv2.cvtColor(reference.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB).reshape(-1, 3)
-    w = weights[:, None] / weights.sum()
-    mean_g, mean_r = (lab_g * w).sum(0), (lab_r * w).sum(0)
-    std_g = np.sqrt((((lab_g - mean_g) ** 2) * w).sum(0)) + 1e-3
-    std_r = np.sqrt((((lab_r - mean_r) ** 2) * w).sum(0)) + 1e-3
+    region = generated[support]
+    w = mask[support].reshape(-1) / mask[support].sum()
+    lab_g, lab_r = _lab(region).reshape(-1, 3), _lab(reference[support]).reshape(-1, 3)
+    mean_g, mean_r = w @ lab_g, w @ lab_r
+    std_g = np.sqrt(w @ np.square(lab_g - mean_g)) + 1e-3
+    std_r = np.sqrt(w @ np.square(lab_r - mean_r)) + 1e-3
     gain = np.clip(std_r / std_g, 1.0 / max_gain, max_gain)
-    matched = ((lab_g - mean_g) * gain + mean_r).reshape(generated.shape).astype(np.float32)
+    matched = ((lab_g - mean_g) * gain + mean_r).reshape(region.shape).astype(np.float32)
     rgb = cv2.cvtColor(matched, cv2.COLOR_LAB2RGB)
-    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    out = generated.copy()
+    out[support] = np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> float32 CIELAB (L in 0..100)."""
+    return cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
 
 
 def paste_mouth(frame: np.ndarray, generated: np.ndarray, box: np.ndarray, mask: np.ndarray) -> None:

@@ -356,6 +356,46 @@ def test_blend_changes_only_masked_pixels_and_matches_colour() -> None:
     assert np.abs(after - rgb[75:95, 75:100].mean(axis=(0, 1))).max() < 30  # colour-matched, not red
 
 
+def _reinhard_over_whole_crop(generated: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The colour match written plainly: LAB mean/std under the mask, every pixel of the crop moved."""
+    lab_g = cv2.cvtColor(generated.astype(np.float64).astype(np.float32) / 255, cv2.COLOR_RGB2LAB)
+    lab_r = cv2.cvtColor(reference.astype(np.float32) / 255, cv2.COLOR_RGB2LAB)
+    w = mask.astype(np.float64)[..., None] / mask.sum()
+    stats = [
+        ((lab * w).sum((0, 1)), np.sqrt((np.square(lab - (lab * w).sum((0, 1))) * w).sum((0, 1))) + 1e-3)
+        for lab in (lab_g.astype(np.float64), lab_r.astype(np.float64))
+    ]
+    (mean_g, std_g), (mean_r, std_r) = stats
+    gain = np.clip(std_r / std_g, 1 / 1.5, 1.5)
+    rgb = cv2.cvtColor(((lab_g - mean_g) * gain + mean_r).astype(np.float32), cv2.COLOR_LAB2RGB)
+    return np.clip(rgb * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def test_colour_match_on_the_mask_support_pastes_as_over_the_whole_crop() -> None:
+    """Converting only the mask's support (plus the warp's one-pixel reach) matches the whole crop's colour
+    match there, and the pixels left unconverted outside it cannot reach the pasted frame."""
+    rng = np.random.default_rng(3)
+    generated = cv2.GaussianBlur(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8), (0, 0), 2)
+    reference = cv2.GaussianBlur(rng.integers(40, 220, (96, 96, 3), dtype=np.uint8), (0, 0), 2)
+    hard_edged = np.zeros((96, 96), np.float32)
+    hard_edged[60:80, 30:70] = 1.0  # no feather: a leak at the support's edge would show at full weight
+    for mask in (pp.mouth_mask(_mouth_points(96), 96, pp.BlendConfig()), hard_edged):
+        matched = pp.color_match(generated, reference, mask, 1.5)
+        rows, cols = pp.mask_support(mask)
+        outside = np.ones(mask.shape, bool)
+        outside[rows, cols] = False
+        assert outside.any() and (matched[outside] == generated[outside]).all()
+        whole = _reinhard_over_whole_crop(generated, reference, mask)
+        assert np.abs(matched[rows, cols].astype(int) - whole[rows, cols]).max() <= 1
+        inverted_outside = np.where(outside[..., None], 255 - generated, matched)
+        for box in ([40.0, 10.0, 136.0, 106.0], [33.3, 7.6, 180.9, 155.2], [52.5, 20.2, 110.7, 78.4]):
+            pasted = [np.full((200, 220, 3), 128, np.uint8) for _ in range(2)]
+            pp.paste_mouth(pasted[0], matched, np.array(box), mask)
+            pp.paste_mouth(pasted[1], inverted_outside, np.array(box), mask)
+            assert (pasted[0] != 128).any(), box
+            np.testing.assert_array_equal(pasted[0], pasted[1], err_msg=f"outside the support leaks: {box}")
+
+
 def test_offset_correction_cancels_a_known_lag() -> None:
     fps, sr, n, lag = 25.0, 16000, 400, 3
     rng = np.random.default_rng(1)
