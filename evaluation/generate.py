@@ -326,8 +326,8 @@ class FaceStream:
         self.pushed = 0
 
     def push(self, frames: np.ndarray) -> list[Tracked]:
-        """Track a chunk; returns the frames whose smoothing is now final."""
-        track = self.tracker.track(frames, self.fps)
+        """Track a chunk (continuing the previous chunk's track); returns the frames now smoothed for good."""
+        track = self.tracker.track(frames, self.fps, resume=self.pushed > 0)
         self.frames = frames if self.frames is None else np.concatenate([self.frames, frames])
         self.raw = np.concatenate([self.raw, track.landmarks])
         self.found = np.concatenate([self.found, track.found])

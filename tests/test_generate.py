@@ -316,6 +316,27 @@ def test_frame_range_reader_runs_on_between_consecutive_ranges(
     assert not Path(f"/proc/{ffmpeg_pid}").exists()
 
 
+def test_face_stream_in_chunks_equals_tracking_and_smoothing_whole(synth_corpus: Path) -> None:
+    """Chunk by chunk, the stream continues one track (no fresh face detection per chunk) and emits what
+    tracking and smoothing the whole clip gives."""
+    from evaluation.generate import FaceStream
+
+    video = synth_corpus / pd.read_csv(synth_corpus / "manifest.csv")["video"][0]
+    frames = read_frames(video, fps=25.0)[:60]
+    with FaceMeshTracker(max_faces=1) as tracker:
+        whole = tracker.track(frames, 25.0)
+        smoothed = smooth_landmarks(whole.landmarks, whole.found)
+        stream = FaceStream(tracker, 25.0)
+        pieces = [p for start in range(0, 60, 13) for p in stream.push(frames[start : start + 13])]
+        pieces += stream.flush()
+    assert whole.found.all() and [p.start for p in pieces] == sorted({p.start for p in pieces})
+    np.testing.assert_array_equal(np.concatenate([p.frames for p in pieces]), frames)
+    np.testing.assert_array_equal(np.concatenate([p.landmarks for p in pieces]), smoothed)
+    np.testing.assert_array_equal(
+        np.concatenate([p.boxes for p in pieces]), crop_boxes(smoothed, frames.shape)
+    )
+
+
 def test_mpegts_is_remuxed_to_a_seekable_container(lavfi_clips: dict[str, Path], tmp_path: Path) -> None:
     path = str(lavfi_clips["ts"])
     assert pp.container_format(path) not in pp.SEEKABLE_FORMATS
