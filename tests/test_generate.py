@@ -379,7 +379,7 @@ def test_blend_changes_only_masked_pixels_and_matches_colour() -> None:
 
 def _reinhard_over_whole_crop(generated: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The colour match written plainly: LAB mean/std under the mask, every pixel of the crop moved."""
-    lab_g = cv2.cvtColor(generated.astype(np.float64).astype(np.float32) / 255, cv2.COLOR_RGB2LAB)
+    lab_g = cv2.cvtColor(generated.astype(np.float32) / 255, cv2.COLOR_RGB2LAB)
     lab_r = cv2.cvtColor(reference.astype(np.float32) / 255, cv2.COLOR_RGB2LAB)
     w = mask.astype(np.float64)[..., None] / mask.sum()
     stats = [
