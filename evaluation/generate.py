@@ -390,7 +390,7 @@ class PrepareStage:
 
     def __init__(self, cfg: GenerateConfig, img_size: int, calibration: Calibration, out: str) -> None:
         reuse_freed_memory()  # decoded frames and crops: every chunk's arrays would fault in afresh
-        import_deferred()  # landmark smoothing's scipy.signal, before the first pair
+        import_deferred()  # landmark smoothing's scipy.signal, the mel's STFT: before the first pair
         self.cfg, self.img_size, self.calibration = cfg, img_size, calibration
         self.work = f"{out.rstrip('/')}/{WORK_DIR}"
         self.tracker = FaceMeshTracker(max_faces=1, model_path=cfg.landmarker_model)

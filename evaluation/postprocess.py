@@ -304,10 +304,11 @@ def color_match(
     Only the mask's support (see `mask_support`) is converted; pixels outside it keep their values.
     """
     support = mask_support(mask)
-    if support is None or mask[support].sum() < 1.0:
+    weights = mask[support].reshape(-1) if support else None
+    if weights is None or weights.sum() < 1.0:
         return generated
+    w = weights / weights.sum()
     region = generated[support]
-    w = mask[support].reshape(-1) / mask[support].sum()
     lab_g, lab_r = _lab(region).reshape(-1, 3), _lab(reference[support]).reshape(-1, 3)
     mean_g, mean_r = w @ lab_g, w @ lab_r
     std_g = np.sqrt(w @ np.square(lab_g - mean_g)) + 1e-3
