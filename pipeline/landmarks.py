@@ -331,6 +331,59 @@ def mouth_openness(landmarks: np.ndarray) -> np.ndarray:
     return gap / inter_ocular(landmarks)
 
 
+# Lip shape: the AV-sync meter's view of the mouth (pipeline.offset)
+INNER_LIP_RING: tuple[int, ...] = (
+    78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95,
+)  # fmt: skip
+OUTER_LIP_RING: tuple[int, ...] = (
+    61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 375, 321, 405, 314, 17, 84, 181, 91, 146,
+)  # fmt: skip
+INNER_LIP_PAIRS = ((13, 14), (82, 87), (312, 317), (81, 178), (311, 402), (80, 88), (310, 318))
+OUTER_LIP_PAIRS = ((0, 17), (37, 84), (267, 314), (39, 181), (269, 405))
+LIP_SHAPE_POINTS = (0, 13, 14, 17, 61, 291, 78, 308, 152)  # lip centres and corners, chin
+LIP_SHAPE_FEATURES = 9 + 2 * len(LIP_SHAPE_POINTS)
+
+
+def _ring_area(points: np.ndarray) -> np.ndarray:
+    """Shoelace area of (T, N, 2) polygons."""
+    x, y = points[..., 0], points[..., 1]
+    return 0.5 * np.abs(np.sum(x * np.roll(y, -1, -1) - y * np.roll(x, -1, -1), axis=-1))
+
+
+def lip_shape(landmarks: np.ndarray) -> np.ndarray:
+    """(T, 27) float32 shape of the lips per frame, in inter-ocular units; NaN rows without a face.
+
+    Nine measures (inner and outer lip height, each the mean of several upper/lower pairs; outer and
+    inner width; inner and outer lip area; nose tip to chin; upper and lower lip thickness), then x and y
+    of the lip centres, lip corners and chin relative to the nose tip, in a frame aligned with the eye line.
+    Every feature is invariant to the face's size, position and in-plane rotation.
+    """
+    lm = np.asarray(landmarks, np.float64)[..., :2]
+    iod = inter_ocular(lm)
+
+    def dist(a: int, b: int) -> np.ndarray:
+        return np.linalg.norm(lm[:, a] - lm[:, b], axis=-1) / iod
+
+    measures = [
+        np.mean([dist(a, b) for a, b in INNER_LIP_PAIRS], axis=0),
+        np.mean([dist(a, b) for a, b in OUTER_LIP_PAIRS], axis=0),
+        dist(*MOUTH_CORNER_POINTS),
+        dist(78, 308),
+        _ring_area(lm[:, INNER_LIP_RING]) / iod**2,
+        _ring_area(lm[:, OUTER_LIP_RING]) / iod**2,
+        dist(NOSE_TIP_POINT, CHIN_POINT),
+        dist(0, 13),
+        dist(14, 17),
+    ]
+    a, b = EYE_CORNER_POINTS
+    x_axis = (lm[:, b] - lm[:, a]) / iod[:, None]
+    y_axis = np.stack([-x_axis[:, 1], x_axis[:, 0]], axis=1)
+    rel = lm[:, LIP_SHAPE_POINTS] - lm[:, NOSE_TIP_POINT : NOSE_TIP_POINT + 1]
+    xs = np.einsum("tpc,tc->tp", rel, x_axis) / iod[:, None]
+    ys = np.einsum("tpc,tc->tp", rel, y_axis) / iod[:, None]
+    return np.concatenate([np.stack(measures, axis=1), xs, ys], axis=1).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Scene cuts and segments
 
