@@ -2,13 +2,13 @@
 
 Nothing here needs trained weights, so every language is measured the same way:
 
-- the pipeline's AV offset estimator (mouth openness against the audio's band energies, ±max_lag frames)
-  and its confidence, and the Pearson correlation of mouth openness with the audio envelope (log RMS per
+- the AV-sync meter's offset (pipeline.offset: lip shape against the audio spectrum, ±max_lag frames),
+  its confidence and whether it abstains, and the Pearson correlation of mouth openness with the audio envelope (log RMS per
   frame) as played, at lag 0;
 - viseme agreement against a phoneme timeline in audio time: the share of bilabial phonemes (p, b, m)
   during which the lips close (the least open frame the phoneme overlaps is at most 0.35), and of open and
   open-mid vowels (viseme openness >= 0.65) during which the mouth is open (the mean over the frames they
-  overlap is at least 0.4). Openness is measured relative to the clip's own range (0 at its 5th percentile,
+  overlap is at least 0.4), each phoneme looked for MOUTH_LEAD_MS (80 ms) before it sounds. Openness is measured relative to the clip's own range (0 at its 5th percentile,
   1 at its 95th), so faces of any size and speakers who barely open their mouths are judged alike. Use
   unsmoothed landmarks: a two-frame closure is what smoothing removes first. The timeline comes from a JSON file (e.g. `lipsync synth`'s
   `*.phonemes.json`), else from the transcript: espeak-ng speaks it and dynamic time warping of MFCCs maps
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import phonemes as ph
+from pipeline.landmarks import lip_shape, mouth_openness
 from pipeline.offset import OffsetEstimate, audio_envelope, estimate_offset
 
 CLOSED_BELOW = 0.35  # normalised openness at or below which the lips count as closed
@@ -56,15 +57,21 @@ class VisemeAgreement:
 
 # --- landmark offset and correlation --------------------------------------------------------------------
 def landmark_sync(
-    openness: np.ndarray, pcm: np.ndarray, sample_rate: int, fps: float, max_lag: int = 15
-) -> tuple[OffsetEstimate, dict[str, float | int]]:
-    """The pipeline's offset estimate and its scores: offset, confidence, peak and lag-0 correlation."""
-    est = estimate_offset(openness, pcm, sample_rate, fps, max_lag=max_lag)
+    landmarks: np.ndarray, pcm: np.ndarray, sample_rate: int, fps: float, max_lag: int = 15
+) -> tuple[OffsetEstimate, dict[str, float | int | bool | str]]:
+    """The AV-sync meter's reading of smoothed landmarks and its scores: offset, confidence, whether it
+    abstains, peak correlation, and the lag-0 correlation of mouth openness with the audio envelope."""
+    est = estimate_offset(lip_shape(landmarks), pcm, sample_rate, fps, max_lag=max_lag)
+    openness = mouth_openness(landmarks)
     envelope = audio_envelope(pcm, sample_rate, len(openness), fps)
+    curve = np.asarray(est.correlations)
+    subframe = subframe_peak(curve, est.curve_max_lag) * fps / est.curve_fps if len(curve) else float("nan")
     scores = {
         "landmark_offset_frames": est.offset_frames,
-        "landmark_offset_subframe": subframe_peak(np.asarray(est.correlations), max_lag),
+        "landmark_offset_subframe": subframe,
         "landmark_confidence": est.confidence,
+        "landmark_abstained": est.abstained,
+        "landmark_reason": est.reason,
         "landmark_peak_correlation": est.peak_correlation,
         "openness_envelope_correlation": pearson(openness, envelope),
     }
@@ -134,9 +141,15 @@ def viseme_agreement(
     closed_below: float = CLOSED_BELOW,
     open_above: float = OPEN_ABOVE,
     vowel_min_openness: float = OPEN_VOWEL_MIN_OPENNESS,
+    lead_ms: float = ph.MOUTH_LEAD_MS,
 ) -> VisemeAgreement:
-    """Share of bilabials with closed lips and of open vowels with an open mouth (timeline in audio time)."""
+    """Share of bilabials with closed lips and of open vowels with an open mouth (timeline in audio time;
+    each phoneme's shape is looked for `lead_ms` before it sounds)."""
     norm = normalised_openness(openness)
+    phonemes = [  # the face shapes each phoneme before it sounds
+        ph.Phoneme(p.phoneme, p.start_ms - lead_ms, p.end_ms - lead_ms, p.viseme, p.openness)
+        for p in phonemes
+    ]
     bilabial = [p for p in phonemes if p.viseme == "bilabial"]
     vowels = [p for p in phonemes if p.viseme in ph.VOWEL_VISEMES and p.openness >= vowel_min_openness]
     closed = _hits(norm, bilabial, fps, np.min, lambda v: v <= closed_below)
@@ -204,5 +217,6 @@ def align_transcript(text: str, language: str, pcm: np.ndarray, sample_rate: int
 
 
 def timeline_openness(phonemes: list[ph.Phoneme], n_frames: int, fps: float) -> np.ndarray:
-    """The timeline's target openness per video frame (for plots against the measured openness)."""
-    return ph.openness_per_frame(phonemes, n_frames, fps)
+    """The timeline's target openness per video frame, as a mouth leading the sound shows it (for plots
+    against the measured openness)."""
+    return ph.openness_per_frame(phonemes, n_frames, fps, shift_ms=-ph.MOUTH_LEAD_MS)

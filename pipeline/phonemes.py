@@ -333,6 +333,12 @@ def cadence(phonemes: list[Phoneme]) -> dict[str, float]:
     }
 
 
+# Mouths shape a phoneme this long before it sounds: the AV-sync meter, fitted on real in-sync clips,
+# reads a mouth that moves exactly with the phonemes as 2 frames (80 ms) late. The synth corpus renders
+# its mouths this far ahead, and viseme scoring looks for each phoneme's shape this far ahead.
+MOUTH_LEAD_MS = 80.0
+
+
 def openness_curve(
     phonemes: list[Phoneme], duration_ms: float, step_ms: float = 1.0, smooth_ms: float = 25.0
 ) -> np.ndarray:

@@ -3,7 +3,8 @@
 Speech is espeak-ng (per-speaker voice variant, rate and pitch); the face is a real photograph that ships
 inside scikit-image (`skimage.data.astronaut`), turned into distinct "speakers" (zoom, position, mirror,
 colour, background) with small head motion and blinks. The jaw and lips follow the viseme openness of the
-phoneme timeline espeak-ng reported, smoothed for co-articulation. `--offset-frames K` delays (K > 0) or
+phoneme timeline espeak-ng reported, smoothed for co-articulation and 80 ms ahead of the sound, as real
+mouths are (`SynthConfig.mouth_lead_ms`). `--offset-frames K` delays (K > 0) or
 advances (K < 0) the audio against the mouth by K video frames; the manifest records it.
 """
 
@@ -58,6 +59,9 @@ class SynthConfig:
     fps: int = 25
     frame_size: int = 256
     max_opening: float = 0.45  # jaw drop at openness 1, as a fraction of the mouth width
+    # The mouth shapes each phoneme this long before it sounds, as real speakers do (ph.MOUTH_LEAD_MS),
+    # so "in sync" means the same for the synth corpus, real video and everything trained on either.
+    mouth_lead_ms: float = ph.MOUTH_LEAD_MS
     ray_min_clips: int = 24  # run clips as Ray tasks from this many clips on (or when --address is given)
 
 
@@ -393,7 +397,7 @@ def make_clip(job: ClipJob) -> dict[str, Any]:
     heard_timeline = _shift_phonemes(mouth_timeline, offset_s * 1000)  # what the audio says
 
     rig = build_rig(spk.look, cfg.frame_size, cfg.max_opening)
-    openness = ph.openness_per_frame(mouth_timeline, n_frames, cfg.fps)
+    openness = ph.openness_per_frame(mouth_timeline, n_frames, cfg.fps, shift_ms=-cfg.mouth_lead_ms)
     frames = render_frames(
         rig, openness, blink_track(n_frames, cfg.fps, rng), head_motion(n_frames, cfg.fps, rng)
     )
@@ -409,7 +413,11 @@ def make_clip(job: ClipJob) -> dict[str, Any]:
         "text": speech.text,
         "fps": cfg.fps,
         "injected_offset_frames": cfg.offset_frames,
-        "note": "phonemes are in audio time; the mouth follows them shifted by -injected_offset_frames",
+        "mouth_lead_ms": cfg.mouth_lead_ms,
+        "note": (
+            "phonemes are in audio time; the mouth follows them shifted by -injected_offset_frames"
+            " and shapes each one mouth_lead_ms before it sounds"
+        ),
         "cadence": ph.cadence(kept),
         "phonemes": ph.timeline_to_json(heard_timeline),
     }

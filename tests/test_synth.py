@@ -29,8 +29,9 @@ def measure(video: Path, tracker: FaceMeshTracker) -> tuple[np.ndarray, np.ndarr
 
 
 def peak_lag(opening: np.ndarray, timeline: list[ph.Phoneme], max_lag: int = 10) -> tuple[int, float]:
-    """Lag L maximising corr(opening(t), timeline_openness(t + L)); and the correlation at lag 0."""
-    expected = ph.openness_per_frame(timeline, len(opening), fps=25.0)
+    """Lag L maximising corr(opening(t), timeline_openness(t + L)); and the correlation at lag 0 (the
+    timeline as the mouth shows it: MOUTH_LEAD_MS ahead of the sound)."""
+    expected = ph.openness_per_frame(timeline, len(opening), fps=25.0, shift_ms=-ph.MOUTH_LEAD_MS)
     ok = np.isfinite(opening)
     corr = lagged_correlations(np.where(ok, opening, np.nanmean(opening)), expected, max_lag)
     return int(np.argmax(corr)) - max_lag, float(corr[max_lag])
