@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -51,7 +51,9 @@ from evaluation.postprocess import (
     correct_offset,
     fit_length,
     frames_for_audio,
+    frames_measure,
     i420_to_rgb,
+    lip_shape_measure,
     mouth_mask,
     mux_output,
     read_frame_range,
@@ -66,8 +68,18 @@ from lipsync.malloc import reuse_freed_memory
 from pipeline.audio import SAMPLE_RATE, mel_windows, melspectrogram
 from pipeline.corpus import _read_manifest
 from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
-from pipeline.landmarks import FaceMeshTracker, mouth_openness, smooth_landmarks
-from pipeline.media import MediaError, ProbeInfo, ReadAhead, iter_frames, local_path, probe, read_audio
+from pipeline.landmarks import FaceMeshTracker, lip_shape, smooth_landmarks
+from pipeline.media import (
+    MediaError,
+    ProbeInfo,
+    ReadAhead,
+    iter_frames,
+    local_path,
+    probe,
+    read_audio,
+    read_frames,
+)
+from pipeline.meters import SyncMeter, build_meter
 from pipeline.ray_utils import (
     check_poll_seconds,
     ensure_ray,
@@ -154,6 +166,9 @@ def validate(cfg: GenerateConfig) -> None:
             f"post.measure_seconds must be 0 (the whole output) or >= post.min_seconds ({post.min_seconds}),"
             f" not {post.measure_seconds}"
         )
+    post.validate("post.meter")
+    if post.meter != "landmarks" and post.measure_offset:
+        build_meter(post)  # unreadable or wrong weights fail here, before any worker starts
     check_poll_seconds(cfg.resources.poll_seconds)
 
 
@@ -237,7 +252,7 @@ ROW_SCHEMA = pa.schema(
         ("points", pa.binary()),
         ("source_index", pa.binary()),
         ("generated", pa.binary()),
-        ("openness", pa.binary()),
+        ("lips", pa.binary()),  # the output's lip shape per frame (pipeline.landmarks.lip_shape)
         ("part", pa.string()),  # the chunk's encoded file
     ]
 )
@@ -666,7 +681,7 @@ class CompositeStage:
         self.sources = SourceCache(cfg.resources.source_cache_files)
         self.frames = FrameRangeReader()  # chunks of a pair mostly arrive in order: one ffmpeg runs on
         self.tracker = None
-        if cfg.post.measure_offset:
+        if cfg.post.measure_offset and cfg.post.meter == "landmarks":  # network meters read the parts
             self.tracker = FaceMeshTracker(max_faces=1, model_path=cfg.landmarker_model)
             import_deferred()
 
@@ -683,7 +698,7 @@ class CompositeStage:
                 post = self.cfg.post
                 write_i420(row["part"], frames, row["fps"], crf=post.crf, preset=post.preset)
                 if self.tracker is not None and self.measured(row):
-                    row["openness"] = pack(self.openness(frames, row["fps"]))
+                    row["lips"] = pack(self.lips(frames, row["fps"]))
             except MediaError as exc:
                 row.update(status="failed", stage="composite", reason=exc.reason, message=str(exc))
         for name in _HEAVY:
@@ -718,14 +733,21 @@ class CompositeStage:
         limit = self.cfg.post.measure_seconds
         return limit <= 0 or row["start"] < limit * row["fps"]
 
-    def openness(self, frames: np.ndarray, fps: float) -> np.ndarray:
-        """Per-frame mouth openness of the output (NaN without a face), for the AV-offset estimate."""
-        height, width = frames.shape[1] * 2 // 3, frames.shape[2]
-        scale = min(1.0, self.cfg.track_max_side / max(width, height))
-        size = (max(2, round(width * scale)), max(2, round(height * scale)))
-        frames = np.stack([cv2.resize(i420_to_rgb(f), size, interpolation=cv2.INTER_AREA) for f in frames])
-        track = self.tracker.track(frames, fps)
-        return mouth_openness(smooth_landmarks(track.landmarks, track.found)).astype(np.float32)
+    def lips(self, frames: np.ndarray, fps: float) -> np.ndarray:
+        """Per-frame lip shape of the output (NaN rows without a face), for the AV-offset estimate."""
+        frames = np.stack([i420_to_rgb(f) for f in frames])
+        track = self.tracker.track(downscaled(frames, self.cfg.track_max_side), fps)
+        return lip_shape(smooth_landmarks(track.landmarks, track.found))
+
+
+def downscaled(frames: np.ndarray, max_side: int) -> np.ndarray:
+    """RGB frames resized so the longer side is at most `max_side` (for tracking)."""
+    height, width = frames.shape[1:3]
+    scale = min(1.0, max_side / max(width, height))
+    if scale >= 1.0:
+        return frames
+    size = (max(2, round(width * scale)), max(2, round(height * scale)))
+    return np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
 
 
 # --- driver: collect chunks, finish pairs -------------------------------------------------------
@@ -773,6 +795,8 @@ OUTPUT_SCHEMA = pa.schema(
         ("mel_offset_frames", pa.int64()),  # from the calibration file
         ("offset_before", pa.int64()),  # AV offset of the generated video (frames, > 0: audio lags)
         ("offset_confidence", pa.float64()),
+        ("offset_confident", pa.bool_()),  # the meter did not abstain (only then is the audio shifted)
+        ("offset_meter", pa.string()),
         ("offset_after", pa.int64()),  # after shifting the audio by offset_shift_frames
         ("offset_shift_frames", pa.int64()),  # audio advanced by this many frames (< 0: delayed)
         ("offset_frames_measured", pa.int64()),  # output frames the estimate used (post.measure_seconds)
@@ -797,8 +821,19 @@ def _failed_output(progress: PairProgress, stage: str, reason: str, message: str
     return _output_row(progress.pair, status="failed", stage=stage, reason=reason, message=message)
 
 
-def finalize_pair(cfg: GenerateConfig, out: str, pair: dict[str, Any], chunks: list[dict[str, Any]]) -> dict:
-    """Join a pair's chunk files with its audio, correct the AV offset; the pair's outputs.parquet row."""
+def finalize_pair(
+    cfg: GenerateConfig,
+    out: str,
+    pair: dict[str, Any],
+    chunks: list[dict[str, Any]],
+    meter: SyncMeter | None = None,
+    tracker: FaceMeshTracker | None = None,
+) -> dict:
+    """Join a pair's chunk files with its audio, correct the AV offset; the pair's outputs.parquet row.
+
+    The landmark meter reads the lip shape the composite stage measured; a network meter (`meter`, with
+    `tracker`) reads the first post.measure_seconds of the encoded chunks.
+    """
     started = time.perf_counter()
     chunks = sorted(chunks, key=lambda c: c["start"])
     first = chunks[0]
@@ -809,17 +844,17 @@ def finalize_pair(cfg: GenerateConfig, out: str, pair: dict[str, Any], chunks: l
     advance = 0
     try:
         if cfg.post.measure_offset:
-            # The measured chunks are the first ones (CompositeStage.measured): the output's opening seconds.
-            openness = np.concatenate([unpack(c["openness"]) for c in chunks if c["openness"]])
             pcm = fit_length(read_audio(audio, SAMPLE_RATE), int(round(n_out / fps * SAMPLE_RATE)))
-            pcm = pcm[: int(round(len(openness) / fps * SAMPLE_RATE))]
-            fix = correct_offset(openness, pcm, SAMPLE_RATE, fps, cfg.post)
+            measure, n_measured = _offset_measure(cfg, chunks, pcm, fps, meter, tracker)
+            fix = correct_offset(measure, n_measured, fps, cfg.post)
             advance = fix.shift_frames
             offsets = {
                 "offset_before": fix.before.offset_frames,
                 "offset_confidence": round(fix.before.confidence, 4),
+                "offset_confident": fix.before.confident,
+                "offset_meter": fix.before.meter,
                 "offset_after": fix.after.offset_frames,
-                "offset_frames_measured": len(openness),
+                "offset_frames_measured": n_measured,
             }
         parts, sizes = [c["part"] for c in chunks], [c["n_frames"] for c in chunks]
         mux_output(parts, sizes, audio, fps, target, cfg.post, advance / fps)
@@ -845,6 +880,31 @@ def finalize_pair(cfg: GenerateConfig, out: str, pair: dict[str, Any], chunks: l
         seconds=round(sum(c["seconds"] for c in chunks) + time.perf_counter() - started, 3),
         **offsets,
     )
+
+
+def _offset_measure(
+    cfg: GenerateConfig,
+    chunks: list[dict[str, Any]],
+    pcm: np.ndarray,
+    fps: float,
+    meter: SyncMeter | None,
+    tracker: FaceMeshTracker | None,
+) -> tuple[Callable[[int], Any], int]:
+    """(measure(shift) for correct_offset, frames it reads) over the output's opening seconds."""
+    if meter is None or not meter.needs_frames:
+        # The measured chunks are the first ones (CompositeStage.measured): the output's opening seconds.
+        lips = np.concatenate([unpack(c["lips"]) for c in chunks if c["lips"]])
+        pcm = pcm[: int(round(len(lips) / fps * SAMPLE_RATE))]
+        return lip_shape_measure(lips, pcm, SAMPLE_RATE, fps, cfg.post), len(lips)
+    limit = cfg.post.measure_seconds
+    measured = [c for c in chunks if limit <= 0 or c["start"] < limit * fps]
+    frames = np.concatenate(
+        [downscaled(read_frames(c["part"], fps=None), cfg.track_max_side) for c in measured]
+    )
+    track = tracker.track(frames, fps)
+    landmarks = smooth_landmarks(track.landmarks, track.found)
+    pcm = pcm[: int(round(len(frames) / fps * SAMPLE_RATE))]
+    return frames_measure(meter, frames, landmarks, pcm, SAMPLE_RATE, fps, cfg.post), len(frames)
 
 
 def _remove(uri: str) -> None:
@@ -931,11 +991,15 @@ class FinalizeStage:
 
     def __init__(self, cfg: GenerateConfig, out: str) -> None:
         self.cfg, self.out = cfg, out
+        self.meter, self.tracker = None, None
         if cfg.post.measure_offset:
             import_deferred()  # the offset estimate's librosa, before the first pair's last chunk
+            if cfg.post.meter != "landmarks":
+                self.meter = build_meter(cfg.post)
+                self.tracker = FaceMeshTracker(max_faces=1, model_path=cfg.landmarker_model)
 
     def finalize(self, pair: dict[str, Any], chunks: list[dict[str, Any]]) -> dict[str, Any]:
-        return finalize_pair(self.cfg, self.out, pair, chunks)
+        return finalize_pair(self.cfg, self.out, pair, chunks, self.meter, self.tracker)
 
 
 def _finalizers(cfg: GenerateConfig, out: str, pairs: int) -> list[Any]:

@@ -20,7 +20,7 @@ import os
 import subprocess
 import tempfile
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -45,6 +45,7 @@ from pipeline.media import (
     read_exact,
     run_ffmpeg,
 )
+from pipeline.meters import MeterConfig, SyncMeter
 from pipeline.offset import OffsetEstimate, estimate_offset
 
 EXTENSION_MODES = ("pingpong", "loop", "freeze")
@@ -411,8 +412,13 @@ def i420_to_rgb(frame: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class PostprocessConfig:
-    """Encoding, stabilisation and AV-offset correction of the finished video."""
+class PostprocessConfig(MeterConfig):
+    """Encoding, stabilisation and AV-offset correction of the finished video.
+
+    The output's offset is read by `meter` (landmarks | syncnet_v2 | expert with `weights`; see
+    pipeline.meters) and corrected only when the meter does not abstain (`min_confidence`, None: the
+    meter's own threshold) and the correction moves the re-measured offset toward 0.
+    """
 
     crf: int = 16  # x264 quality of the chunks (and of the stabilised re-encode)
     preset: str = "veryfast"
@@ -420,7 +426,6 @@ class PostprocessConfig:
     stabilise: str = "off"  # off | auto (vidstab when this ffmpeg has it, else deshake) | vidstab | deshake
     measure_offset: bool = True  # track the generated mouth and estimate the output's AV offset
     correct_offset: bool = True  # shift the audio when the estimate is confident and large enough
-    min_confidence: float = 0.2
     min_seconds: float = 6.0  # shorter outputs are measured but never corrected (too few mouth movements)
     measure_seconds: float = 60.0  # only the output's first seconds are tracked for the estimate (0: all)
     min_abs_offset: int = 2  # frames; smaller measured offsets are left alone (estimator noise)
@@ -462,22 +467,63 @@ class OffsetCorrection:
 
 
 def correct_offset(
-    openness: np.ndarray, pcm: np.ndarray, sample_rate: int, fps: float, cfg: PostprocessConfig
+    measure: Callable[[int], OffsetEstimate], n_frames: int, fps: float, cfg: PostprocessConfig
 ) -> OffsetCorrection:
-    """Estimate the offset of generated mouths against the audio; decide the audio shift that cancels it."""
-    before = estimate_offset(openness, pcm, sample_rate, fps, max_lag=cfg.max_lag)
+    """Decide the audio shift that cancels the output's AV offset.
+
+    `measure(shift)` reads the offset with the audio advanced by `shift` frames (0: as generated). The
+    audio is shifted only when the first reading is confident, long enough and within the configured
+    range, and only when the reading after the shift is closer to 0 than before: a correction never
+    moves the measured offset away from sync.
+    """
+    before = measure(0)
     d = before.offset_frames
-    long_enough = len(openness) >= cfg.min_seconds * fps
-    confident = before.confidence >= cfg.min_confidence and long_enough
-    if not (cfg.correct_offset and confident and cfg.min_abs_offset <= abs(d) <= cfg.max_abs_offset):
+    long_enough = n_frames >= cfg.min_seconds * fps
+    if not (
+        cfg.correct_offset
+        and before.confident
+        and long_enough
+        and cfg.min_abs_offset <= abs(d) <= cfg.max_abs_offset
+    ):
         return OffsetCorrection(before, before, 0)
-    mouth, audio = advance_audio(openness, pcm, sample_rate, fps, d)
-    after = estimate_offset(mouth, audio, sample_rate, fps, max_lag=cfg.max_lag)
+    after = measure(d)
+    if abs(after.offset_frames) >= abs(d):
+        return OffsetCorrection(before, after, 0)
     return OffsetCorrection(before, after, d)
 
 
+def lip_shape_measure(
+    lips: np.ndarray, pcm: np.ndarray, sample_rate: int, fps: float, cfg: PostprocessConfig
+) -> Callable[[int], OffsetEstimate]:
+    """`measure(shift)` for correct_offset from the output's lip shape (the landmark meter)."""
+
+    def measure(shift: int) -> OffsetEstimate:
+        mouth, audio = advance_audio(lips, pcm, sample_rate, fps, shift)
+        return estimate_offset(mouth, audio, sample_rate, fps, cfg.max_lag, min_confidence=cfg.threshold)
+
+    return measure
+
+
+def frames_measure(
+    meter: SyncMeter,
+    frames: np.ndarray,
+    landmarks: np.ndarray,
+    pcm: np.ndarray,
+    sample_rate: int,
+    fps: float,
+    cfg: PostprocessConfig,
+) -> Callable[[int], OffsetEstimate]:
+    """`measure(shift)` for correct_offset from the output's frames and landmarks (a network meter)."""
+
+    def measure(shift: int) -> OffsetEstimate:
+        index, audio = advance_audio(np.arange(len(frames)), pcm, sample_rate, fps, shift)
+        return meter.measure(frames[index], landmarks[index], audio, sample_rate, fps, cfg.max_lag)
+
+    return measure
+
+
 def advance_audio(
-    openness: np.ndarray, pcm: np.ndarray, sample_rate: int, fps: float, frames: int
+    signal: np.ndarray, pcm: np.ndarray, sample_rate: int, fps: float, frames: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame signal and PCM with the audio advanced by `frames` (< 0 delays), both cut to the overlap.
 
@@ -485,10 +531,10 @@ def advance_audio(
     """
     shift = int(round(abs(frames) * sample_rate / fps))
     if frames > 0:
-        return openness[: len(openness) - frames], pcm[shift:]
+        return signal[: len(signal) - frames], pcm[shift:]
     if frames < 0:
-        return openness[-frames:], pcm[: max(0, len(pcm) - shift)]
-    return openness, pcm
+        return signal[-frames:], pcm[: max(0, len(pcm) - shift)]
+    return signal, pcm
 
 
 def _concat_list(parts: Sequence[str], durations: Sequence[float], directory: str) -> str:

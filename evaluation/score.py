@@ -49,6 +49,7 @@ from pipeline import phonemes as ph
 from pipeline.corpus import MANIFEST_EXTENSIONS, VIDEO_EXTENSIONS, discover, input_id
 from pipeline.landmarks import FaceMeshTracker, fill_gaps, mouth_openness, smooth_landmarks
 from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
+from pipeline.meters import METERS, MeterConfig
 from pipeline.ray_utils import ensure_ray, executor_poll_interval, import_deferred, map_on_actor_pool
 from pipeline.stages import PoolConfig
 from pipeline.storage import Store, is_remote, join_uri, manifest_path, manifest_text
@@ -77,7 +78,10 @@ class ScoreConfig:
     quality_frames: int = 50  # frames sampled for PSNR/SSIM and sharpness
     trace_frames: int = 750  # per-frame traces kept per row for the report (30 s at 25 fps)
     system: str = ""  # system name of rows without a `system` column ("" = the input's name)
-    calibration_min_confidence: float = 0.0  # rows below this landmark confidence are left out
+    # which meter's offsets calibrate generation: landmarks, syncnet_v2 (lse_v2_* columns, needs
+    # --syncnet-v2) or expert (lse_* columns, needs --syncnet); rows it abstains on are left out
+    calibration_meter: str = "landmarks"
+    calibration_min_confidence: float | None = None  # None: the meter's own threshold
     calibration_min_clips: int = 3  # languages / speakers with fewer validation clips get no entry
     calibration_used: str = ""  # the calibration the scored videos were generated with (default: none)
     # one video per call: an actor holds a whole decoded video (up to max_seconds), so calls do not overlap
@@ -335,7 +339,7 @@ class ClipScorer:
         smooth = smooth_landmarks(track.landmarks, track.found)
         raw = fill_gaps(track.landmarks, track.found)[0]
         openness = mouth_openness(smooth)
-        est, scores = landmark_sync(openness, pcm, cfg.sample_rate, cfg.fps, cfg.max_lag)
+        est, scores = landmark_sync(smooth, pcm, cfg.sample_rate, cfg.fps, cfg.max_lag)
         scores.update(
             n_frames=len(frames),
             duration_s=len(frames) / cfg.fps,
@@ -420,6 +424,8 @@ class ClipScorer:
 def _validate(cfg: ScoreConfig) -> None:
     if cfg.fps <= 0 or cfg.max_side < 64 or cfg.vshift < 1 or cfg.max_lag < 1:
         raise BadInput("fps must be > 0, max_side >= 64, vshift and max_lag >= 1")
+    if cfg.calibration_meter not in METERS:
+        raise BadInput(f"calibration_meter must be one of {', '.join(METERS)}, not {cfg.calibration_meter!r}")
     cfg.resources.validate()
 
 
@@ -539,17 +545,30 @@ def summary_document(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def calibration_from_scores(rows: list[dict[str, Any]], cfg: ScoreConfig) -> Calibration:
-    """Per-language and per-speaker calibration from the landmark AV offsets of the validation rows.
+CALIBRATION_COLUMNS = {  # meter -> (offset column, confidence column) of scores.parquet
+    "landmarks": ("landmark_offset_frames", "landmark_confidence"),
+    "syncnet_v2": ("lse_v2_offset_frames", "lse_v2_c"),
+    "expert": ("lse_offset_frames", "lse_c"),
+}
 
-    Validation rows are those with split "val" (all rows when no row has a split); rows below
-    `calibration_min_confidence` are left out; `calibration_used` is the calibration the videos were
+
+def calibration_from_scores(rows: list[dict[str, Any]], cfg: ScoreConfig) -> Calibration:
+    """Per-language and per-speaker calibration from the AV offsets the chosen meter read on the
+    validation rows.
+
+    Validation rows are those with split "val" (all rows when no row has a split); readings the meter
+    abstains on (below `calibration_min_confidence`, by default its own threshold) are left out; `calibration_used` is the calibration the videos were
     generated with (entries become k_used - round(median offset), see `evaluation.calibration`).
     """
+    offset_key, confidence_key = CALIBRATION_COLUMNS[cfg.calibration_meter]
+    threshold = MeterConfig(cfg.calibration_meter, min_confidence=cfg.calibration_min_confidence).threshold
     usable = [
         r
         for r in rows
-        if r["status"] == "ok" and (r.get("landmark_confidence") or 0.0) >= cfg.calibration_min_confidence
+        if r["status"] == "ok"
+        and r.get(offset_key) is not None
+        and (r.get(confidence_key) or 0.0) >= threshold
+        and not (cfg.calibration_meter == "landmarks" and r.get("landmark_reason"))
     ]
     if any(r.get("split") for r in usable):
         usable = [r for r in usable if r.get("split") in ("val", "validation")]
@@ -558,15 +577,15 @@ def calibration_from_scores(rows: list[dict[str, Any]], cfg: ScoreConfig) -> Cal
     by_language: dict[str, list[float]] = defaultdict(list)
     by_speaker: dict[str, list[float]] = defaultdict(list)
     for r in usable:
-        by_language[r["language"]].append(r["landmark_offset_frames"])
+        by_language[r["language"]].append(r[offset_key])
         if r.get("speaker"):
-            by_speaker[r["speaker"]].append(r["landmark_offset_frames"])
+            by_speaker[r["speaker"]].append(r[offset_key])
     return calibration_from_offsets(
         by_language,
         by_speaker,
         used=load_calibration(cfg.calibration_used or None),
         min_clips=cfg.calibration_min_clips,
-        extra={"source": "lipsync score: landmark_offset_frames", "fps": cfg.fps},
+        extra={"source": f"lipsync score: {offset_key} ({cfg.calibration_meter} meter)", "fps": cfg.fps},
     )
 
 
@@ -587,6 +606,10 @@ def run(
     if reference:
         attach_references(rows, reference)
     _check_models(syncnet, syncnet_v2)
+    needs = {"syncnet_v2": (syncnet_v2, "--syncnet-v2"), "expert": (syncnet, "--syncnet")}
+    if calibration_out and cfg.calibration_meter in needs and not needs[cfg.calibration_meter][0]:
+        flag = needs[cfg.calibration_meter][1]
+        raise BadInput(f"calibration_meter {cfg.calibration_meter} reads that network's scores: pass {flag}")
     store = Store(out)
     try:
         store.makedirs()

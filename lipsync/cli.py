@@ -61,9 +61,16 @@ def _preprocess(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _offset(args: argparse.Namespace) -> dict[str, Any]:
+    from lipsync.config import load_config
+    from pipeline.meters import MeterConfig, build_meter
     from pipeline.offset import offset_of_video
 
-    return offset_of_video(args.video, max_lag=args.max_lag).to_dict()
+    overrides = {"meter": args.meter, "weights": args.weights, "min_confidence": args.min_confidence}
+    meter = build_meter(load_config(MeterConfig, args.config, overrides))
+    return {
+        "video": args.video,
+        **offset_of_video(args.video, max_lag=args.max_lag, meter=meter).to_dict(curve=True),
+    }
 
 
 def _demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -271,9 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, ray=True)
     p.set_defaults(handler=_preprocess)
 
-    p = sub.add_parser("offset", help="model-free AV offset of one video (frames; > 0: audio lags)")
+    p = sub.add_parser("offset", help="AV offset of one video (frames; > 0: audio lags), or an abstention")
     p.add_argument("video")
     p.add_argument("--max-lag", type=int, default=15, help="search offsets within +-N frames")
+    p.add_argument("--meter", help="landmarks (default, model-free) | syncnet_v2 | expert")
+    p.add_argument("--weights", help="syncnet_v2.model file, or a `lipsync train syncnet` checkpoint")
+    p.add_argument("--min-confidence", type=float, help="abstain below this (default: the meter's own)")
     _common(p)
     p.set_defaults(handler=_offset)
 

@@ -23,8 +23,9 @@ from lipsync.config import code_version, to_dict
 from lipsync.errors import BadInput
 from pipeline.corpus import discover
 from pipeline.media import TOOL_KILLED
+from pipeline.meters import build_meter
 from pipeline.ray_utils import ensure_ray, executor_poll_interval, map_on_actor_pool
-from pipeline.stages import STATE_DIR, ClipPreprocessor, PreprocessConfig, output_hash
+from pipeline.stages import STATE_DIR, AlignConfig, ClipPreprocessor, PreprocessConfig, output_hash
 from pipeline.storage import Store
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,9 @@ REJECT_COLUMNS = (
 
 
 def _validate(cfg: PreprocessConfig) -> None:
-    if cfg.align.mode not in ("keep", "repair", "reject"):
-        raise BadInput(f"align.mode must be keep, repair or reject, not {cfg.align.mode!r}")
+    cfg.align.validate()
+    if cfg.align.meter != "landmarks":
+        build_meter(cfg.align)  # unreadable or wrong weights fail here, before any worker starts
     if cfg.crop_size < 32 or cfg.crop_size % 2:
         raise BadInput(f"crop_size must be an even number >= 32, not {cfg.crop_size}")
     cfg.resources.validate()
@@ -152,8 +154,14 @@ def assign_splits(clips: list[dict[str, Any]], val_fraction: float, seed: int) -
     return split
 
 
-def data_card(clips: list[dict[str, Any]], rejects: list[dict[str, Any]], n_inputs: int) -> dict[str, Any]:
-    """Hours, speakers and clips per language (and accent, emotion), cadence, rejects by reason."""
+def data_card(
+    clips: list[dict[str, Any]],
+    rejects: list[dict[str, Any]],
+    n_inputs: int,
+    align: AlignConfig | None = None,
+) -> dict[str, Any]:
+    """Hours, speakers and clips per language (and accent, emotion), cadence, rejects by reason, and the
+    meter that aligned the corpus."""
     per_language: dict[str, dict[str, Any]] = {}
     for lang in sorted({c["language"] for c in clips}):
         mine = [c for c in clips if c["language"] == lang]
@@ -166,6 +174,9 @@ def data_card(clips: list[dict[str, Any]], rejects: list[dict[str, Any]], n_inpu
             "val_clips": sum(c["split"] == "val" for c in mine),
             "phonemes_per_second": round(sum(cadence) / len(cadence), 2) if cadence else None,
             "mean_abs_av_offset_frames": round(sum(abs(c["av_offset_frames"]) for c in mine) / len(mine), 3),
+            "av_offset_confident_share": round(
+                sum(bool(c.get("av_offset_confident")) for c in mine) / len(mine), 3
+            ),
         }
     return {
         "inputs": n_inputs,
@@ -177,6 +188,16 @@ def data_card(clips: list[dict[str, Any]], rejects: list[dict[str, Any]], n_inpu
         "languages": per_language,
         "accents": dict(sorted(Counter(c["accent"] for c in clips if c.get("accent")).items())),
         "emotions": dict(sorted(Counter(c["emotion"] for c in clips if c.get("emotion")).items())),
+        "aligned_by": None
+        if align is None
+        else {
+            "meter": align.meter,
+            "weights": align.weights,
+            "min_confidence": align.threshold,
+            "mode": align.mode,
+            "max_abs_offset": align.max_abs_offset,
+            "on_abstain": align.on_abstain,
+        },
     }
 
 
@@ -222,7 +243,7 @@ def run(cfg: PreprocessConfig, source: str, out: str, address: str | None = None
     store.write_table("rejects.parquet", _table(rejects, REJECT_COLUMNS))
     wall = time.perf_counter() - started
     summary = {
-        **data_card(clips, rejects, len(inputs)),
+        **data_card(clips, rejects, len(inputs), cfg.align),
         "processed_inputs": len(pending),
         "skipped_inputs": len(done),
         "throughput": {

@@ -36,7 +36,6 @@ from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
 from pipeline.landmarks import (
     FaceMeshTracker,
     FaceTrack,
-    mouth_openness,
     scene_cuts,
     smooth_landmarks,
     split_segments,
@@ -51,7 +50,8 @@ from pipeline.media import (
     probe,
     read_audio,
 )
-from pipeline.offset import OffsetEstimate, estimate_offset
+from pipeline.meters import MeterConfig, build_meter
+from pipeline.offset import OffsetEstimate
 from pipeline.ray_utils import check_poll_seconds, import_deferred
 from pipeline.shards import encode_row
 from pipeline.storage import Store
@@ -78,13 +78,23 @@ STATUS_COLUMNS = (
 
 
 @dataclass(frozen=True)
-class AlignConfig:
-    """What to do with the measured AV offset: keep it, repair it (shift the audio), or reject."""
+class AlignConfig(MeterConfig):
+    """Which meter measures each clip's AV offset (landmarks | syncnet_v2 | expert, with `weights` for the
+    last two; `min_confidence` None: the meter's own threshold), and what to do with a confident reading:
+    keep it, repair it (shift the audio to 0) or reject the clip beyond `max_abs_offset`. A reading the
+    meter abstains on is never repaired; `on_abstain: reject` drops such clips (low_sync_confidence)."""
 
     mode: str = "keep"  # keep | repair | reject
     max_abs_offset: int = 6  # frames; `reject` drops clips beyond it, `repair` only fixes up to it
-    min_confidence: float = 0.0  # clips below are rejected as low_sync_confidence (0 disables)
+    on_abstain: str = "keep"  # keep | reject
     max_lag: int = 15
+
+    def validate(self, key: str = "align.meter") -> None:
+        super().validate(key)
+        if self.mode not in ("keep", "repair", "reject"):
+            raise BadInput(f"align.mode must be keep, repair or reject, not {self.mode!r}")
+        if self.on_abstain not in ("keep", "reject"):
+            raise BadInput(f"align.on_abstain must be keep or reject, not {self.on_abstain!r}")
 
 
 @dataclass(frozen=True)
@@ -318,10 +328,11 @@ class CropStage:
 
 
 class AlignStage:
-    """Model-free AV offset of a segment; keep, repair (shift the audio to offset 0) or reject."""
+    """A segment's AV offset from the configured meter; keep, repair (shift the audio to 0) or reject."""
 
     def __init__(self, cfg: PreprocessConfig) -> None:
         self.cfg = cfg
+        self.meter = build_meter(cfg.align)
 
     def audio_for(self, pcm: np.ndarray, start: int, n_frames: int, shift_frames: int = 0) -> np.ndarray:
         """The PCM under frames [start, start+n) — taken `shift_frames` later to advance the audio."""
@@ -338,29 +349,29 @@ class AlignStage:
         """(estimate, the segment's PCM after any repair, whether it was repaired)."""
         n = len(seg.frames)
         seg_pcm = self.audio_for(pcm, seg.start, n)
-        est = estimate_offset(
-            mouth_openness(seg.landmarks), seg_pcm, self.cfg.sample_rate, self.cfg.fps, self.cfg.align.max_lag
-        )
         align = self.cfg.align
-        if align.min_confidence > 0 and est.confidence < align.min_confidence:
-            raise Reject(
-                "align",
-                filters.LOW_SYNC_CONFIDENCE,
-                f"sync confidence {est.confidence:.3f} < {align.min_confidence}",
-            )
-        if align.mode == "reject" and abs(est.offset_frames) > align.max_abs_offset:
+        est = self.meter.measure(
+            seg.frames, seg.landmarks, seg_pcm, self.cfg.sample_rate, self.cfg.fps, align.max_lag
+        )
+        if est.abstained:
+            if align.on_abstain == "reject":
+                raise Reject(
+                    "align",
+                    filters.LOW_SYNC_CONFIDENCE,
+                    f"the {est.meter} meter abstains ({est.reason}, confidence {est.confidence:.3f}"
+                    f" < {est.min_confidence})"
+                    if est.reason == "low_confidence"
+                    else f"the {est.meter} meter abstains ({est.reason})",
+                )
+            return est, seg_pcm, False
+        too_large = abs(est.offset_frames) > align.max_abs_offset
+        if too_large and align.mode in ("reject", "repair"):
             raise Reject(
                 "align",
                 filters.OFFSET_TOO_LARGE,
-                f"|offset| {abs(est.offset_frames)} > {align.max_abs_offset} frames",
+                f"|offset| {abs(est.offset_frames)} > {align.max_abs_offset} frames ({est.meter} meter)",
             )
         if align.mode == "repair" and est.offset_frames != 0:
-            if abs(est.offset_frames) > align.max_abs_offset:
-                raise Reject(
-                    "align",
-                    filters.OFFSET_TOO_LARGE,
-                    f"|offset| {abs(est.offset_frames)} > {align.max_abs_offset} frames",
-                )
             return est, self.audio_for(pcm, seg.start, n, est.offset_frames), True
         return est, seg_pcm, False
 
@@ -555,6 +566,8 @@ class ClipPreprocessor:
             "audio_dbfs": filters.rms_dbfs(seg_pcm),
             "av_offset_frames": est.offset_frames,
             "av_offset_confidence": est.confidence,
+            "av_offset_confident": est.confident,
+            "av_offset_meter": est.meter,
             "av_offset_repaired": repaired,
             "mel_frames": int(mel.shape[1]),
             "shard": f"{SHARD_DIR}/{row['input_id']}.parquet",
@@ -573,6 +586,7 @@ class ClipPreprocessor:
                 "end_frame",
                 "av_offset_frames",
                 "av_offset_confidence",
+                "av_offset_confident",
                 "config_hash",
             )
         }

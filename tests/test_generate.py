@@ -14,6 +14,7 @@ import io
 import json
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -36,6 +37,7 @@ from lipsync.errors import BadInput
 from pipeline.crops import crop_boxes
 from pipeline.landmarks import FaceMeshTracker, smooth_landmarks
 from pipeline.media import MediaError, iter_frames, probe, read_audio, read_frames
+from pipeline.offset import OffsetEstimate
 
 SECONDS = 0.8
 HIDDEN = range(6, 12)  # portrait frames with a black box over the face
@@ -417,16 +419,43 @@ def test_colour_match_on_the_mask_support_pastes_as_over_the_whole_crop() -> Non
             np.testing.assert_array_equal(pasted[0], pasted[1], err_msg=f"outside the support leaks: {box}")
 
 
-def test_offset_correction_cancels_a_known_lag() -> None:
-    fps, sr, n, lag = 25.0, 16000, 400, 3
-    rng = np.random.default_rng(1)
-    mouth = np.convolve(rng.random(n + 20), np.ones(4) / 4, "same")[:n]
-    envelope = np.repeat(np.concatenate([np.zeros(lag), mouth[: n - lag]]), sr // 25)  # sound arrives late
-    pcm = (rng.standard_normal(len(envelope)) * (0.02 + envelope)).astype(np.float32)
-    fix = pp.correct_offset(mouth, pcm, sr, fps, pp.PostprocessConfig(min_confidence=0.0))
-    assert fix.before.offset_frames == lag and fix.shift_frames == lag and fix.after.offset_frames == 0
-    unfixed = pp.correct_offset(mouth, pcm, sr, fps, pp.PostprocessConfig(correct_offset=False))
+def _reading(offset: int, confident: bool = True) -> OffsetEstimate:
+    return OffsetEstimate(offset, 5.0 if confident else 1.0, reason="" if confident else "low_confidence")
+
+
+def test_offset_correction_is_applied_only_when_confident_and_toward_zero() -> None:
+    """The decision: shift by the confident reading; never on an abstention, a short output, or when the
+    re-measured offset would not be closer to 0 than before."""
+    cfg = pp.PostprocessConfig(min_seconds=4.0)
+
+    def meter(true_offset: int, confident: bool = True):  # noqa: ANN202 - reads true_offset - shift
+        return lambda shift: _reading(true_offset - shift, confident)
+
+    fix = pp.correct_offset(meter(4), 250, 25.0, cfg)
+    assert (fix.before.offset_frames, fix.shift_frames, fix.after.offset_frames) == (4, 4, 0)
+    assert pp.correct_offset(meter(4, confident=False), 250, 25.0, cfg).shift_frames == 0
+    assert pp.correct_offset(meter(4), 50, 25.0, cfg).shift_frames == 0  # 2 s < min_seconds
+    assert pp.correct_offset(meter(1), 250, 25.0, cfg).shift_frames == 0  # below min_abs_offset
+    assert pp.correct_offset(meter(12), 250, 25.0, cfg).shift_frames == 0  # beyond max_abs_offset
+    unfixed = pp.correct_offset(meter(4), 250, 25.0, replace(cfg, correct_offset=False))
     assert unfixed.shift_frames == 0 and unfixed.after == unfixed.before
+    worse = pp.correct_offset(lambda shift: _reading(5 if shift else 4), 250, 25.0, cfg)
+    assert worse.shift_frames == 0 and worse.after.offset_frames == 5
+
+
+def test_offset_correction_cancels_a_known_lag(synth_corpus: Path) -> None:
+    """A synth clip's audio delayed by 4 frames: the landmark meter reads it and the correction cancels it."""
+    from pipeline.landmarks import lip_shape
+    from pipeline.media import shift_audio
+
+    video = str(synth_corpus / pd.read_csv(synth_corpus / "manifest.csv")["video"][0])
+    track = FaceMeshTracker(max_faces=1).track(read_frames(video, 25.0))
+    lips = lip_shape(smooth_landmarks(track.landmarks, track.found))
+    pcm = shift_audio(read_audio(video), 16000, 4 / 25.0)
+    cfg = pp.PostprocessConfig(min_seconds=3.0)
+    fix = pp.correct_offset(pp.lip_shape_measure(lips, pcm, 16000, 25.0, cfg), len(lips), 25.0, cfg)
+    assert abs(fix.before.offset_frames - 4) <= 1 and fix.shift_frames == fix.before.offset_frames
+    assert abs(fix.after.offset_frames) < abs(fix.before.offset_frames)
 
 
 def test_offset_is_measured_on_the_first_seconds_only(synth_corpus: Path, tmp_path: Path) -> None:
@@ -452,7 +481,7 @@ def test_offset_is_measured_on_the_first_seconds_only(synth_corpus: Path, tmp_pa
             for start in range(0, n_out, size)
         ]
         assert all(c["status"] == "ok" for c in chunks), chunks
-        tracked = [c["start"] for c in chunks if c["openness"]]
+        tracked = [c["start"] for c in chunks if c["lips"]]
         assert tracked == ([0] if seconds else [0, 25, 50, 75])
         row = finalize_pair(cfg, str(out), pair, chunks)
         assert row["status"] == "ok", row
@@ -556,14 +585,14 @@ def test_a_finalize_that_dies_or_raises_is_a_failed_row(ray_session) -> None:
             os._exit(1)
 
         def raises(self) -> None:
-            raise KeyError("openness")
+            raise KeyError("lips")
 
     progress = PairProgress({name: "" for name in PAIR_COLUMNS} | {"id": "p"})
     died = _finished(progress, Finalizer.remote().dies.remote())
     raised = _finished(progress, Finalizer.remote().raises.remote())
     assert (died["status"], died["stage"], died["reason"]) == ("failed", "finalize", "worker_died")
     assert (raised["status"], raised["reason"]) == ("failed", "error")
-    assert "openness" in raised["message"] and died["id"] == raised["id"] == "p"
+    assert "lips" in raised["message"] and died["id"] == raised["id"] == "p"
 
 
 def test_model_actor_resources(ray_session) -> None:

@@ -118,7 +118,7 @@ def test_overlapping_inputs_give_the_clips_of_one_at_a_time(synth_corpus: Path, 
 
 
 def test_offset_estimate_matches_injected_offsets(tmp_path: Path) -> None:
-    """`lipsync offset` on synth clips made with --offset-frames K (K in -8..8): K +- 1 for >= 95 %."""
+    """`lipsync offset` on synth clips made with --offset-frames K (K in -8..8): K +- 1 for >= 99 %."""
     tracker = FaceMeshTracker(max_faces=1)
     errors = []
     for k in range(-8, 9):
@@ -136,7 +136,7 @@ def test_offset_estimate_matches_injected_offsets(tmp_path: Path) -> None:
         video = next(csv.DictReader((out / "manifest.csv").open()))["video"]
         errors.append(offset_of_video(str(out / video), tracker=tracker).offset_frames - k)
     within = np.mean(np.abs(errors) <= 1)
-    assert within >= 0.95, str(errors)
+    assert within >= 0.99, str(errors)
 
 
 def test_offset_command_json(synth_corpus: Path) -> None:
@@ -150,6 +150,10 @@ def test_offset_command_json(synth_corpus: Path) -> None:
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert abs(result["offset_frames"]) <= 1 and result["confidence"] > 0
+    assert result["abstained"] is False and result["meter"] == "landmarks"
+    curve = result["curve"]
+    assert len(curve["lags"]) == len(curve["values"]) and curve["lags"][0] == -curve["lags"][-1]
+    assert curve["lags"][int(np.argmax(curve["values"]))] == result["offset_frames"]
     missing = subprocess.run(
         [sys.executable, "-m", "lipsync.cli", "offset", "/nonexistent.mp4"],
         capture_output=True,
@@ -157,3 +161,78 @@ def test_offset_command_json(synth_corpus: Path) -> None:
         timeout=300,
     )
     assert missing.returncode == 2 and "/nonexistent.mp4" in missing.stderr.strip().splitlines()[-1]
+
+
+def _network_meter_files(tmp_path: Path) -> dict[str, str]:
+    """A syncnet_v2.model state dict and a `lipsync train syncnet` checkpoint, both with random weights:
+    what is tested is that alignment reads its offsets from whichever network it is given."""
+    import torch
+
+    from evaluation.syncnet_v2 import SyncNetV2
+    from training.checkpoint import checkpoint_payload, save_checkpoint
+    from training.models import build_model
+
+    torch.manual_seed(0)
+    torch.save(SyncNetV2().state_dict(), tmp_path / "syncnet_v2.model")
+    expert = save_checkpoint(
+        str(tmp_path / "expert"), checkpoint_payload(build_model("syncnet"), "syncnet", 96, 0)
+    )
+    return {"syncnet_v2": str(tmp_path / "syncnet_v2.model"), "expert": expert}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("meter", ["syncnet_v2", "expert"])
+def test_align_reads_the_chosen_network_meter(meter: str, synth_corpus: Path, tmp_path: Path) -> None:
+    """`align.meter: syncnet_v2 | expert`: clips.parquet holds that network's offset and confidence (what
+    `lipsync offset --meter` reads of the same clip), repair shifts by them, on_abstain rejects by them,
+    and the data card names the meter."""
+    from pipeline.meters import MeterConfig, build_meter
+    from pipeline.stages import AlignConfig
+
+    weights = _network_meter_files(tmp_path)[meter]
+    manifest = tmp_path / "two.csv"
+    rows = list(csv.DictReader((synth_corpus / "manifest.csv").open(encoding="utf-8")))[:2]
+    with manifest.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "video": str(synth_corpus / r["video"])} for r in rows)
+    resources = ResourcesConfig(workers=1)
+    trusting = AlignConfig(
+        meter=meter, weights=weights, min_confidence=-1e9, mode="repair", max_abs_offset=15
+    )
+    out = tmp_path / "trusting"
+    run(PreprocessConfig(align=trusting, resources=resources), str(manifest), str(out))
+    clips = pd.read_parquet(out / "clips.parquet")
+    assert (
+        len(clips) == 2 and (clips["av_offset_meter"] == meter).all() and clips["av_offset_confident"].all()
+    )
+    reader = build_meter(MeterConfig(meter, weights, min_confidence=-1e9))
+    for clip in clips.itertuples():
+        est = offset_of_video(clip.source, meter=reader)
+        assert (clip.av_offset_frames, clip.av_offset_confidence) == pytest.approx(
+            (est.offset_frames, est.confidence), abs=1e-4
+        )
+        assert clip.av_offset_repaired == (est.offset_frames != 0)
+    card = json.loads((out / "summary.json").read_text())
+    assert card["aligned_by"]["meter"] == meter and card["aligned_by"]["weights"] == weights
+
+    doubting = AlignConfig(meter=meter, weights=weights, min_confidence=1e9, on_abstain="reject")
+    out = tmp_path / "doubting"
+    run(PreprocessConfig(align=doubting, resources=resources), str(manifest), str(out))
+    rejects = pd.read_parquet(out / "rejects.parquet")
+    assert len(rejects) == 2 and (rejects["reason"] == "low_sync_confidence").all()
+    assert rejects["message"].str.contains(f"the {meter} meter abstains").all()
+
+
+def test_align_refuses_a_network_meter_without_readable_weights(synth_corpus: Path, tmp_path: Path) -> None:
+    from lipsync.errors import BadInput
+    from pipeline.stages import AlignConfig
+
+    for align, message in (
+        (AlignConfig(meter="syncnet_v2"), "needs weights"),
+        (AlignConfig(meter="expert", weights=str(tmp_path / "missing")), "missing"),
+        (AlignConfig(meter="landmarkz"), "unknown meter"),
+        (AlignConfig(on_abstain="drop"), "on_abstain"),
+    ):
+        with pytest.raises(BadInput, match=message):
+            run(PreprocessConfig(align=align), str(synth_corpus), str(tmp_path / "out"))

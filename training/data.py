@@ -64,7 +64,7 @@ class DataSelection:
     languages: tuple[str, ...] = ()
     speakers: tuple[str, ...] = ()
     clip_ids: tuple[str, ...] = ()
-    max_abs_offset: int | None = None  # keep clips with |av_offset_frames| <= this
+    max_abs_offset: int | None = None  # keep clips with |av_offset_frames| <= this (or unconfident)
     min_offset_confidence: float = 0.0  # keep clips with av_offset_confidence >= this
     min_face_size: float = 0.0  # keep clips with face_size (source pixels) >= this
 
@@ -117,8 +117,10 @@ def select_clips(clips: pd.DataFrame, selection: DataSelection, split: str | Non
         keep &= clips["speaker"].isin(selection.speakers).to_numpy()
     if selection.clip_ids:
         keep &= clips["clip_id"].isin(selection.clip_ids).to_numpy()
-    if selection.max_abs_offset is not None:
-        keep &= (clips["av_offset_frames"].abs() <= selection.max_abs_offset).to_numpy()
+    if selection.max_abs_offset is not None:  # a reading the meter abstained on says nothing either way
+        confident = clips.get("av_offset_confident", pd.Series(True, index=clips.index)).fillna(True)
+        small = clips["av_offset_frames"].abs() <= selection.max_abs_offset
+        keep &= (small | ~confident.astype(bool)).to_numpy()
     if selection.min_offset_confidence > 0:
         keep &= (clips["av_offset_confidence"] >= selection.min_offset_confidence).to_numpy()
     if selection.min_face_size > 0:
