@@ -47,6 +47,8 @@ def _validate(cfg: PreprocessConfig) -> None:
         raise BadInput(f"align.mode must be keep, repair or reject, not {cfg.align.mode!r}")
     if cfg.crop_size < 32 or cfg.crop_size % 2:
         raise BadInput(f"crop_size must be an even number >= 32, not {cfg.crop_size}")
+    if not 0 < cfg.scene_cut_threshold < 1 or cfg.scene_cut_content_threshold <= 0:
+        raise BadInput("scene_cut_threshold must be in (0, 1) and scene_cut_content_threshold > 0")
     cfg.resources.validate()
 
 

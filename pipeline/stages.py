@@ -126,7 +126,8 @@ class PreprocessConfig:
     crop_size: int = 96
     max_side: int = 720  # frames are decoded at most this large (longer side) for landmarks and crops
     segment_seconds: float = 10.0
-    scene_cut_threshold: float = 0.3
+    scene_cut_threshold: float = 0.15  # a cut: consecutive luma histograms correlate below 1 - this
+    scene_cut_content_threshold: float = 27.0  # ... or their pixels change by more (hue/sat/light, of 255)
     val_fraction: float = 0.2
     seed: int = 0
     landmarker_model: str | None = None  # a user-supplied face_landmarker.task; default: bundled FaceMesh
@@ -285,7 +286,7 @@ class LandmarkStage:
         track = FaceTrack.concatenate(tracks)
         # A new shot, or the track jumping to another person, starts a new segment.
         cuts = sorted(
-            set(scene_cuts(frames, self.cfg.scene_cut_threshold))
+            set(scene_cuts(frames, self.cfg.scene_cut_threshold, self.cfg.scene_cut_content_threshold))
             | set(np.flatnonzero(track.switched).tolist())
         )
         min_frames = max(2, int(math.ceil(self.cfg.filters.min_seconds * self.cfg.fps)))
