@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import io
 import logging
@@ -94,7 +95,7 @@ class ModelConfig:
     device: str = "auto"  # auto (GPU when the cluster or this machine has one) | cpu | cuda
     actors: int = 1
     gpus_per_actor: float = 1.0
-    cpus_per_actor: float = 1.0  # fractional on CPU-only nodes so the CPU stages keep a share
+    cpus_per_actor: float | None = None  # None: 1.0, less when the cluster cannot hold every stage at once
     threads: int = 0  # torch threads of a CPU actor; 0: the node's CPUs shared among the pool's actors
     batch_size: int = 32  # frames per forward pass
     rows_per_batch: int = 1  # chunks per actor call; raise it on a GPU to fill batches
@@ -106,15 +107,20 @@ class ResourcesConfig:
     """Sizing of the CPU stages and of Ray Data's buffers."""
 
     prepare_actors: int = 1
-    prepare_cpus: float = 0.5
-    composite_actors: int = 1
-    composite_cpus: float = 0.25
+    prepare_cpus: float | None = None  # None: 0.5 (the CPU amounts left to defaults shrink together when
+    composite_actors: int = 1  # the cluster cannot hold every stage at once; pipeline.plan)
+    composite_cpus: float | None = None  # None: 0.25
     finalize_actors: int = 1  # per-pair join + mux; started with the pipeline, so warm when a pair ends
-    finalize_cpus: float = 0.25
+    finalize_cpus: float | None = None  # None: 0.25
     finalize_restarts: int = 2  # a finalize actor killed mid-pair restarts and retries the pair
     object_store_mb: int = 256  # Ray Data's object-store budget for in-flight chunks (0: Ray's default)
     source_cache_files: int = 4  # remote source videos a composite actor keeps on local disk
     poll_seconds: float = 0.5  # Ray Data's driver loop interval (Ray: 0.1); chunks take seconds each
+    stall_seconds: float = 600.0  # no chunk done for this long fails the run, naming the stage (0: never)
+
+
+DEFAULT_CPUS = {"model": 1.0, "prepare": 0.5, "composite": 0.25, "finalize": 0.25}
+"""CPUs of each stage's actors when the config leaves them to the plan (at most these)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,9 @@ def validate(cfg: GenerateConfig) -> None:
             f" not {post.measure_seconds}"
         )
     check_poll_seconds(cfg.resources.poll_seconds)
+    amounts = (cfg.model.cpus_per_actor, res.prepare_cpus, res.composite_cpus, res.finalize_cpus)
+    if any(a is not None and a < 0 for a in amounts) or res.stall_seconds < 0:
+        raise BadInput("CPU amounts and resources.stall_seconds must be >= 0")
 
 
 # --- pairs --------------------------------------------------------------------------------------
@@ -854,16 +863,74 @@ def _remove(uri: str) -> None:
             fs.rm(path, recursive=True)
 
 
-def _model_resources(cfg: ModelConfig) -> dict[str, float]:
-    import ray
+def uses_gpu(cfg: ModelConfig, cluster_gpus: float) -> bool:
+    """Whether the model's actors take a GPU: cuda, or auto on a cluster that has (or may grow) one."""
     import torch
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.device == "cuda" and not gpus:
+    if cfg.device == "cuda" and not cluster_gpus:
         raise BadInput("model.device is cuda but the Ray cluster has no GPU")
-    if cfg.device == "cuda" or (cfg.device == "auto" and (gpus or torch.cuda.is_available())):
-        return {"num_gpus": cfg.gpus_per_actor, "num_cpus": cfg.cpus_per_actor}
-    return {"num_cpus": cfg.cpus_per_actor}
+    return cfg.device == "cuda" or (cfg.device == "auto" and bool(cluster_gpus or torch.cuda.is_available()))
+
+
+def _model_resources(cfg: ModelConfig) -> dict[str, float]:
+    from pipeline.plan import Cluster
+
+    cpus = DEFAULT_CPUS["model"] if cfg.cpus_per_actor is None else cfg.cpus_per_actor
+    if uses_gpu(cfg, Cluster.current().limit.get("GPU", 0.0)):
+        return {"num_gpus": cfg.gpus_per_actor, "num_cpus": cpus}
+    return {"num_cpus": cpus}
+
+
+def _stage_ask(what: str, key: str, count: int, cpus: float | None, flag: str) -> Any:
+    from pipeline.plan import Ask
+
+    amount = DEFAULT_CPUS[key] if cpus is None else cpus
+    return Ask(
+        what, count, amount, count_flag=f"{flag}_actors", cpus_flag=f"{flag}_cpus", fit_cpus=cpus is None
+    )
+
+
+def stage_asks(cfg: GenerateConfig, pairs: int, gpu: bool) -> list[Any]:
+    """What the pipeline's actors ask the cluster for, stage by stage (pipeline.plan)."""
+    from pipeline.plan import Ask
+
+    model, res = cfg.model, cfg.resources
+    model_cpus = DEFAULT_CPUS["model"] if model.cpus_per_actor is None else model.cpus_per_actor
+    return [
+        Ask("model actors", model.actors, model_cpus, model.gpus_per_actor if gpu else 0.0,
+            count_flag="model.actors", cpus_flag="model.cpus_per_actor", fit_cpus=model.cpus_per_actor is None),
+        _stage_ask("prepare actors", "prepare", min(res.prepare_actors, pairs), res.prepare_cpus,
+                   "resources.prepare"),
+        _stage_ask("composite actors", "composite", res.composite_actors, res.composite_cpus,
+                   "resources.composite"),
+        _stage_ask("finalize actors", "finalize", min(res.finalize_actors, pairs), res.finalize_cpus,
+                   "resources.finalize"),
+    ]  # fmt: skip
+
+
+def with_stage_cpus(cfg: GenerateConfig, asks: list[Any]) -> GenerateConfig:
+    """`cfg` with the CPU amounts of fitted `stage_asks`."""
+    model, prepare, composite, finalize = asks
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, cpus_per_actor=model.cpus),
+        resources=dataclasses.replace(
+            cfg.resources,
+            prepare_cpus=prepare.cpus,
+            composite_cpus=composite.cpus,
+            finalize_cpus=finalize.cpus,
+        ),
+    )
+
+
+def plan_resources(cfg: GenerateConfig, pairs: int) -> GenerateConfig:
+    """`cfg` with the CPUs it leaves to defaults fitted so every stage's actors run at once on the cluster
+    (pipeline.plan); BadInput with the one-line plan when they cannot."""
+    from pipeline.plan import Cluster, fit
+
+    cluster = Cluster.current()
+    gpu = uses_gpu(cfg.model, cluster.limit.get("GPU", 0.0))
+    return with_stage_cpus(cfg, fit(stage_asks(cfg, pairs, gpu), cluster, "generate"))
 
 
 @contextlib.contextmanager
@@ -1034,6 +1101,7 @@ def run(
     except OSError as exc:
         raise BadInput(f"cannot write to {out}: {exc}") from exc
     ensure_ray(address)
+    cfg = plan_resources(cfg, len(pairs))
     started = time.perf_counter()
     with _data_context(cfg.resources):
         ds = build_dataset(cfg, pairs, out, model_uri, img_size)

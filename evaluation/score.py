@@ -23,7 +23,7 @@ import os
 import posixpath
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -444,6 +444,7 @@ def _run_pool(
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = True
+    cfg = replace(cfg, resources=cfg.resources.planned("scoring actors", len(rows), "score"))
     ds = map_on_actor_pool(
         rows,
         ClipScorer,

@@ -54,7 +54,7 @@ def _preprocess(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.preprocess import run
     from pipeline.stages import PreprocessConfig
 
-    overrides = {"resources.workers": args.workers}
+    overrides = {"resources.workers": args.workers, "resources.cpus_per_worker": args.cpus_per_worker}
     return run(
         load_config(PreprocessConfig, args.config, overrides), args.input, args.out, address=args.address
     )
@@ -77,6 +77,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 
     overrides = {
         "workers": args.workers,
+        "cpus_per_worker": args.cpus_per_worker,
         "gpu": True if args.gpu else None,
         "steps": args.steps,
         "data.languages": args.languages,
@@ -107,6 +108,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                 "--syncnet", required=True, help="expert SyncNet checkpoint (dir, model.pt or OUT)"
             )
         p.add_argument("--workers", type=int, help="data-parallel workers (global batch is split over them)")
+        p.add_argument("--cpus-per-worker", type=float, help="CPUs each worker reserves (default: fitted)")
         p.add_argument("--gpu", action="store_true", help="one GPU per worker: NCCL, AMP, pinned memory")
         p.add_argument("--steps", type=int, help="train until this global step")
         p.add_argument("--languages", help="comma-separated languages to train on (default: all)")
@@ -160,7 +162,12 @@ def _score(args: argparse.Namespace) -> dict[str, Any]:
     from evaluation.score import ScoreConfig, run
     from lipsync.config import load_config
 
-    cfg = load_config(ScoreConfig, args.config, {"resources.workers": args.workers, "system": args.system})
+    overrides = {
+        "resources.workers": args.workers,
+        "resources.cpus_per_worker": args.cpus_per_worker,
+        "system": args.system,
+    }
+    cfg = load_config(ScoreConfig, args.config, overrides)
     return run(
         cfg,
         args.input,
@@ -187,7 +194,8 @@ def _evaluation_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--syncnet-v2", help="joonson/syncnet_python's syncnet_v2.model: standard LSE-D/LSE-C")
     p.add_argument("--reference", help="manifest of reference videos for PSNR/SSIM: id or video, reference")
     p.add_argument("--calibration-out", help="write the per-language timing calibration from these scores")
-    p.add_argument("--workers", type=int, help="scoring actors (default from config: 2)")
+    p.add_argument("--workers", type=int, help="scoring actors (default: as many as the cluster holds)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs each scoring actor reserves (default: 0.9)")
     p.add_argument("--system", help="system name of rows without a `system` column (default: input name)")
     _common(p, ray=True)
     p.set_defaults(handler=_score)
@@ -267,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="corpus -> aligned Parquet shards on Ray Data (resumable)")
     p.add_argument("input", help="directory, manifest (.csv/.jsonl/.parquet) or s3:// prefix")
     p.add_argument("out", help="output directory or s3:// prefix")
-    p.add_argument("--workers", type=int, help="preprocessing actors (default from config: 2)")
+    p.add_argument("--workers", type=int, help="preprocessing actors (default: as many as the cluster holds)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs each actor reserves (default: 0.9)")
     _common(p, ray=True)
     p.set_defaults(handler=_preprocess)
 

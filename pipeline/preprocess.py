@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -81,6 +82,7 @@ def _run_pool(cfg: PreprocessConfig, out: str, pending: list[dict[str, Any]]) ->
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
+    cfg = replace(cfg, resources=cfg.resources.planned("preprocessing actors", len(pending), "preprocess"))
     ds = map_on_actor_pool(
         pending,
         ClipPreprocessor,

@@ -87,20 +87,47 @@ class AlignConfig:
     max_lag: int = 15
 
 
+DEFAULT_CPUS_PER_WORKER = 0.9
+"""CPUs of a pool's actor when the config leaves them to the plan (fractional: the pool never takes every
+CPU); less when the cluster cannot hold even one actor each."""
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     """Ray sizing of an actor pool that takes one input per call (scoring's; preprocessing extends it)."""
 
-    workers: int = 2  # actors (each runs FaceMesh on one input at a time)
-    cpus_per_worker: float = 0.9  # fractional, so the pool never takes every CPU
-    max_restarts: int = 3  # a killed actor is restarted and its input retried
+    workers: int | None = None  # actors, each on one input at a time (None: as many as the cluster holds)
+    cpus_per_worker: float | None = None  # None: DEFAULT_CPUS_PER_WORKER, less on a cluster too small
+    max_restarts: int = 3  # an input whose actor was killed is retried this often, then rejected
     poll_seconds: float = 0.5  # Ray Data's driver loop interval (Ray: 0.1); an input takes seconds
+    stall_seconds: float = 600.0  # no input finished for this long fails the run, naming the stage (0: never)
 
     def validate(self) -> None:
         """BadInput naming the first bad setting."""
-        if self.workers < 1 or self.cpus_per_worker <= 0:
+        if (self.workers is not None and self.workers < 1) or (
+            self.cpus_per_worker is not None and self.cpus_per_worker <= 0
+        ):
             raise BadInput("resources.workers must be >= 1 and resources.cpus_per_worker > 0")
+        if self.max_restarts < 0 or self.stall_seconds < 0:
+            raise BadInput("resources.max_restarts and resources.stall_seconds must be >= 0")
         check_poll_seconds(self.poll_seconds)
+
+    def planned(self, what: str, inputs: int, command: str) -> PoolConfig:
+        """This pool sized for the connected cluster and `inputs` inputs (pipeline.plan): what the config
+        leaves to defaults is fitted; BadInput with the one-line plan when it cannot run."""
+        from pipeline.plan import Ask, plan
+
+        ask = Ask(
+            what,
+            min(self.workers, inputs) if self.workers is not None else inputs,
+            DEFAULT_CPUS_PER_WORKER if self.cpus_per_worker is None else self.cpus_per_worker,
+            count_flag="--workers",
+            cpus_flag="--cpus-per-worker",
+            fit_cpus=self.cpus_per_worker is None,
+            fit_count=None if self.workers is not None else inputs,
+        )
+        (ask,) = plan([ask], command)
+        return replace(self, workers=ask.count, cpus_per_worker=ask.cpus)
 
 
 @dataclass(frozen=True)

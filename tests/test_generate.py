@@ -588,16 +588,15 @@ def test_cpu_threads_split_the_node_among_the_actors(monkeypatch: pytest.MonkeyP
 
 def test_the_cpu_layout_fits_a_two_core_node() -> None:
     """Its reservations must leave room for every stage at once, or Ray Data waits for CPUs forever."""
+    from evaluation.generate import stage_asks
+    from pipeline.plan import Cluster, fit
+
     path = Path(__file__).resolve().parents[1] / "configs" / "generate_cpu.yaml"
     cfg = load_config(GenerateConfig, path)
-    res = cfg.resources
-    reserved = (
-        cfg.model.actors * cfg.model.cpus_per_actor
-        + res.prepare_actors * res.prepare_cpus
-        + res.composite_actors * res.composite_cpus
-        + res.finalize_actors * res.finalize_cpus
-    )
-    assert cfg.model.actors == 2 and cfg.model.device == "cpu" and reserved <= 2.0
+    two_cores = Cluster(now={"CPU": 2.0}, limit={"CPU": 2.0}, largest_node={"CPU": 2.0})
+    asks = fit(stage_asks(cfg, pairs=4, gpu=False), two_cores, "generate")
+    assert cfg.model.actors == 2 and cfg.model.device == "cpu" and asks[0].cpus == cfg.model.cpus_per_actor
+    assert sum(a.total("CPU") for a in asks) <= 2.0
 
 
 def test_configs_generate_yaml_lists_the_defaults() -> None:

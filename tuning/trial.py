@@ -62,6 +62,7 @@ class TrialSetup:
     cpus: float = 1.0  # per worker
     gpus: float = 0.0  # per worker
     syncnet: str | None = None  # the expert's model.pt (wav2lip)
+    data_cpus: float = 0.5  # Ray Data window tasks of a Ray Train trial
 
 
 class Diverged(Exception):
@@ -89,6 +90,7 @@ def trial_config(setup: TrialSetup, params: dict[str, Any]) -> TrainConfig:
     every = setup.report_every
     d.update(eval_every=every, log_every=every, checkpoint_every=setup.checkpoint_every)
     d.update(workers=setup.workers, gpu=setup.gpus > 0, cpus_per_worker=setup.cpus, max_failures=0)
+    d.update(data_cpus_per_task=setup.data_cpus)
     cfg = from_dict(config_class(setup.target), d)
     validate(cfg)
     return cfg
