@@ -62,7 +62,7 @@ from evaluation.postprocess import (
     write_i420,
 )
 from lipsync.config import code_version, config_hash, to_dict
-from lipsync.errors import BadInput
+from lipsync.errors import BadInput, Stalled
 from lipsync.malloc import reuse_freed_memory
 from pipeline.audio import SAMPLE_RATE, mel_windows, melspectrogram
 from pipeline.corpus import _read_manifest
@@ -938,6 +938,8 @@ def _data_context(cfg: ResourcesConfig) -> Iterator[None]:
     """Small blocks (one chunk row each, emitted as soon as it is made) and a bounded object-store budget."""
     import ray
 
+    from pipeline.watchdog import data_stall_guard
+
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.target_max_block_size, ctx.enable_progress_bars, ctx.execution_options)
     ctx.target_max_block_size = 1024 * 1024
@@ -949,7 +951,10 @@ def _data_context(cfg: ResourcesConfig) -> Iterator[None]:
         )
     ctx.execution_options = options
     try:
-        with executor_poll_interval(cfg.poll_seconds):
+        with (
+            executor_poll_interval(cfg.poll_seconds),
+            data_stall_guard(cfg.stall_seconds, "resources.stall_seconds"),
+        ):
             yield
     finally:
         ctx.target_max_block_size, ctx.enable_progress_bars, ctx.execution_options = saved
@@ -1018,12 +1023,20 @@ def _finalizers(cfg: GenerateConfig, out: str, pairs: int) -> list[Any]:
     return [actor.remote(cfg, out) for _ in range(max(1, min(res.finalize_actors, pairs)))]
 
 
-def _finished(progress: PairProgress, future: Any) -> dict[str, Any]:
-    """The finalize result of a pair, or its failed row when the actor died more often than it restarts."""
+def _finished(progress: PairProgress, future: Any, stall_seconds: float = 0.0) -> dict[str, Any]:
+    """The finalize result of a pair, or its failed row when the actor died more often than it restarts;
+    Stalled when it takes more than `stall_seconds` (0: no limit)."""
     import ray
 
+    from pipeline.watchdog import free_resources
+
     try:
-        return ray.get(future)
+        return ray.get(future, timeout=stall_seconds or None)
+    except ray.exceptions.GetTimeoutError:
+        raise Stalled(
+            f"no progress for {stall_seconds:g} s: stage finalize (pair {progress.pair['id']}); "
+            f"{free_resources()} (raise resources.stall_seconds if it is only slow)"
+        ) from None
     except ray.exceptions.RayError as exc:  # the pair fails; the other pairs' rows are still written
         reason = "worker_died" if isinstance(exc, ray.exceptions.RayActorError) else "error"
         cause = getattr(exc, "cause", None)  # a RayTaskError carries finalize's own exception
@@ -1049,7 +1062,8 @@ def _collect(cfg: GenerateConfig, ds, pairs: list[dict[str, Any]], out: str) -> 
                 state.submitted = True
                 actor = finalizers[len(futures) % len(finalizers)]
                 futures[state.pair["id"]] = actor.finalize.remote(state.pair, list(state.chunks.values()))
-        finished = {pair_id: _finished(progress[pair_id], f) for pair_id, f in futures.items()}
+        stall = cfg.resources.stall_seconds
+        finished = {pair_id: _finished(progress[pair_id], f, stall) for pair_id, f in futures.items()}
     finally:
         for actor in finalizers:
             ray.kill(actor)

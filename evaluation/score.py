@@ -443,18 +443,21 @@ def _run_pool(
     """Stream the inputs through the actor pool (progress bar on stderr); returns the scored rows."""
     import ray
 
+    from pipeline.watchdog import data_stall_guard
+
     ray.data.DataContext.get_current().enable_progress_bars = True
     cfg = replace(cfg, resources=cfg.resources.planned("scoring actors", len(rows), "score"))
-    ds = map_on_actor_pool(
-        rows,
-        ClipScorer,
-        {"cfg": cfg, "syncnet": syncnet, "syncnet_v2": syncnet_v2},
-        actors=cfg.resources.workers,
-        cpus_per_actor=cfg.resources.cpus_per_worker,
-        max_restarts=cfg.resources.max_restarts,
-    )
-    with executor_poll_interval(cfg.resources.poll_seconds):  # a video takes seconds to score
-        return [json.loads(r["row"]) for r in ds.iter_rows()]
+    with data_stall_guard(cfg.resources.stall_seconds, "resources.stall_seconds"):
+        ds = map_on_actor_pool(
+            rows,
+            ClipScorer,
+            {"cfg": cfg, "syncnet": syncnet, "syncnet_v2": syncnet_v2},
+            actors=cfg.resources.workers,
+            cpus_per_actor=cfg.resources.cpus_per_worker,
+            max_restarts=cfg.resources.max_restarts,
+        )
+        with executor_poll_interval(cfg.resources.poll_seconds):  # a video takes seconds to score
+            return [json.loads(r["row"]) for r in ds.iter_rows()]
 
 
 def scores_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -1,6 +1,7 @@
 """The `lipsync` command: parses arguments, loads config and calls each stage's `run(config)`.
 
-Exit codes: 0 done, 2 bad input or usage (one line naming what is wrong), 1 anything else.
+Exit codes: 0 done, 2 bad input or usage (one line naming what is wrong), 1 anything else (a run that stalled:
+one line naming the stage and what it waited for).
 With --json the last line on stdout is one JSON object; progress and human output go to stderr.
 """
 
@@ -14,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from lipsync.errors import BadInput
+from lipsync.errors import BadInput, Stalled
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -311,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
         if want_json:
             print(json.dumps({"error": str(exc), "exit_code": 2}))
         return 2
+    except Stalled as exc:
+        print(f"lipsync: stalled: {exc}", file=sys.stderr)
+        if want_json:
+            print(json.dumps({"error": f"stalled: {exc}", "exit_code": 1}))
+        return 1
     except KeyboardInterrupt:
         print("lipsync: interrupted", file=sys.stderr)
         return 130

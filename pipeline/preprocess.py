@@ -80,20 +80,23 @@ def _run_pool(cfg: PreprocessConfig, out: str, pending: list[dict[str, Any]]) ->
     """Stream the pending inputs through the actor pool; returns one small status row per input."""
     import ray
 
+    from pipeline.watchdog import data_stall_guard
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     cfg = replace(cfg, resources=cfg.resources.planned("preprocessing actors", len(pending), "preprocess"))
-    ds = map_on_actor_pool(
-        pending,
-        ClipPreprocessor,
-        {"cfg": cfg, "out": out},
-        actors=cfg.resources.workers,
-        cpus_per_actor=cfg.resources.cpus_per_worker,
-        max_restarts=cfg.resources.max_restarts,
-        calls_per_actor=cfg.resources.inputs_per_worker,
-    )
-    with executor_poll_interval(cfg.resources.poll_seconds):
-        return list(ds.iter_rows())
+    with data_stall_guard(cfg.resources.stall_seconds, "resources.stall_seconds"):
+        ds = map_on_actor_pool(
+            pending,
+            ClipPreprocessor,
+            {"cfg": cfg, "out": out},
+            actors=cfg.resources.workers,
+            cpus_per_actor=cfg.resources.cpus_per_worker,
+            max_restarts=cfg.resources.max_restarts,
+            calls_per_actor=cfg.resources.inputs_per_worker,
+        )
+        with executor_poll_interval(cfg.resources.poll_seconds):
+            return list(ds.iter_rows())
 
 
 def _calls_by_worker(status: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -166,15 +166,41 @@ def window_passes(cfg: TrainConfig, kind: str, train_clips: int) -> int:
     return max(1, min(MAX_WINDOW_PASSES, math.ceil(cfg.steps * cfg.batch_size / per_pass)))
 
 
+WAITING_FOR_WINDOWS = "waiting for a batch of windows"
+"""The training loop's phase while it waits on the Ray Data window stream (pipeline.watchdog)."""
+
+
 def datasets(train: Selected, val: Selected, kind: str, cfg: TrainConfig) -> dict[str, Any]:
-    """Ray Datasets: "train" streams windows epoch after epoch; "val" is a fixed set cut once."""
+    """Ray Datasets: "train" streams windows epoch after epoch; "val" is a fixed set cut once (here, under
+    the stall guard). The train stream has no Ray Data stall timeout of its own: it waits on the training
+    loop, whose steps the loop watchdog watches."""
+    from pipeline.watchdog import data_stall_guard
+
     cpus = cfg.data_cpus_per_task
     passes = window_passes(cfg, kind, len(train.clip_ids))
     out = {"train": windows_dataset(train, kind, cfg.windows, cfg.img_size, cpus, passes)}
+    out["train"].context.execution_no_progress_timeout_s = -1
     if val.clip_ids:
         val_windows = dataclasses.replace(cfg.windows, windows_per_clip=cfg.eval_windows_per_clip)
-        out["val"] = windows_dataset(val, kind, val_windows, cfg.img_size, cpus).materialize()
+        with data_stall_guard(cfg.stall_seconds, "stall_seconds"):
+            out["val"] = windows_dataset(val, kind, val_windows, cfg.img_size, cpus).materialize()
     return out
+
+
+def waiting_for(cfg: TrainConfig) -> Any:
+    """What a stalled training loop's phase waits for, for the watchdog's message."""
+    from pipeline.watchdog import free_resources
+
+    def describe(phase: str) -> str:
+        free = free_resources()
+        if phase == "starting the workers":
+            gpu = " + 1 GPU" if cfg.gpu else ""
+            return f"{cfg.workers} worker(s) ask {cfg.cpus_per_worker:g} CPU{gpu} each; {free}"
+        if phase == WAITING_FOR_WINDOWS:
+            return f"the Ray Data window tasks ask {cfg.data_cpus_per_task:g} CPU each; {free}"
+        return free
+
+    return describe
 
 
 # ---------------------------------------------------------------- device, AMP, DDP backend
@@ -711,6 +737,7 @@ def fit_job(
     from ray.train.torch import TorchTrainer
 
     from pipeline.ray_utils import ensure_ray
+    from pipeline.watchdog import loop_watchdog
 
     cfg = with_defaults(cfg)
     train, val = select_splits(data, cfg)
@@ -731,26 +758,28 @@ def fit_job(
         train.frames,
         len(val.clip_ids),
     )
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "cfg": to_dict(cfg),
-            "out": storage_root(out),
-            "init_from": storage_root(init_from) if init_from else None,
-            "mlflow_uri": uri,
-            "mlflow_run_id": run_id,
-            "has_val": bool(val.clip_ids),
-            **(loop_config or {}),
-        },
-        scaling_config=scaling_config(cfg),
-        run_config=run_config(cfg, out, name),
-        torch_config=torch_config(cfg.gpu),
-        datasets=datasets(train, val, name, cfg),
-    )
     follower = Follower(uri, run_id)
     follower.start()
     try:
-        trainer.fit()
+        with loop_watchdog(cfg.stall_seconds, f"train {name}", waiting_for(cfg)) as dog:
+            trainer = TorchTrainer(
+                train_loop,
+                train_loop_config={
+                    "cfg": to_dict(cfg),
+                    "out": storage_root(out),
+                    "init_from": storage_root(init_from) if init_from else None,
+                    "mlflow_uri": uri,
+                    "mlflow_run_id": run_id,
+                    "has_val": bool(val.clip_ids),
+                    "progress": dog.board if dog else None,
+                    **(loop_config or {}),
+                },
+                scaling_config=scaling_config(cfg),
+                run_config=run_config(cfg, out, name),
+                torch_config=torch_config(cfg.gpu),
+                datasets=datasets(train, val, name, cfg),
+            )
+            trainer.fit()
     finally:
         follower.stop.set()
     final = latest_checkpoint(out, name)

@@ -427,6 +427,7 @@ def run(
 
     from pipeline.ray_utils import ensure_ray
     from pipeline.storage import Store, join_uri
+    from pipeline.watchdog import free_resources, loop_watchdog
     from training.common import storage_root
     from tuning.results import write_results
 
@@ -442,7 +443,6 @@ def run(
     cfg = dataclasses.replace(cfg, resources=plan_resources(cfg.resources))
     setup = dataclasses.replace(setup, cpus=cfg.resources.cpus, data_cpus=cfg.resources.data_cpus)
     max_concurrent = concurrency(cfg.resources, ray.cluster_resources(), total_trials(cfg))
-    fn = trainable(cfg, setup)
     Store(out).write_bytes(SWEEP_FILE, yaml.safe_dump(to_dict(saved), sort_keys=False).encode())
     log.info(
         "tune %s: %d trial(s), %d at once, %s search, %s scheduler%s",
@@ -453,7 +453,12 @@ def run(
         cfg.scheduler,
         " (resumed)" if restoring else "",
     )
-    with tune_env(cfg.state_save_s), contextlib.redirect_stdout(sys.stderr):  # Tune prints banners
+    with (
+        tune_env(cfg.state_save_s),
+        contextlib.redirect_stdout(sys.stderr),  # Tune prints banners
+        loop_watchdog(cfg.stall_seconds, f"tune {cfg.target}", lambda _: free_resources()) as dog,
+    ):
+        fn = trainable(cfg, dataclasses.replace(setup, progress=dog.board if dog else None))
         if restoring:
             tuner = tune.Tuner.restore(path, fn, resume_unfinished=True, resume_errored=cfg.resume_errored)
         else:
