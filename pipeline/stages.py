@@ -52,7 +52,7 @@ from pipeline.media import (
     read_audio,
 )
 from pipeline.offset import OffsetEstimate, estimate_offset
-from pipeline.ray_utils import check_poll_seconds, import_deferred
+from pipeline.ray_utils import WORKER_DIED, check_poll_seconds, import_deferred
 from pipeline.shards import encode_row
 from pipeline.storage import Store
 
@@ -450,19 +450,40 @@ class ClipPreprocessor:
         for i in range(len(batch[keys[0]])):
             row = {k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]) for k in keys}
             started_at, cpu = time.time(), _cpu_seconds()
-            record = self.process_retrying_killed_tools(row)
-            self.store.write_json(f"{STATE_DIR}/{row['input_id']}.json", record)
-            out["input_id"].append(row["input_id"])
-            out["accepted"].append(len(record["clips"]))
-            out["rejected"].append(len(record["rejects"]))
-            out["frames"].append(record["frames"])
-            out["worker_pid"].append(os.getpid())
-            out["cpu_at_start"].append(cpu)
-            out["cpu_at_finish"].append(_cpu_seconds())
-            out["started_at"].append(started_at)
-            out["finished_at"].append(time.time())
-            out["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            self._finish(row, self.process_retrying_killed_tools(row), started_at, cpu, out)
         return out
+
+    def given_up(self, row: dict[str, Any], attempts: int) -> dict[str, list]:
+        """The completion record and status row of an input whose actor was killed on each of its
+        `attempts` (pipeline.ray_utils.bounded): a `worker_died` reject, run again by the next run."""
+        message = f"{row['video']}: its preprocessing actor was killed on each of {attempts} attempts"
+        record = {
+            "input_id": row["input_id"],
+            "source": row["video"],
+            "config_hash": self.hash,
+            "frames": 0,
+            "clips": [],
+            "rejects": [_reject_row(row, "worker", WORKER_DIED, message)],
+        }
+        out: dict[str, list] = {k: [] for k in STATUS_COLUMNS}
+        self._finish(row, record, time.time(), _cpu_seconds(), out)
+        return out
+
+    def _finish(
+        self, row: dict[str, Any], record: dict[str, Any], started_at: float, cpu: float, out: dict[str, list]
+    ) -> None:
+        """Write the input's completion record (last, atomically) and add its status row to `out`."""
+        self.store.write_json(f"{STATE_DIR}/{row['input_id']}.json", record)
+        out["input_id"].append(row["input_id"])
+        out["accepted"].append(len(record["clips"]))
+        out["rejected"].append(len(record["rejects"]))
+        out["frames"].append(record["frames"])
+        out["worker_pid"].append(os.getpid())
+        out["cpu_at_start"].append(cpu)
+        out["cpu_at_finish"].append(_cpu_seconds())
+        out["started_at"].append(started_at)
+        out["finished_at"].append(time.time())
+        out["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
     def process_retrying_killed_tools(self, row: dict[str, Any]) -> dict[str, Any]:
         """`process`, again (up to TOOL_RETRIES times) while an ffmpeg/ffprobe it ran was killed by a
