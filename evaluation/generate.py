@@ -67,7 +67,7 @@ from lipsync.malloc import reuse_freed_memory
 from pipeline.audio import SAMPLE_RATE, mel_windows, melspectrogram
 from pipeline.corpus import _read_manifest
 from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
-from pipeline.landmarks import FaceMeshTracker, mouth_openness, smooth_landmarks
+from pipeline.landmarks import FaceMeshTracker, mouth_openness, scene_cuts, smooth_landmarks
 from pipeline.media import MediaError, ProbeInfo, ReadAhead, iter_frames, local_path, probe, read_audio
 from pipeline.ray_utils import (
     check_poll_seconds,
@@ -132,6 +132,8 @@ class GenerateConfig:
     extension: str = "pingpong"  # audio longer than the video: pingpong | loop | freeze
     calibration: str | None = None  # JSON of per-language/speaker mel offsets (evaluation/calibration.py)
     landmarker_model: str | None = None  # a face_landmarker.task; default: mediapipe's bundled FaceMesh
+    scene_cut_threshold: float = 0.15  # a shot cut restarts tracking: as preprocessing's (PreprocessConfig)
+    scene_cut_content_threshold: float = 27.0
     model: ModelConfig = field(default_factory=ModelConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
@@ -148,6 +150,8 @@ def validate(cfg: GenerateConfig) -> None:
         resolve_stabiliser(cfg.post.stabilise)
     except ValueError as exc:
         raise BadInput(f"post.stabilise: {exc}") from exc
+    if not 0 < cfg.scene_cut_threshold < 1 or cfg.scene_cut_content_threshold <= 0:
+        raise BadInput("scene_cut_threshold must be in (0, 1) and scene_cut_content_threshold > 0")
     if cfg.chunk_seconds <= 0 or cfg.track_max_side < 64:
         raise BadInput("chunk_seconds must be > 0 and track_max_side >= 64")
     counts = (cfg.model.actors, cfg.model.batch_size, cfg.model.rows_per_batch)
@@ -321,38 +325,72 @@ class Tracked:
 class FaceStream:
     """Tracks one face through streamed chunks; smooths with `context` frames of look-ahead and history.
 
-    Landmark smoothing (window 5) and box smoothing (window 9) need at most 6 neighbours each side, so
-    frames come out `context` frames late and equal what smoothing the whole video would give.
+    Landmark smoothing (window 5) and box smoothing (window 9) need at most 6 neighbours each side inside a
+    run of face frames and 10 ahead at its start (the boxes' line fitted over its first 9 frames, each from
+    landmarks smoothed over 5), so frames come out `context` frames late and equal what smoothing the whole
+    video would give. A shot cut
+    (pipeline.landmarks.scene_cuts, `cut_thresholds`; None: no cut detection) restarts tracking at its
+    first frame and ends smoothing at it: no landmark or box is averaged across two shots.
     """
 
-    def __init__(self, tracker: FaceMeshTracker, fps: float, context: int = 8) -> None:
-        self.tracker, self.fps, self.context = tracker, fps, context
+    def __init__(
+        self,
+        tracker: FaceMeshTracker,
+        fps: float,
+        context: int = 10,
+        cut_thresholds: tuple[float, float] | None = (0.15, 27.0),
+    ) -> None:
+        self.tracker, self.fps, self.context, self.cut_thresholds = tracker, fps, context, cut_thresholds
         self.frames: np.ndarray | None = None
         self.raw = np.empty((0, 468, 3), np.float32)
         self.found = np.empty(0, bool)
         self.offset = 0  # absolute index of buffer[0]
         self.done = 0  # absolute index of the first frame not yet emitted
         self.pushed = 0
+        self.cuts: list[int] = []  # absolute indices of the frames that start a new shot
 
     def push(self, frames: np.ndarray) -> list[Tracked]:
-        """Track a chunk (continuing the previous chunk's track); returns the frames now smoothed for good."""
-        track = self.tracker.track(frames, self.fps, resume=self.pushed > 0)
+        """Track a chunk (continuing the previous chunk's track unless a shot starts); returns the frames now
+        smoothed for good."""
+        starts = self._shot_starts(frames)
+        bounds = [0, *[s for s in starts if s > 0], len(frames)]
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            resume = self.pushed + a > 0 and a not in starts
+            track = self.tracker.track(frames[a:b], self.fps, resume=resume)
+            self.raw = np.concatenate([self.raw, track.landmarks])
+            self.found = np.concatenate([self.found, track.found])
+        self.cuts.extend(self.pushed + s for s in starts)
         self.frames = frames if self.frames is None else np.concatenate([self.frames, frames])
-        self.raw = np.concatenate([self.raw, track.landmarks])
-        self.found = np.concatenate([self.found, track.found])
         self.pushed += len(frames)
         return self._emit(final=False)
+
+    def _shot_starts(self, frames: np.ndarray) -> list[int]:
+        """Indices in `frames` where a new shot starts (0: at the boundary with the previous chunk)."""
+        if self.cut_thresholds is None:
+            return []
+        if self.frames is None or not len(self.frames):
+            return scene_cuts(frames, *self.cut_thresholds)
+        return [t - 1 for t in scene_cuts(np.concatenate([self.frames[-1:], frames]), *self.cut_thresholds)]
 
     def flush(self) -> list[Tracked]:
         """The remaining frames at the end of the stream."""
         return self._emit(final=True)
 
+    def _smoothed(self) -> tuple[np.ndarray, np.ndarray]:
+        """(landmarks, boxes) of the buffer, each shot in it smoothed on its own."""
+        n = len(self.raw)
+        bounds = [0, *[c - self.offset for c in self.cuts if 0 < c - self.offset < n], n]
+        landmarks, boxes = [], []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            landmarks.append(smooth_landmarks(self.raw[a:b], self.found[a:b]))
+            boxes.append(crop_boxes(landmarks[-1], self.frames.shape))
+        return np.concatenate(landmarks), np.concatenate(boxes)
+
     def _emit(self, final: bool) -> list[Tracked]:
         end = self.pushed if final else self.pushed - self.context
         if end <= self.done or self.frames is None:
             return []
-        smoothed = smooth_landmarks(self.raw, self.found)
-        boxes = crop_boxes(smoothed, self.frames.shape)
+        smoothed, boxes = self._smoothed()
         a, b = self.done - self.offset, end - self.offset
         piece = Tracked(self.done, self.frames[a:b], smoothed[a:b], boxes[a:b])
         keep = max(0, b - self.context)
@@ -487,7 +525,8 @@ class PrepareStage:
 
     def forward(self, plan: PairPlan, cache: FaceCache) -> Iterator[dict[str, Any]]:
         """The source decoded once in order, tracked with look-ahead smoothing, cut at n_out frames."""
-        stream = FaceStream(self.tracker, plan.fps)
+        cuts = (self.cfg.scene_cut_threshold, self.cfg.scene_cut_content_threshold)
+        stream = FaceStream(self.tracker, plan.fps, cut_thresholds=cuts)
         chunk = max(8, round(self.cfg.chunk_seconds * plan.fps))
         frames_iter = iter_frames(plan.local, fps=plan.fps, chunk=chunk, size=plan.track_size, info=plan.info)
         ended = True
@@ -1115,11 +1154,11 @@ def run(
     except OSError as exc:
         raise BadInput(f"cannot write to {out}: {exc}") from exc
     ensure_ray(address)
-    cfg = plan_resources(cfg, len(pairs))
+    planned = plan_resources(cfg, len(pairs))  # the lineage keeps `cfg`: sizing does not change outputs
     started = time.perf_counter()
-    with _data_context(cfg.resources):
-        ds = build_dataset(cfg, pairs, out, model_uri, img_size)
-        rows = _collect(cfg, ds, pairs, out)
+    with _data_context(planned.resources):
+        ds = build_dataset(planned, pairs, out, model_uri, img_size)
+        rows = _collect(planned, ds, pairs, out)
     _cleanup(out, rows)
     wall = time.perf_counter() - started
     lineage = {"checkpoint": model_uri, "checkpoint_sha256": digest, "config_hash": config_hash(cfg)}

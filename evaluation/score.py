@@ -23,7 +23,7 @@ import os
 import posixpath
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -456,17 +456,17 @@ def _run_pool(
     from pipeline.watchdog import data_stall_guard
 
     ray.data.DataContext.get_current().enable_progress_bars = True
-    cfg = replace(cfg, resources=cfg.resources.planned("scoring actors", len(rows), "score"))
-    with data_stall_guard(cfg.resources.stall_seconds, "resources.stall_seconds"):
+    pool = cfg.resources.planned("scoring actors", len(rows), "score")  # rows keep `cfg`'s config hash
+    with data_stall_guard(pool.stall_seconds, "resources.stall_seconds"):
         scored = run_on_actor_pool(
             rows,
             ClipScorer,
             {"cfg": cfg, "syncnet": syncnet, "syncnet_v2": syncnet_v2},
-            actors=cfg.resources.workers,
-            cpus_per_actor=cfg.resources.cpus_per_worker,
-            max_restarts=cfg.resources.max_restarts,
+            actors=pool.workers,
+            cpus_per_actor=pool.cpus_per_worker,
+            max_restarts=pool.max_restarts,
             key="id",
-            poll_seconds=cfg.resources.poll_seconds,  # a video takes seconds to score
+            poll_seconds=pool.poll_seconds,  # a video takes seconds to score
         )
     return [json.loads(r["row"]) for r in scored]
 

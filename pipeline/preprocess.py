@@ -15,7 +15,6 @@ import logging
 import math
 import time
 from collections import Counter, defaultdict
-from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -86,18 +85,18 @@ def _run_pool(cfg: PreprocessConfig, out: str, pending: list[dict[str, Any]]) ->
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    cfg = replace(cfg, resources=cfg.resources.planned("preprocessing actors", len(pending), "preprocess"))
-    with data_stall_guard(cfg.resources.stall_seconds, "resources.stall_seconds"):
+    pool = cfg.resources.planned("preprocessing actors", len(pending), "preprocess")
+    with data_stall_guard(pool.stall_seconds, "resources.stall_seconds"):
         return run_on_actor_pool(
             pending,
             ClipPreprocessor,
             {"cfg": cfg, "out": out},
-            actors=cfg.resources.workers,
-            cpus_per_actor=cfg.resources.cpus_per_worker,
-            max_restarts=cfg.resources.max_restarts,
+            actors=pool.workers,
+            cpus_per_actor=pool.cpus_per_worker,
+            max_restarts=pool.max_restarts,
             key="input_id",
-            calls_per_actor=cfg.resources.inputs_per_worker,
-            poll_seconds=cfg.resources.poll_seconds,
+            calls_per_actor=pool.inputs_per_worker,
+            poll_seconds=pool.poll_seconds,
         )
 
 

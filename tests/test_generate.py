@@ -337,6 +337,30 @@ def test_face_stream_in_chunks_equals_tracking_and_smoothing_whole(synth_corpus:
     )
 
 
+def test_a_shot_cut_restarts_the_face_stream_s_track_and_smoothing(synth_corpus: Path) -> None:
+    """Two speakers joined by a hard cut that falls inside a chunk: the stream finds the cut, tracks the
+    second shot afresh and smooths each shot on its own, as if each were streamed alone."""
+    from evaluation.generate import FaceStream
+
+    manifest = pd.read_csv(synth_corpus / "manifest.csv")
+    other = manifest[manifest["speaker"] != manifest["speaker"][0]]["video"].iloc[-1]
+    shots = [read_frames(synth_corpus / v, fps=25.0)[:30] for v in (manifest["video"][0], other)]
+    joined = np.concatenate(shots)
+    with FaceMeshTracker(max_faces=1) as tracker:
+        alone = [
+            smooth_landmarks(t.landmarks, t.found) for t in (tracker.track(shot, 25.0) for shot in shots)
+        ]
+        stream = FaceStream(tracker, 25.0)
+        pieces = [p for start in range(0, 60, 13) for p in stream.push(joined[start : start + 13])]
+        pieces += stream.flush()
+    assert stream.cuts == [30]  # inside the chunk of frames 26-38
+    landmarks = np.concatenate([p.landmarks for p in pieces])
+    np.testing.assert_array_equal(landmarks[:30], alone[0])
+    np.testing.assert_array_equal(landmarks[30:], alone[1])
+    boxes = np.concatenate([p.boxes for p in pieces])
+    np.testing.assert_array_equal(boxes[30:], crop_boxes(alone[1], shots[1].shape))
+
+
 def test_mpegts_is_remuxed_to_a_seekable_container(lavfi_clips: dict[str, Path], tmp_path: Path) -> None:
     path = str(lavfi_clips["ts"])
     assert pp.container_format(path) not in pp.SEEKABLE_FORMATS
