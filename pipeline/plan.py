@@ -155,8 +155,6 @@ def _advice(asks: list[Ask], kind: str, have: float) -> list[str]:
             advice.append(f"{ask.cpus_flag} {_amount(each)}")
         if ask.count_flag and 1 <= (n := math.floor(room / ask.per_unit(kind) + EPSILON)) < ask.count:
             advice.append(f"{ask.count_flag} {n}")
-        if kind == "GPU" and ask.gpus_advice:
-            advice.append(ask.gpus_advice)
     return advice[:2]
 
 
@@ -165,8 +163,11 @@ def refusal(asks: list[Ask], kind: str, cluster: Cluster) -> BadInput:
     used = [a for a in asks if a.per_unit(kind)]
     need = sum(a.total(kind) for a in used)
     text = f"{' + '.join(a.describe(kind) for a in used)} need {_units(need, kind)}; this cluster has {cluster.has(kind)}"
-    advice = _advice(used, kind, cluster.limit.get(kind, 0.0))
-    return BadInput(text + (f": use {' or '.join(advice)}" if advice else ""))
+    advice = [f"use {' or '.join(_advice(used, kind, cluster.limit.get(kind, 0.0)))}"]
+    if kind == "GPU":
+        advice += sorted({a.gpus_advice for a in used if a.gpus_advice})
+    advice = [a for a in advice if a != "use "]
+    return BadInput(text + (f": {', or '.join(advice)}" if advice else ""))
 
 
 def _check_units(asks: list[Ask], cluster: Cluster) -> list[Ask]:

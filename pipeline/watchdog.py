@@ -116,13 +116,23 @@ def _execution_callback_base() -> type:
     return ExecutionCallback
 
 
+def _pool_actors(op: Any) -> list[Any]:
+    """The actors of an actor-pool operator, running and pending (Ray internals: none when unreadable)."""
+    with contextlib.suppress(Exception):
+        pool = op._actor_pool
+        return [*pool._running_actors.keys(), *pool._pending_actors.values()]
+    return []
+
+
 class StallReport(_execution_callback_base()):  # type: ignore[misc]
-    """Ray Data execution callback: keeps the operators' state, and puts a description of the stalled stage
-    on Ray Data's no-progress error (as `lipsync_stall`) when the run times out."""
+    """Ray Data execution callback: keeps the operators' state, and when the run times out puts a description
+    of the stalled stage on Ray Data's no-progress error (as `lipsync_stall`) and kills the pools' actors:
+    Ray Data only lets go of them, and one stuck in its input would hold its CPUs until that returns."""
 
     def __init__(self) -> None:
         self.snapshot = Snapshot()
         self.taken_at = 0.0
+        self.actors: list[Any] = []
 
     def on_execution_step(self, executor: Any) -> None:
         now = time.monotonic()
@@ -136,14 +146,19 @@ class StallReport(_execution_callback_base()):  # type: ignore[misc]
             if type(op).__name__ != "InputDataBuffer" and not op.has_completed()
         ]
         self.snapshot = Snapshot(operators, _usage(executor))
+        self.actors = [actor for op in topology for actor in _pool_actors(op)]
 
     def after_execution_fails(self, executor: Any, error: Exception) -> None:
+        import ray
         from ray.data.exceptions import ExecutionTimeoutError
 
         if isinstance(error, ExecutionTimeoutError):
             stage = self.snapshot.stalled()
             parts = [stage.describe() if stage else "no stage running", self.snapshot.usage]
             error.lipsync_stall = "; ".join(p for p in parts if p)  # type: ignore[attr-defined]
+            for actor in self.actors:
+                with contextlib.suppress(Exception):  # gone already
+                    ray.kill(actor)
 
 
 @contextlib.contextmanager
@@ -203,9 +218,16 @@ def new_board() -> Any:
     return ray.remote(num_cpus=0, max_restarts=0)(ProgressBoard).remote()
 
 
+ESCALATE_AFTER_S = 30.0
+"""A stopped run that has not ended this long after `stop` gets it again (up to STOPS times in all): Ray
+Train's graceful abort can wait for good on a worker group still being placed; its third SIGINT exits."""
+STOPS = 3
+
+
 class LoopWatchdog(threading.Thread):
     """Driver thread: when the board has had no beat for `seconds`, records why (`message`) and calls
-    `stop` (once); `describe(phase)` adds what that phase waits for."""
+    `stop`, again every ESCALATE_AFTER_S while the run goes on (STOPS times at most); `describe(phase)`
+    adds what that phase waits for."""
 
     def __init__(
         self, board: Any, seconds: float, stop: Callable[[], None], describe: Callable[[str], str], what: str
@@ -233,8 +255,11 @@ class LoopWatchdog(threading.Thread):
                     self.message = f"{self.what} made no progress for {age:.0f} s: {phase} at step {step}" + (
                         f"; {detail}" if detail else ""
                     )
-                    self.stop_run()
-                    return
+                    break
+        for _ in range(STOPS if self.message else 0):
+            self.stop_run()
+            if self.finished.wait(ESCALATE_AFTER_S):
+                return
 
     @property
     def fired(self) -> bool:

@@ -68,7 +68,7 @@ def test_explicit_sizes_are_never_changed_and_too_many_units_are_refused() -> No
 def test_gpus_custom_resources_and_nodes() -> None:
     with pytest.raises(BadInput) as refused:
         fit([workers(2, 1.0, gpus=1.0)], TWO_CPUS, "train syncnet")
-    assert str(refused.value) == "2 workers × 1.0 GPU need 2 GPUs; this cluster has 0: use leave out --gpu"
+    assert str(refused.value) == "2 workers × 1.0 GPU need 2 GPUs; this cluster has 0: leave out --gpu"
     two_nodes = Cluster(now={"CPU": 4.0}, limit={"CPU": 4.0}, largest_node={"CPU": 2.0})
     with pytest.raises(
         BadInput, match=r"one of the workers needs 3 CPUs; the largest node has 2: use --cpus"

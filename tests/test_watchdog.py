@@ -45,6 +45,7 @@ def test_a_ray_data_stage_that_sleeps_fails_naming_it(ray_session) -> None:  # n
     assert message.endswith("(raise resources.stall_seconds if it is only slow)")
     assert time.monotonic() - started < 60
     assert ray_session.data.DataContext.get_current().execution_no_progress_timeout_s != 3  # put back
+    assert released(ray_session, 2.0)  # the stuck actor was killed, not left holding its CPU
 
 
 @contextlib.contextmanager
@@ -93,6 +94,7 @@ def busy_cluster(ray_session):  # noqa: ANN001, ANN201
 
     holder = Holder.remote()
     ray_session.get(holder.ready.remote())
+    assert released(ray_session, 0.5), "an earlier test left CPUs taken"  # else the phase would differ
     yield
     ray_session.kill(holder)
 
@@ -110,7 +112,7 @@ def test_a_training_loop_waiting_for_windows_fails_naming_what_it_waits_for(
 
     cfg = SyncNetConfig(
         steps=2, batch_size=2, workers=1, cpus_per_worker=0.5, data_cpus_per_task=0.5, eval_clips=0,
-        shuffle_buffer=4, windows=WindowConfig(windows_per_clip=2), stall_seconds=40,
+        shuffle_buffer=4, windows=WindowConfig(windows_per_clip=2), stall_seconds=60,
     )  # fmt: skip
     with pytest.raises(Stalled) as stalled:
         run(cfg, str(preprocessed_corpus), str(tmp_path / "out"))
@@ -118,7 +120,17 @@ def test_a_training_loop_waiting_for_windows_fails_naming_what_it_waits_for(
     assert message.startswith("train syncnet made no progress for "), message
     assert "waiting for a batch of windows at step 0" in message
     assert "the Ray Data window tasks ask 0.5 CPU each; the cluster has 0 of 2 CPUs free" in message
-    assert ray_session.available_resources().get("CPU") == 0.5  # the run's worker is gone
+    assert released(ray_session, 0.5)  # the run's worker is gone
+
+
+def released(ray, cpus: float, within_s: float = 60.0) -> bool:  # noqa: ANN001
+    """Whether the cluster's free CPUs come back to `cpus` (actors end asynchronously) within `within_s`."""
+    deadline = time.monotonic() + within_s
+    while ray.available_resources().get("CPU") != cpus:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 @pytest.mark.slow
@@ -140,3 +152,22 @@ def test_a_sweep_whose_trials_cannot_start_fails_as_stalled(
     message = str(stalled.value)
     assert message.startswith("tune syncnet made no progress for "), message
     assert "starting the workers at step 0; the cluster has 0.5 of 2 CPUs free" in message
+
+
+def test_a_stop_that_does_not_end_the_run_is_repeated(ray_session, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Ray Train's graceful abort can wait for good on workers still being placed; the watchdog stops again
+    (its third SIGINT makes Ray Train exit) instead of leaving the command hanging."""
+    import pipeline.watchdog as watchdog
+
+    monkeypatch.setattr(watchdog, "ESCALATE_AFTER_S", 0.5)
+    stops: list[float] = []
+    stalled = r"^loop made no progress for \d+ s: starting the workers at step 0"
+    record = lambda: stops.append(time.monotonic())  # noqa: E731
+    with (
+        pytest.raises(Stalled, match=stalled),
+        watchdog.loop_watchdog(1.0, "loop", lambda _: "", stop=record),
+    ):
+        deadline = time.monotonic() + 30
+        while len(stops) < watchdog.STOPS and time.monotonic() < deadline:
+            time.sleep(0.1)  # a run that ignores its stops
+    assert len(stops) == watchdog.STOPS and stops[-1] - stops[0] >= 0.9

@@ -113,6 +113,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # -- set-up: device, model, optimiser, state to resume from
     cfg = from_dict(SyncNetConfig, config["cfg"])
     rank, world_size = world()
+    Beats(config.get("progress"), rank == 0)("setting up the worker", 0)  # the driver's watchdog
     device, amp = worker_device(), worker_amp(cfg.gpu)
     use_worker_threads(cfg)
     seed_everything(cfg.seed)

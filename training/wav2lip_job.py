@@ -252,6 +252,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # -- set-up: device, models, optimisers, state to resume from
     cfg = from_dict(Wav2LipConfig, config["cfg"])
     rank, world_size = world()
+    Beats(config.get("progress"), rank == 0)("setting up the worker", 0)  # the driver's watchdog
     device, amp = worker_device(), worker_amp(cfg.gpu)
     use_worker_threads(cfg)
     state = build_state(cfg, config["syncnet"], device, amp)
