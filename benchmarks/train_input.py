@@ -115,6 +115,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.ray_utils import ensure_ray
+    from training.common import plan_resources, with_defaults
     from training.data import WindowConfig
     from training.syncnet_job import SyncNetConfig
 
@@ -126,6 +127,7 @@ def main() -> None:
         steps=steps, batch_size=args.batch_size, log_every=args.interval, checkpoint_every=steps,
         eval_clips=0, windows=WindowConfig(windows_per_clip=32),
     )  # fmt: skip
+    cfg = plan_resources(with_defaults(cfg), "benchmark")  # the sizes `lipsync train` would run with
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         memory = measure_in_memory(cfg, tmp)[1:]

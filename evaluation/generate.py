@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import io
 import logging
@@ -63,12 +64,12 @@ from evaluation.postprocess import (
     write_i420,
 )
 from lipsync.config import code_version, config_hash, to_dict
-from lipsync.errors import BadInput
+from lipsync.errors import BadInput, Stalled
 from lipsync.malloc import reuse_freed_memory
 from pipeline.audio import SAMPLE_RATE, mel_windows, melspectrogram
 from pipeline.corpus import _read_manifest
 from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
-from pipeline.landmarks import FaceMeshTracker, lip_shape, smooth_landmarks
+from pipeline.landmarks import FaceMeshTracker, lip_shape, scene_cuts, smooth_landmarks
 from pipeline.media import (
     MediaError,
     ProbeInfo,
@@ -106,7 +107,7 @@ class ModelConfig:
     device: str = "auto"  # auto (GPU when the cluster or this machine has one) | cpu | cuda
     actors: int = 1
     gpus_per_actor: float = 1.0
-    cpus_per_actor: float = 1.0  # fractional on CPU-only nodes so the CPU stages keep a share
+    cpus_per_actor: float | None = None  # None: 1.0, less when the cluster cannot hold every stage at once
     threads: int = 0  # torch threads of a CPU actor; 0: the node's CPUs shared among the pool's actors
     batch_size: int = 32  # frames per forward pass
     rows_per_batch: int = 1  # chunks per actor call; raise it on a GPU to fill batches
@@ -118,15 +119,20 @@ class ResourcesConfig:
     """Sizing of the CPU stages and of Ray Data's buffers."""
 
     prepare_actors: int = 1
-    prepare_cpus: float = 0.5
-    composite_actors: int = 1
-    composite_cpus: float = 0.25
+    prepare_cpus: float | None = None  # None: 0.5 (the CPU amounts left to defaults shrink together when
+    composite_actors: int = 1  # the cluster cannot hold every stage at once; pipeline.plan)
+    composite_cpus: float | None = None  # None: 0.25
     finalize_actors: int = 1  # per-pair join + mux; started with the pipeline, so warm when a pair ends
-    finalize_cpus: float = 0.25
+    finalize_cpus: float | None = None  # None: 0.25
     finalize_restarts: int = 2  # a finalize actor killed mid-pair restarts and retries the pair
     object_store_mb: int = 256  # Ray Data's object-store budget for in-flight chunks (0: Ray's default)
     source_cache_files: int = 4  # remote source videos a composite actor keeps on local disk
     poll_seconds: float = 0.5  # Ray Data's driver loop interval (Ray: 0.1); chunks take seconds each
+    stall_seconds: float = 600.0  # no chunk done for this long fails the run, naming the stage (0: never)
+
+
+DEFAULT_CPUS = {"model": 1.0, "prepare": 0.5, "composite": 0.25, "finalize": 0.25}
+"""CPUs of each stage's actors when the config leaves them to the plan (at most these)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,8 @@ class GenerateConfig:
     extension: str = "pingpong"  # audio longer than the video: pingpong | loop | freeze
     calibration: str | None = None  # JSON of per-language/speaker mel offsets (evaluation/calibration.py)
     landmarker_model: str | None = None  # a face_landmarker.task; default: mediapipe's bundled FaceMesh
+    scene_cut_threshold: float = 0.15  # a shot cut restarts tracking: as preprocessing's (PreprocessConfig)
+    scene_cut_content_threshold: float = 27.0
     model: ModelConfig = field(default_factory=ModelConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
@@ -154,6 +162,8 @@ def validate(cfg: GenerateConfig) -> None:
         resolve_stabiliser(cfg.post.stabilise)
     except ValueError as exc:
         raise BadInput(f"post.stabilise: {exc}") from exc
+    if not 0 < cfg.scene_cut_threshold < 1 or cfg.scene_cut_content_threshold <= 0:
+        raise BadInput("scene_cut_threshold must be in (0, 1) and scene_cut_content_threshold > 0")
     if cfg.chunk_seconds <= 0 or cfg.track_max_side < 64:
         raise BadInput("chunk_seconds must be > 0 and track_max_side >= 64")
     counts = (cfg.model.actors, cfg.model.batch_size, cfg.model.rows_per_batch)
@@ -170,6 +180,9 @@ def validate(cfg: GenerateConfig) -> None:
     if post.meter != "landmarks" and post.measure_offset:
         build_meter(post)  # unreadable or wrong weights fail here, before any worker starts
     check_poll_seconds(cfg.resources.poll_seconds)
+    amounts = (cfg.model.cpus_per_actor, res.prepare_cpus, res.composite_cpus, res.finalize_cpus)
+    if any(a is not None and a < 0 for a in amounts) or res.stall_seconds < 0:
+        raise BadInput("CPU amounts and resources.stall_seconds must be >= 0")
 
 
 # --- pairs --------------------------------------------------------------------------------------
@@ -327,38 +340,72 @@ class Tracked:
 class FaceStream:
     """Tracks one face through streamed chunks; smooths with `context` frames of look-ahead and history.
 
-    Landmark smoothing (window 5) and box smoothing (window 9) need at most 6 neighbours each side, so
-    frames come out `context` frames late and equal what smoothing the whole video would give.
+    Landmark smoothing (window 5) and box smoothing (window 9) need at most 6 neighbours each side inside a
+    run of face frames and 10 ahead at its start (the boxes' line fitted over its first 9 frames, each from
+    landmarks smoothed over 5), so frames come out `context` frames late and equal what smoothing the whole
+    video would give. A shot cut
+    (pipeline.landmarks.scene_cuts, `cut_thresholds`; None: no cut detection) restarts tracking at its
+    first frame and ends smoothing at it: no landmark or box is averaged across two shots.
     """
 
-    def __init__(self, tracker: FaceMeshTracker, fps: float, context: int = 8) -> None:
-        self.tracker, self.fps, self.context = tracker, fps, context
+    def __init__(
+        self,
+        tracker: FaceMeshTracker,
+        fps: float,
+        context: int = 10,
+        cut_thresholds: tuple[float, float] | None = (0.15, 27.0),
+    ) -> None:
+        self.tracker, self.fps, self.context, self.cut_thresholds = tracker, fps, context, cut_thresholds
         self.frames: np.ndarray | None = None
         self.raw = np.empty((0, 468, 3), np.float32)
         self.found = np.empty(0, bool)
         self.offset = 0  # absolute index of buffer[0]
         self.done = 0  # absolute index of the first frame not yet emitted
         self.pushed = 0
+        self.cuts: list[int] = []  # absolute indices of the frames that start a new shot
 
     def push(self, frames: np.ndarray) -> list[Tracked]:
-        """Track a chunk (continuing the previous chunk's track); returns the frames now smoothed for good."""
-        track = self.tracker.track(frames, self.fps, resume=self.pushed > 0)
+        """Track a chunk (continuing the previous chunk's track unless a shot starts); returns the frames now
+        smoothed for good."""
+        starts = self._shot_starts(frames)
+        bounds = [0, *[s for s in starts if s > 0], len(frames)]
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            resume = self.pushed + a > 0 and a not in starts
+            track = self.tracker.track(frames[a:b], self.fps, resume=resume)
+            self.raw = np.concatenate([self.raw, track.landmarks])
+            self.found = np.concatenate([self.found, track.found])
+        self.cuts.extend(self.pushed + s for s in starts)
         self.frames = frames if self.frames is None else np.concatenate([self.frames, frames])
-        self.raw = np.concatenate([self.raw, track.landmarks])
-        self.found = np.concatenate([self.found, track.found])
         self.pushed += len(frames)
         return self._emit(final=False)
+
+    def _shot_starts(self, frames: np.ndarray) -> list[int]:
+        """Indices in `frames` where a new shot starts (0: at the boundary with the previous chunk)."""
+        if self.cut_thresholds is None:
+            return []
+        if self.frames is None or not len(self.frames):
+            return scene_cuts(frames, *self.cut_thresholds)
+        return [t - 1 for t in scene_cuts(np.concatenate([self.frames[-1:], frames]), *self.cut_thresholds)]
 
     def flush(self) -> list[Tracked]:
         """The remaining frames at the end of the stream."""
         return self._emit(final=True)
 
+    def _smoothed(self) -> tuple[np.ndarray, np.ndarray]:
+        """(landmarks, boxes) of the buffer, each shot in it smoothed on its own."""
+        n = len(self.raw)
+        bounds = [0, *[c - self.offset for c in self.cuts if 0 < c - self.offset < n], n]
+        landmarks, boxes = [], []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            landmarks.append(smooth_landmarks(self.raw[a:b], self.found[a:b]))
+            boxes.append(crop_boxes(landmarks[-1], self.frames.shape))
+        return np.concatenate(landmarks), np.concatenate(boxes)
+
     def _emit(self, final: bool) -> list[Tracked]:
         end = self.pushed if final else self.pushed - self.context
         if end <= self.done or self.frames is None:
             return []
-        smoothed = smooth_landmarks(self.raw, self.found)
-        boxes = crop_boxes(smoothed, self.frames.shape)
+        smoothed, boxes = self._smoothed()
         a, b = self.done - self.offset, end - self.offset
         piece = Tracked(self.done, self.frames[a:b], smoothed[a:b], boxes[a:b])
         keep = max(0, b - self.context)
@@ -493,7 +540,8 @@ class PrepareStage:
 
     def forward(self, plan: PairPlan, cache: FaceCache) -> Iterator[dict[str, Any]]:
         """The source decoded once in order, tracked with look-ahead smoothing, cut at n_out frames."""
-        stream = FaceStream(self.tracker, plan.fps)
+        cuts = (self.cfg.scene_cut_threshold, self.cfg.scene_cut_content_threshold)
+        stream = FaceStream(self.tracker, plan.fps, cut_thresholds=cuts)
         chunk = max(8, round(self.cfg.chunk_seconds * plan.fps))
         frames_iter = iter_frames(plan.local, fps=plan.fps, chunk=chunk, size=plan.track_size, info=plan.info)
         ended = True
@@ -914,22 +962,82 @@ def _remove(uri: str) -> None:
             fs.rm(path, recursive=True)
 
 
-def _model_resources(cfg: ModelConfig) -> dict[str, float]:
-    import ray
+def uses_gpu(cfg: ModelConfig, cluster_gpus: float) -> bool:
+    """Whether the model's actors take a GPU: cuda, or auto on a cluster that has (or may grow) one."""
     import torch
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.device == "cuda" and not gpus:
+    if cfg.device == "cuda" and not cluster_gpus:
         raise BadInput("model.device is cuda but the Ray cluster has no GPU")
-    if cfg.device == "cuda" or (cfg.device == "auto" and (gpus or torch.cuda.is_available())):
-        return {"num_gpus": cfg.gpus_per_actor, "num_cpus": cfg.cpus_per_actor}
-    return {"num_cpus": cfg.cpus_per_actor}
+    return cfg.device == "cuda" or (cfg.device == "auto" and bool(cluster_gpus or torch.cuda.is_available()))
+
+
+def _model_resources(cfg: ModelConfig) -> dict[str, float]:
+    from pipeline.plan import Cluster
+
+    cpus = DEFAULT_CPUS["model"] if cfg.cpus_per_actor is None else cfg.cpus_per_actor
+    if uses_gpu(cfg, Cluster.current().limit.get("GPU", 0.0)):
+        return {"num_gpus": cfg.gpus_per_actor, "num_cpus": cpus}
+    return {"num_cpus": cpus}
+
+
+def _stage_ask(what: str, key: str, count: int, cpus: float | None, flag: str) -> Any:
+    from pipeline.plan import Ask
+
+    amount = DEFAULT_CPUS[key] if cpus is None else cpus
+    return Ask(
+        what, count, amount, count_flag=f"{flag}_actors", cpus_flag=f"{flag}_cpus", fit_cpus=cpus is None
+    )
+
+
+def stage_asks(cfg: GenerateConfig, pairs: int, gpu: bool) -> list[Any]:
+    """What the pipeline's actors ask the cluster for, stage by stage (pipeline.plan)."""
+    from pipeline.plan import Ask
+
+    model, res = cfg.model, cfg.resources
+    model_cpus = DEFAULT_CPUS["model"] if model.cpus_per_actor is None else model.cpus_per_actor
+    return [
+        Ask("model actors", model.actors, model_cpus, model.gpus_per_actor if gpu else 0.0,
+            count_flag="model.actors", cpus_flag="model.cpus_per_actor", fit_cpus=model.cpus_per_actor is None),
+        _stage_ask("prepare actors", "prepare", min(res.prepare_actors, pairs), res.prepare_cpus,
+                   "resources.prepare"),
+        _stage_ask("composite actors", "composite", res.composite_actors, res.composite_cpus,
+                   "resources.composite"),
+        _stage_ask("finalize actors", "finalize", min(res.finalize_actors, pairs), res.finalize_cpus,
+                   "resources.finalize"),
+    ]  # fmt: skip
+
+
+def with_stage_cpus(cfg: GenerateConfig, asks: list[Any]) -> GenerateConfig:
+    """`cfg` with the CPU amounts of fitted `stage_asks`."""
+    model, prepare, composite, finalize = asks
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, cpus_per_actor=model.cpus),
+        resources=dataclasses.replace(
+            cfg.resources,
+            prepare_cpus=prepare.cpus,
+            composite_cpus=composite.cpus,
+            finalize_cpus=finalize.cpus,
+        ),
+    )
+
+
+def plan_resources(cfg: GenerateConfig, pairs: int) -> GenerateConfig:
+    """`cfg` with the CPUs it leaves to defaults fitted so every stage's actors run at once on the cluster
+    (pipeline.plan); BadInput with the one-line plan when they cannot."""
+    from pipeline.plan import Cluster, fit
+
+    cluster = Cluster.current()
+    gpu = uses_gpu(cfg.model, cluster.limit.get("GPU", 0.0))
+    return with_stage_cpus(cfg, fit(stage_asks(cfg, pairs, gpu), cluster, "generate"))
 
 
 @contextlib.contextmanager
 def _data_context(cfg: ResourcesConfig) -> Iterator[None]:
     """Small blocks (one chunk row each, emitted as soon as it is made) and a bounded object-store budget."""
     import ray
+
+    from pipeline.watchdog import data_stall_guard
 
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.target_max_block_size, ctx.enable_progress_bars, ctx.execution_options)
@@ -942,7 +1050,10 @@ def _data_context(cfg: ResourcesConfig) -> Iterator[None]:
         )
     ctx.execution_options = options
     try:
-        with executor_poll_interval(cfg.poll_seconds):
+        with (
+            executor_poll_interval(cfg.poll_seconds),
+            data_stall_guard(cfg.stall_seconds, "resources.stall_seconds"),
+        ):
             yield
     finally:
         ctx.target_max_block_size, ctx.enable_progress_bars, ctx.execution_options = saved
@@ -1015,12 +1126,20 @@ def _finalizers(cfg: GenerateConfig, out: str, pairs: int) -> list[Any]:
     return [actor.remote(cfg, out) for _ in range(max(1, min(res.finalize_actors, pairs)))]
 
 
-def _finished(progress: PairProgress, future: Any) -> dict[str, Any]:
-    """The finalize result of a pair, or its failed row when the actor died more often than it restarts."""
+def _finished(progress: PairProgress, future: Any, stall_seconds: float = 0.0) -> dict[str, Any]:
+    """The finalize result of a pair, or its failed row when the actor died more often than it restarts;
+    Stalled when it takes more than `stall_seconds` (0: no limit)."""
     import ray
 
+    from pipeline.watchdog import free_resources
+
     try:
-        return ray.get(future)
+        return ray.get(future, timeout=stall_seconds or None)
+    except ray.exceptions.GetTimeoutError:
+        raise Stalled(
+            f"no progress for {stall_seconds:g} s: stage finalize (pair {progress.pair['id']}); "
+            f"{free_resources()} (raise resources.stall_seconds if it is only slow)"
+        ) from None
     except ray.exceptions.RayError as exc:  # the pair fails; the other pairs' rows are still written
         reason = "worker_died" if isinstance(exc, ray.exceptions.RayActorError) else "error"
         cause = getattr(exc, "cause", None)  # a RayTaskError carries finalize's own exception
@@ -1046,7 +1165,8 @@ def _collect(cfg: GenerateConfig, ds, pairs: list[dict[str, Any]], out: str) -> 
                 state.submitted = True
                 actor = finalizers[len(futures) % len(finalizers)]
                 futures[state.pair["id"]] = actor.finalize.remote(state.pair, list(state.chunks.values()))
-        finished = {pair_id: _finished(progress[pair_id], f) for pair_id, f in futures.items()}
+        stall = cfg.resources.stall_seconds
+        finished = {pair_id: _finished(progress[pair_id], f, stall) for pair_id, f in futures.items()}
     finally:
         for actor in finalizers:
             ray.kill(actor)
@@ -1098,10 +1218,11 @@ def run(
     except OSError as exc:
         raise BadInput(f"cannot write to {out}: {exc}") from exc
     ensure_ray(address)
+    planned = plan_resources(cfg, len(pairs))  # the lineage keeps `cfg`: sizing does not change outputs
     started = time.perf_counter()
-    with _data_context(cfg.resources):
-        ds = build_dataset(cfg, pairs, out, model_uri, img_size)
-        rows = _collect(cfg, ds, pairs, out)
+    with _data_context(planned.resources):
+        ds = build_dataset(planned, pairs, out, model_uri, img_size)
+        rows = _collect(planned, ds, pairs, out)
     _cleanup(out, rows)
     wall = time.perf_counter() - started
     lineage = {"checkpoint": model_uri, "checkpoint_sha256": digest, "config_hash": config_hash(cfg)}

@@ -50,7 +50,7 @@ from pipeline.corpus import MANIFEST_EXTENSIONS, VIDEO_EXTENSIONS, discover, inp
 from pipeline.landmarks import FaceMeshTracker, fill_gaps, mouth_openness, smooth_landmarks
 from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
 from pipeline.meters import METERS, MeterConfig
-from pipeline.ray_utils import ensure_ray, executor_poll_interval, import_deferred, map_on_actor_pool
+from pipeline.ray_utils import WORKER_DIED, ensure_ray, import_deferred, run_on_actor_pool
 from pipeline.stages import PoolConfig
 from pipeline.storage import Store, is_remote, join_uri, manifest_path, manifest_text
 
@@ -292,10 +292,15 @@ class ClipScorer:
             out["row"].append(json.dumps(scored))
         return out
 
-    def score(self, row: dict[str, Any]) -> dict[str, Any]:
-        """The scored row of one input; failures become status "failed" with a reason and a message."""
-        started = time.perf_counter()
-        result = {
+    def given_up(self, row: dict[str, Any], attempts: int) -> dict[str, list]:
+        """The failed row of an input whose actor was killed on each of its `attempts`."""
+        message = f"{row['video']}: its scoring actor was killed on each of {attempts} attempts"
+        failed = {**self.base_row(row), "status": "failed", "reason": WORKER_DIED, "message": message}
+        return {"id": [row["id"]], "row": [json.dumps({k: _json_safe(v) for k, v in failed.items()})]}
+
+    def base_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The columns every row of `row` has, before its scores."""
+        return {
             **{k: row[k] for k in ("id", "video", "language", "speaker", "system", "split")},
             "injected_offset_frames": int(row["injected_offset_frames"])
             if row["injected_offset_frames"]
@@ -306,6 +311,11 @@ class ClipScorer:
             "worker_pid": os.getpid(),
             **self.lineage,
         }
+
+    def score(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The scored row of one input; failures become status "failed" with a reason and a message."""
+        started = time.perf_counter()
+        result = self.base_row(row)
         if row["input_status"] not in OK_STATUSES:  # e.g. a pair generation failed: nothing to score
             reason = row["input_reason"] or f"input_{row['input_status']}"
             return {
@@ -449,17 +459,22 @@ def _run_pool(
     """Stream the inputs through the actor pool (progress bar on stderr); returns the scored rows."""
     import ray
 
+    from pipeline.watchdog import data_stall_guard
+
     ray.data.DataContext.get_current().enable_progress_bars = True
-    ds = map_on_actor_pool(
-        rows,
-        ClipScorer,
-        {"cfg": cfg, "syncnet": syncnet, "syncnet_v2": syncnet_v2},
-        actors=cfg.resources.workers,
-        cpus_per_actor=cfg.resources.cpus_per_worker,
-        max_restarts=cfg.resources.max_restarts,
-    )
-    with executor_poll_interval(cfg.resources.poll_seconds):  # a video takes seconds to score
-        return [json.loads(r["row"]) for r in ds.iter_rows()]
+    pool = cfg.resources.planned("scoring actors", len(rows), "score")  # rows keep `cfg`'s config hash
+    with data_stall_guard(pool.stall_seconds, "resources.stall_seconds"):
+        scored = run_on_actor_pool(
+            rows,
+            ClipScorer,
+            {"cfg": cfg, "syncnet": syncnet, "syncnet_v2": syncnet_v2},
+            actors=pool.workers,
+            cpus_per_actor=pool.cpus_per_worker,
+            max_restarts=pool.max_restarts,
+            key="id",
+            poll_seconds=pool.poll_seconds,  # a video takes seconds to score
+        )
+    return [json.loads(r["row"]) for r in scored]
 
 
 def scores_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -1,6 +1,7 @@
 """The `lipsync` command: parses arguments, loads config and calls each stage's `run(config)`.
 
-Exit codes: 0 done, 2 bad input or usage (one line naming what is wrong), 1 anything else.
+Exit codes: 0 done, 2 bad input or usage (one line naming what is wrong), 1 anything else (a run that stalled:
+one line naming the stage and what it waited for).
 With --json the last line on stdout is one JSON object; progress and human output go to stderr.
 """
 
@@ -14,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from lipsync.errors import BadInput
+from lipsync.errors import BadInput, Stalled
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -54,7 +55,7 @@ def _preprocess(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.preprocess import run
     from pipeline.stages import PreprocessConfig
 
-    overrides = {"resources.workers": args.workers}
+    overrides = {"resources.workers": args.workers, "resources.cpus_per_worker": args.cpus_per_worker}
     return run(
         load_config(PreprocessConfig, args.config, overrides), args.input, args.out, address=args.address
     )
@@ -84,6 +85,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 
     overrides = {
         "workers": args.workers,
+        "cpus_per_worker": args.cpus_per_worker,
         "gpu": True if args.gpu else None,
         "steps": args.steps,
         "data.languages": args.languages,
@@ -114,6 +116,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                 "--syncnet", required=True, help="expert SyncNet checkpoint (dir, model.pt or OUT)"
             )
         p.add_argument("--workers", type=int, help="data-parallel workers (global batch is split over them)")
+        p.add_argument("--cpus-per-worker", type=float, help="CPUs each worker reserves (default: fitted)")
         p.add_argument("--gpu", action="store_true", help="one GPU per worker: NCCL, AMP, pinned memory")
         p.add_argument("--steps", type=int, help="train until this global step")
         p.add_argument("--languages", help="comma-separated languages to train on (default: all)")
@@ -167,7 +170,12 @@ def _score(args: argparse.Namespace) -> dict[str, Any]:
     from evaluation.score import ScoreConfig, run
     from lipsync.config import load_config
 
-    cfg = load_config(ScoreConfig, args.config, {"resources.workers": args.workers, "system": args.system})
+    overrides = {
+        "resources.workers": args.workers,
+        "resources.cpus_per_worker": args.cpus_per_worker,
+        "system": args.system,
+    }
+    cfg = load_config(ScoreConfig, args.config, overrides)
     return run(
         cfg,
         args.input,
@@ -194,7 +202,8 @@ def _evaluation_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--syncnet-v2", help="joonson/syncnet_python's syncnet_v2.model: standard LSE-D/LSE-C")
     p.add_argument("--reference", help="manifest of reference videos for PSNR/SSIM: id or video, reference")
     p.add_argument("--calibration-out", help="write the per-language timing calibration from these scores")
-    p.add_argument("--workers", type=int, help="scoring actors (default from config: 2)")
+    p.add_argument("--workers", type=int, help="scoring actors (default: as many as the cluster holds)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs each scoring actor reserves (default: 0.9)")
     p.add_argument("--system", help="system name of rows without a `system` column (default: input name)")
     _common(p, ray=True)
     p.set_defaults(handler=_score)
@@ -274,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="corpus -> aligned Parquet shards on Ray Data (resumable)")
     p.add_argument("input", help="directory, manifest (.csv/.jsonl/.parquet) or s3:// prefix")
     p.add_argument("out", help="output directory or s3:// prefix")
-    p.add_argument("--workers", type=int, help="preprocessing actors (default from config: 2)")
+    p.add_argument("--workers", type=int, help="preprocessing actors (default: as many as the cluster holds)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs each actor reserves (default: 0.9)")
     _common(p, ray=True)
     p.set_defaults(handler=_preprocess)
 
@@ -312,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         if want_json:
             print(json.dumps({"error": str(exc), "exit_code": 2}))
         return 2
+    except Stalled as exc:
+        print(f"lipsync: stalled: {exc}", file=sys.stderr)
+        if want_json:
+            print(json.dumps({"error": f"stalled: {exc}", "exit_code": 1}))
+        return 1
     except KeyboardInterrupt:
         print("lipsync: interrupted", file=sys.stderr)
         return 130

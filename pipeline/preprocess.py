@@ -24,7 +24,7 @@ from lipsync.errors import BadInput
 from pipeline.corpus import discover
 from pipeline.media import TOOL_KILLED
 from pipeline.meters import build_meter
-from pipeline.ray_utils import ensure_ray, executor_poll_interval, map_on_actor_pool
+from pipeline.ray_utils import WORKER_DIED, ensure_ray, run_on_actor_pool
 from pipeline.stages import STATE_DIR, AlignConfig, ClipPreprocessor, PreprocessConfig, output_hash
 from pipeline.storage import Store
 
@@ -49,6 +49,8 @@ def _validate(cfg: PreprocessConfig) -> None:
         build_meter(cfg.align)  # unreadable or wrong weights fail here, before any worker starts
     if cfg.crop_size < 32 or cfg.crop_size % 2:
         raise BadInput(f"crop_size must be an even number >= 32, not {cfg.crop_size}")
+    if not 0 < cfg.scene_cut_threshold < 1 or cfg.scene_cut_content_threshold <= 0:
+        raise BadInput("scene_cut_threshold must be in (0, 1) and scene_cut_content_threshold > 0")
     cfg.resources.validate()
 
 
@@ -68,10 +70,12 @@ def finished_inputs(store: Store, cfg_hash: str, wanted: set[str]) -> dict[str, 
 def to_process(
     store: Store, cfg_hash: str, inputs: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """(inputs to process, records of those done). An input whose ffmpeg/ffprobe was killed by a signal on
-    every attempt has a record (its `tool_killed` reject is reported) but was never judged: run it again."""
+    """(inputs to process, records of those done). An input whose ffmpeg/ffprobe, or whose worker, was killed
+    on every attempt has a record (its `tool_killed` or `worker_died` reject is reported) but was never
+    judged: run it again."""
     records = finished_inputs(store, cfg_hash, {r["input_id"] for r in inputs})
-    done = {k: r for k, r in records.items() if not any(x["reason"] == TOOL_KILLED for x in r["rejects"])}
+    unjudged = (TOOL_KILLED, WORKER_DIED)
+    done = {k: r for k, r in records.items() if not any(x["reason"] in unjudged for x in r["rejects"])}
     return [r for r in inputs if r["input_id"] not in done], done
 
 
@@ -79,19 +83,23 @@ def _run_pool(cfg: PreprocessConfig, out: str, pending: list[dict[str, Any]]) ->
     """Stream the pending inputs through the actor pool; returns one small status row per input."""
     import ray
 
+    from pipeline.watchdog import data_stall_guard
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    ds = map_on_actor_pool(
-        pending,
-        ClipPreprocessor,
-        {"cfg": cfg, "out": out},
-        actors=cfg.resources.workers,
-        cpus_per_actor=cfg.resources.cpus_per_worker,
-        max_restarts=cfg.resources.max_restarts,
-        calls_per_actor=cfg.resources.inputs_per_worker,
-    )
-    with executor_poll_interval(cfg.resources.poll_seconds):
-        return list(ds.iter_rows())
+    pool = cfg.resources.planned("preprocessing actors", len(pending), "preprocess")
+    with data_stall_guard(pool.stall_seconds, "resources.stall_seconds"):
+        return run_on_actor_pool(
+            pending,
+            ClipPreprocessor,
+            {"cfg": cfg, "out": out},
+            actors=pool.workers,
+            cpus_per_actor=pool.cpus_per_worker,
+            max_restarts=pool.max_restarts,
+            key="input_id",
+            calls_per_actor=pool.inputs_per_worker,
+            poll_seconds=pool.poll_seconds,
+        )
 
 
 def _calls_by_worker(status: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

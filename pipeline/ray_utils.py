@@ -135,39 +135,87 @@ def executor_poll_interval(seconds: float | None) -> Iterator[None]:
         setattr(state, name, saved)
 
 
-def map_on_actor_pool(
+WORKER_DIED = "worker_died"
+"""Reject reason of an input whose actor was killed on every attempt (OOM, a crash in native code)."""
+
+
+class AttemptLedger:
+    """Ray actor (no CPU): how many times each input of a pool has been started."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, int] = {}
+
+    def begin(self, key: str) -> int:
+        """Count one more start of input `key`; returns how many there have been."""
+        self.started[key] = self.started.get(key, 0) + 1
+        return self.started[key]
+
+
+def bounded(actor: type) -> type:
+    """`actor` (a map_batches callable taking one row per call) whose inputs are each tried at most
+    `max_attempts` times: an input started that often already (its actor was killed every time, and Ray Data
+    restarted it and retried) goes to `actor.given_up(row, attempts)` instead of being tried again. The
+    subclass keeps `actor`'s name, which Ray Data names the stage after."""
+
+    class Bounded(actor):  # type: ignore[misc, valid-type]
+        def __init__(self, *, ledger: Any, key: str, max_attempts: int, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.ledger, self.key, self.max_attempts = ledger, key, max_attempts
+
+        def __call__(self, batch: dict[str, Any]) -> Any:
+            import ray
+
+            row = {k: (v[0].item() if hasattr(v[0], "item") else v[0]) for k, v in batch.items()}
+            started = ray.get(self.ledger.begin.remote(str(row[self.key])))
+            if started > self.max_attempts:
+                return self.given_up(row, started - 1)
+            return super().__call__(batch)
+
+    Bounded.__name__ = Bounded.__qualname__ = actor.__name__
+    return Bounded
+
+
+def run_on_actor_pool(
     rows: list[dict[str, Any]],
     actor: type,
     constructor_kwargs: dict[str, Any],
     actors: int,
     cpus_per_actor: float,
     max_restarts: int,
+    key: str,
     calls_per_actor: int = 1,
-) -> Any:
-    """A Ray Dataset of `rows` (one block each) mapped one row per call by a pool of `actor` instances.
+    poll_seconds: float | None = None,
+) -> list[dict[str, Any]]:
+    """The rows a pool of `actor` instances makes of `rows`, one row per call (and per block).
 
-    At most `actors` of them (never more than rows); each restarts up to `max_restarts` times if killed
-    and its rows in flight are retried on the new one; the driver's forwarded environment reaches them.
-    `calls_per_actor` > 1 runs that many calls at once in each actor, in threads: `actor` must be
-    thread-safe.
+    At most `actors` of them (never more than rows). A killed actor is restarted and its rows in flight
+    retried (Ray Data's own fault tolerance); an input whose actor is killed more than `max_restarts` times
+    is given up (`bounded`), so one input that kills its worker every time costs its own row, not the run.
+    `key` names the column that identifies an input. `calls_per_actor` > 1 runs that many calls at once in
+    each actor, in threads: `actor` must be thread-safe. The driver's forwarded environment reaches them.
     """
     import ray
 
-    # max_restarts/max_task_retries reach the actors only as `ray_remote_args`, which Ray 2.60 (pinned in
-    # pyproject.toml and cluster/) deprecates for removal in 2.64 without a named replacement. Ray Data's
-    # own default is unbounded (-1), so dropping them would retry a poison input forever: revisit on upgrade.
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    return ds.map_batches(
-        actor,
-        fn_constructor_kwargs=constructor_kwargs,
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(
-            size=max(1, min(actors, len(rows))),
-            max_concurrent_calls_per_actor=calls_per_actor if calls_per_actor > 1 else None,
-            enable_true_multi_threading=calls_per_actor > 1,
-        ),
-        num_cpus=cpus_per_actor,
-        runtime_env=worker_runtime_env(),
-        max_restarts=max_restarts,  # bounded: an input that kills its actor every time fails the run
-        max_task_retries=max_restarts,
-    )
+    # Ray 2.60 deprecates actor options in map_batches' ray_remote_args (max_restarts, max_task_retries) and
+    # names no replacement; its defaults restart actors and retry their tasks without bound, which this
+    # ledger bounds per input instead of per actor.
+    ledger = ray.remote(num_cpus=0, max_restarts=0)(AttemptLedger).remote()
+    try:
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        ds = ds.map_batches(
+            bounded(actor),
+            fn_constructor_kwargs={**constructor_kwargs, "ledger": ledger, "key": key,
+                                   "max_attempts": max_restarts + 1},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(
+                size=max(1, min(actors, len(rows))),
+                max_concurrent_calls_per_actor=calls_per_actor if calls_per_actor > 1 else None,
+                enable_true_multi_threading=calls_per_actor > 1,
+            ),
+            num_cpus=cpus_per_actor,
+            runtime_env=worker_runtime_env(),
+        )  # fmt: skip
+        with executor_poll_interval(poll_seconds):
+            return list(ds.iter_rows())
+    finally:
+        ray.kill(ledger)

@@ -52,7 +52,7 @@ from pipeline.media import (
 )
 from pipeline.meters import MeterConfig, build_meter
 from pipeline.offset import OffsetEstimate
-from pipeline.ray_utils import check_poll_seconds, import_deferred
+from pipeline.ray_utils import WORKER_DIED, check_poll_seconds, import_deferred
 from pipeline.shards import encode_row
 from pipeline.storage import Store
 
@@ -97,20 +97,47 @@ class AlignConfig(MeterConfig):
             raise BadInput(f"align.on_abstain must be keep or reject, not {self.on_abstain!r}")
 
 
+DEFAULT_CPUS_PER_WORKER = 0.9
+"""CPUs of a pool's actor when the config leaves them to the plan (fractional: the pool never takes every
+CPU); less when the cluster cannot hold even one actor each."""
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     """Ray sizing of an actor pool that takes one input per call (scoring's; preprocessing extends it)."""
 
-    workers: int = 2  # actors (each runs FaceMesh on one input at a time)
-    cpus_per_worker: float = 0.9  # fractional, so the pool never takes every CPU
-    max_restarts: int = 3  # a killed actor is restarted and its input retried
+    workers: int | None = None  # actors, each on one input at a time (None: as many as the cluster holds)
+    cpus_per_worker: float | None = None  # None: DEFAULT_CPUS_PER_WORKER, less on a cluster too small
+    max_restarts: int = 3  # an input whose actor was killed is retried this often, then rejected
     poll_seconds: float = 0.5  # Ray Data's driver loop interval (Ray: 0.1); an input takes seconds
+    stall_seconds: float = 600.0  # no input finished for this long fails the run, naming the stage (0: never)
 
     def validate(self) -> None:
         """BadInput naming the first bad setting."""
-        if self.workers < 1 or self.cpus_per_worker <= 0:
+        if (self.workers is not None and self.workers < 1) or (
+            self.cpus_per_worker is not None and self.cpus_per_worker <= 0
+        ):
             raise BadInput("resources.workers must be >= 1 and resources.cpus_per_worker > 0")
+        if self.max_restarts < 0 or self.stall_seconds < 0:
+            raise BadInput("resources.max_restarts and resources.stall_seconds must be >= 0")
         check_poll_seconds(self.poll_seconds)
+
+    def planned(self, what: str, inputs: int, command: str) -> PoolConfig:
+        """This pool sized for the connected cluster and `inputs` inputs (pipeline.plan): what the config
+        leaves to defaults is fitted; BadInput with the one-line plan when it cannot run."""
+        from pipeline.plan import Ask, plan
+
+        ask = Ask(
+            what,
+            min(self.workers, inputs) if self.workers is not None else inputs,
+            DEFAULT_CPUS_PER_WORKER if self.cpus_per_worker is None else self.cpus_per_worker,
+            count_flag="--workers",
+            cpus_flag="--cpus-per-worker",
+            fit_cpus=self.cpus_per_worker is None,
+            fit_count=None if self.workers is not None else inputs,
+        )
+        (ask,) = plan([ask], command)
+        return replace(self, workers=ask.count, cpus_per_worker=ask.cpus)
 
 
 @dataclass(frozen=True)
@@ -136,7 +163,8 @@ class PreprocessConfig:
     crop_size: int = 96
     max_side: int = 720  # frames are decoded at most this large (longer side) for landmarks and crops
     segment_seconds: float = 10.0
-    scene_cut_threshold: float = 0.3
+    scene_cut_threshold: float = 0.15  # a cut: consecutive luma histograms correlate below 1 - this
+    scene_cut_content_threshold: float = 27.0  # ... or their pixels change by more (hue/sat/light, of 255)
     val_fraction: float = 0.2
     seed: int = 0
     landmarker_model: str | None = None  # a user-supplied face_landmarker.task; default: bundled FaceMesh
@@ -295,7 +323,7 @@ class LandmarkStage:
         track = FaceTrack.concatenate(tracks)
         # A new shot, or the track jumping to another person, starts a new segment.
         cuts = sorted(
-            set(scene_cuts(frames, self.cfg.scene_cut_threshold))
+            set(scene_cuts(frames, self.cfg.scene_cut_threshold, self.cfg.scene_cut_content_threshold))
             | set(np.flatnonzero(track.switched).tolist())
         )
         min_frames = max(2, int(math.ceil(self.cfg.filters.min_seconds * self.cfg.fps)))
@@ -433,19 +461,40 @@ class ClipPreprocessor:
         for i in range(len(batch[keys[0]])):
             row = {k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]) for k in keys}
             started_at, cpu = time.time(), _cpu_seconds()
-            record = self.process_retrying_killed_tools(row)
-            self.store.write_json(f"{STATE_DIR}/{row['input_id']}.json", record)
-            out["input_id"].append(row["input_id"])
-            out["accepted"].append(len(record["clips"]))
-            out["rejected"].append(len(record["rejects"]))
-            out["frames"].append(record["frames"])
-            out["worker_pid"].append(os.getpid())
-            out["cpu_at_start"].append(cpu)
-            out["cpu_at_finish"].append(_cpu_seconds())
-            out["started_at"].append(started_at)
-            out["finished_at"].append(time.time())
-            out["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            self._finish(row, self.process_retrying_killed_tools(row), started_at, cpu, out)
         return out
+
+    def given_up(self, row: dict[str, Any], attempts: int) -> dict[str, list]:
+        """The completion record and status row of an input whose actor was killed on each of its
+        `attempts` (pipeline.ray_utils.bounded): a `worker_died` reject, run again by the next run."""
+        message = f"{row['video']}: its preprocessing actor was killed on each of {attempts} attempts"
+        record = {
+            "input_id": row["input_id"],
+            "source": row["video"],
+            "config_hash": self.hash,
+            "frames": 0,
+            "clips": [],
+            "rejects": [_reject_row(row, "worker", WORKER_DIED, message)],
+        }
+        out: dict[str, list] = {k: [] for k in STATUS_COLUMNS}
+        self._finish(row, record, time.time(), _cpu_seconds(), out)
+        return out
+
+    def _finish(
+        self, row: dict[str, Any], record: dict[str, Any], started_at: float, cpu: float, out: dict[str, list]
+    ) -> None:
+        """Write the input's completion record (last, atomically) and add its status row to `out`."""
+        self.store.write_json(f"{STATE_DIR}/{row['input_id']}.json", record)
+        out["input_id"].append(row["input_id"])
+        out["accepted"].append(len(record["clips"]))
+        out["rejected"].append(len(record["rejects"]))
+        out["frames"].append(record["frames"])
+        out["worker_pid"].append(os.getpid())
+        out["cpu_at_start"].append(cpu)
+        out["cpu_at_finish"].append(_cpu_seconds())
+        out["started_at"].append(started_at)
+        out["finished_at"].append(time.time())
+        out["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
     def process_retrying_killed_tools(self, row: dict[str, Any]) -> dict[str, Any]:
         """`process`, again (up to TOOL_RETRIES times) while an ffmpeg/ffprobe it ran was killed by a

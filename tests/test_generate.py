@@ -339,6 +339,30 @@ def test_face_stream_in_chunks_equals_tracking_and_smoothing_whole(synth_corpus:
     )
 
 
+def test_a_shot_cut_restarts_the_face_stream_s_track_and_smoothing(synth_corpus: Path) -> None:
+    """Two speakers joined by a hard cut that falls inside a chunk: the stream finds the cut, tracks the
+    second shot afresh and smooths each shot on its own, as if each were streamed alone."""
+    from evaluation.generate import FaceStream
+
+    manifest = pd.read_csv(synth_corpus / "manifest.csv")
+    other = manifest[manifest["speaker"] != manifest["speaker"][0]]["video"].iloc[-1]
+    shots = [read_frames(synth_corpus / v, fps=25.0)[:30] for v in (manifest["video"][0], other)]
+    joined = np.concatenate(shots)
+    with FaceMeshTracker(max_faces=1) as tracker:
+        alone = [
+            smooth_landmarks(t.landmarks, t.found) for t in (tracker.track(shot, 25.0) for shot in shots)
+        ]
+        stream = FaceStream(tracker, 25.0)
+        pieces = [p for start in range(0, 60, 13) for p in stream.push(joined[start : start + 13])]
+        pieces += stream.flush()
+    assert stream.cuts == [30]  # inside the chunk of frames 26-38
+    landmarks = np.concatenate([p.landmarks for p in pieces])
+    np.testing.assert_array_equal(landmarks[:30], alone[0])
+    np.testing.assert_array_equal(landmarks[30:], alone[1])
+    boxes = np.concatenate([p.boxes for p in pieces])
+    np.testing.assert_array_equal(boxes[30:], crop_boxes(alone[1], shots[1].shape))
+
+
 def test_mpegts_is_remuxed_to_a_seekable_container(lavfi_clips: dict[str, Path], tmp_path: Path) -> None:
     path = str(lavfi_clips["ts"])
     assert pp.container_format(path) not in pp.SEEKABLE_FORMATS
@@ -617,16 +641,15 @@ def test_cpu_threads_split_the_node_among_the_actors(monkeypatch: pytest.MonkeyP
 
 def test_the_cpu_layout_fits_a_two_core_node() -> None:
     """Its reservations must leave room for every stage at once, or Ray Data waits for CPUs forever."""
+    from evaluation.generate import stage_asks
+    from pipeline.plan import Cluster, fit
+
     path = Path(__file__).resolve().parents[1] / "configs" / "generate_cpu.yaml"
     cfg = load_config(GenerateConfig, path)
-    res = cfg.resources
-    reserved = (
-        cfg.model.actors * cfg.model.cpus_per_actor
-        + res.prepare_actors * res.prepare_cpus
-        + res.composite_actors * res.composite_cpus
-        + res.finalize_actors * res.finalize_cpus
-    )
-    assert cfg.model.actors == 2 and cfg.model.device == "cpu" and reserved <= 2.0
+    two_cores = Cluster(now={"CPU": 2.0}, limit={"CPU": 2.0}, largest_node={"CPU": 2.0})
+    asks = fit(stage_asks(cfg, pairs=4, gpu=False), two_cores, "generate")
+    assert cfg.model.actors == 2 and cfg.model.device == "cpu" and asks[0].cpus == cfg.model.cpus_per_actor
+    assert sum(a.total("CPU") for a in asks) <= 2.0
 
 
 def test_configs_generate_yaml_lists_the_defaults() -> None:

@@ -18,7 +18,6 @@ from pipeline.landmarks import (
     UPPER_FACE_POINTS,
     FaceMeshTracker,
     FaceTrack,
-    cut_scores,
     fill_gaps,
     inter_ocular,
     mouth_openness,
@@ -221,7 +220,71 @@ def test_scene_cut_between_different_pictures():
     coffee[:, :400, :600] = data.coffee()
     assert scene_cuts(clip) == []
     assert scene_cuts(np.concatenate([clip, coffee])) == [5]
-    assert cut_scores(clip)[0] == 0.0
+    assert scene_cuts(np.concatenate([clip[:1], coffee])) == [1]  # a window's second frame may start a shot
+    astronaut, coffee = full_frame(data.astronaut(), clip), full_frame(data.coffee(), clip)
+    histogram_only = {"content_threshold": 256.0}  # no mean pixel change exceeds 255
+    assert scene_cuts(np.stack([astronaut, coffee, coffee]), **histogram_only) == [1]
+
+
+def cross_fade(a: np.ndarray, b: np.ndarray, frames: int) -> np.ndarray:
+    """`frames` frames blending from picture a to picture b (both excluded)."""
+    w = (np.arange(1, frames + 1) / (frames + 1))[:, None, None, None]
+    return (a * (1 - w) + b * w).round().astype(np.uint8)
+
+
+def flash(frames: np.ndarray) -> np.ndarray:
+    """The frames lit up as by a camera flash: more than twice as bright, clipped."""
+    return np.clip(frames.astype(np.float32) * 2.2 + 40, 0, 255).astype(np.uint8)
+
+
+def full_frame(picture: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """`picture` resized to fill frames shaped like `like`'s."""
+    return cv2.resize(picture, (like.shape[2], like.shape[1]), interpolation=cv2.INTER_AREA)
+
+
+def test_scene_cuts_find_a_fade_and_ignore_a_flash_on_generated_frames():
+    clip = moving_clip(30)
+    lit = clip.copy()
+    lit[12:14] = flash(lit[12:14])  # two flashed frames, then the same shot
+    assert scene_cuts(lit) == []
+    astronaut, coffee = full_frame(data.astronaut(), clip), full_frame(data.coffee(), clip)
+    faded = np.stack([astronaut] * 10 + list(cross_fade(astronaut, coffee, 10)) + [coffee] * 10)
+    cuts = scene_cuts(faded)
+    assert cuts and all(10 <= c <= 20 for c in cuts), cuts  # inside the fade, nowhere else
+
+
+def joined_real_clips(media: Path) -> tuple[np.ndarray, int, tuple[int, int], int]:
+    """Three real clips: A | hard cut | B | 10-frame cross-fade | C, with a 2-frame flash inside C.
+
+    Returns the frames (256x256), the hard cut's frame, the fade's blended frames (half-open) and the
+    first flashed frame.
+    """
+
+    def square(name: str) -> np.ndarray:
+        frames = decode(media / name, n=60)
+        h, w = frames.shape[1:3]
+        s = min(h, w)
+        y, x = (h - s) // 2, (w - s) // 2
+        return np.stack([cv2.resize(f[y : y + s, x : x + s], (256, 256)) for f in frames])
+
+    a = square("en_hdtf_KatieHill_sadtalker.mp4")[:40]
+    b = square("en_hdtf_EdMarkey_sadtalker.mp4")[:40]
+    c = square("de_mimictalk_German_20s.mp4")[:50]
+    c[25:27] = flash(c[25:27])
+    video = np.concatenate([a, b, cross_fade(b[-1], c[0], 10), c])
+    return video, 40, (80, 90), 90 + 25
+
+
+@pytest.mark.media
+def test_scene_cuts_on_real_clips_joined_by_a_cut_a_fade_and_a_flash(shared_media):
+    video, hard, (fade_start, fade_end), _ = joined_real_clips(shared_media)
+    cuts = scene_cuts(video)
+    in_fade = [c for c in cuts if fade_start <= c <= fade_end]
+    assert hard in cuts and in_fade, cuts
+    assert set(cuts) == {hard, *in_fade}, cuts  # nothing at the flash, nothing anywhere else
+    boxed = np.zeros((len(video), 256, 456, 3), np.uint8)  # pillarboxed: 44 % black bars
+    boxed[:, :, 100:356] = video
+    assert hard in scene_cuts(boxed) and set(scene_cuts(boxed)) <= {hard, *range(fade_start, fade_end + 1)}
 
 
 def test_mouth_openness_is_scale_invariant(tracker):

@@ -197,3 +197,31 @@ def test_actors_import_deferred_modules_when_built_not_on_their_first_input(
     assert result["done"] >= 1
     heavy = [m for m in result["first_input"] if m.split(".")[0] in ("scipy", "librosa", "numba", "llvmlite")]
     assert heavy == []
+
+
+def test_an_input_that_kills_its_actor_every_time_is_given_up_not_the_run(ray_session) -> None:  # noqa: ANN001
+    """Ray Data restarts a killed pool actor and retries its input without bound (and Ray 2.60 deprecates
+    the map_batches options that bounded it); the ledger gives the input up after max_restarts + 1 starts."""
+    import warnings
+
+    from pipeline.ray_utils import run_on_actor_pool
+
+    class Fragile:
+        """Dies (the whole worker process) on the input "poison"; defined here, as workers cannot import tests."""
+
+        def __call__(self, batch: dict) -> dict:
+            if batch["id"][0] == "poison":
+                os._exit(1)
+            return {"id": list(batch["id"]), "status": ["ok"]}
+
+        def given_up(self, row: dict, attempts: int) -> dict:
+            return {"id": [row["id"]], "status": [f"given up after {attempts}"]}
+
+    rows = [{"id": name} for name in ("a", "poison", "b", "c")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run_on_actor_pool(rows, Fragile, {}, actors=1, cpus_per_actor=0.25, max_restarts=2, key="id")
+    assert sorted((r["id"], r["status"]) for r in out) == [
+        ("a", "ok"), ("b", "ok"), ("c", "ok"), ("poison", "given up after 3"),
+    ]  # fmt: skip
+    assert not [w for w in caught if "ray_remote_args" in str(w.message)]  # the deprecated options are gone

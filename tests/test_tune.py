@@ -148,7 +148,7 @@ def test_more_gpus_per_trial_than_the_cluster_exits_2_fast(
         capsys, "tune", str(preprocessed_corpus), str(tmp_path / "o"), "--config", str(config)
     )
     assert code == 2 and time.monotonic() - start < 60
-    assert "a trial needs 2 GPU(s) (1 worker(s) x 2) but the cluster has 0" in out["error"]
+    assert out["error"] == "1 trial × 2.0 GPU need 2 GPUs; this cluster has 0"
     assert not (tmp_path / "o" / "sweep").exists()
 
 

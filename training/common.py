@@ -43,8 +43,24 @@ from training.data import (
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "lipsync-train"
-EXTRA_KEYS = ("steps", "workers", "gpu", "cpus_per_worker", "placement_strategy", "max_failures")
+EXTRA_KEYS = (
+    "steps",
+    "workers",
+    "gpu",
+    "cpus_per_worker",
+    "data_cpus_per_task",
+    "threads_per_worker",
+    "placement_strategy",
+    "max_failures",
+    "stall_seconds",
+)
 """Config fields that may change between a run and its resumption without a warning."""
+
+DEFAULT_CPUS = 1.0
+"""CPUs of a worker, and of a Ray Data window task, when the config leaves them to the plan: at most this,
+less when the cluster cannot hold the workers and a window task at once (pipeline.plan)."""
+REFERENCE_EVERY = 1000
+"""The reference's checkpoint and evaluation interval (steps), the most a run's default cadence takes."""
 
 
 @dataclass(frozen=True)
@@ -58,28 +74,45 @@ class TrainConfig:
     img_size: int = 96
     workers: int = 1
     gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: fitted to the cluster, at most DEFAULT_CPUS
     threads_per_worker: int | None = None  # torch threads (None: cpus_per_worker rounded up); may exceed it
     worker_resources: dict[str, float] = field(default_factory=dict)  # extra (custom) resources per worker
-    data_cpus_per_task: float = 1.0  # CPUs of each Ray Data read/window task
+    data_cpus_per_task: float | None = None  # CPUs of each Ray Data window task (None: like cpus_per_worker)
     placement_strategy: str = "PACK"  # SPREAD puts one worker per node when it can
     sync_batchnorm: bool = True  # BatchNorm statistics over the global batch (reference: per replica)
-    checkpoint_every: int = 1000
-    eval_every: int = 1000
+    checkpoint_every: int | None = None  # None: a tenth of the steps, at most REFERENCE_EVERY
+    eval_every: int | None = None  # None: as checkpoint_every
     eval_clips: int | None = 32  # val clips evaluated (a seeded choice, the same every time; None: all)
     eval_windows_per_clip: int = 8  # their windows: a fixed set, cut once and kept in the object store
     log_every: int = 10
     shuffle_buffer: int = 512  # samples in each worker's local shuffle buffer
     seed: int = 0
     max_failures: int = 3  # worker failures Ray Train recovers from (from the last checkpoint)
+    stall_seconds: float = 600.0  # no training step for this long fails the run, naming what it waits for
     num_to_keep: int | None = 3  # checkpoints kept under OUT (None: all)
     mlflow_tracking_uri: str | None = None  # default: a file store under OUT (local OUT only)
     data: DataSelection = field(default_factory=DataSelection)
     windows: WindowConfig = field(default_factory=WindowConfig)
 
 
+def cadence(steps: int) -> int:
+    """The default checkpoint and evaluation interval of a run of `steps` steps: a tenth of them, at least 1
+    and at most REFERENCE_EVERY (the reference's, for its 100k-step runs)."""
+    return max(1, min(REFERENCE_EVERY, steps // 10))
+
+
+def with_defaults(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the intervals it leaves to defaults scaled to its steps."""
+    every = cadence(cfg.steps)
+    return dataclasses.replace(
+        cfg,
+        checkpoint_every=every if cfg.checkpoint_every is None else cfg.checkpoint_every,
+        eval_every=every if cfg.eval_every is None else cfg.eval_every,
+    )
+
+
 def validate(cfg: TrainConfig) -> None:
-    """BadInput for settings that cannot work."""
+    """BadInput for settings that cannot work (intervals and CPUs left to defaults are not checked)."""
     if cfg.steps < 1 or cfg.workers < 1 or cfg.batch_size < 1:
         raise BadInput("steps, workers and batch_size must be >= 1")
     if cfg.batch_size % cfg.workers:
@@ -88,8 +121,12 @@ def validate(cfg: TrainConfig) -> None:
         raise BadInput(f"img_size must be an even number >= 96, not {cfg.img_size}")
     if cfg.threads_per_worker is not None and cfg.threads_per_worker < 1:
         raise BadInput(f"threads_per_worker must be >= 1, not {cfg.threads_per_worker}")
-    if cfg.checkpoint_every < 1 or cfg.eval_every < 1 or cfg.log_every < 1:
+    if min(v for v in (cfg.checkpoint_every, cfg.eval_every, cfg.log_every) if v is not None) < 1:
         raise BadInput("checkpoint_every, eval_every and log_every must be >= 1")
+    if (cfg.cpus_per_worker or 0) < 0 or (cfg.data_cpus_per_task is not None and cfg.data_cpus_per_task <= 0):
+        raise BadInput("cpus_per_worker must be >= 0 and data_cpus_per_task > 0")
+    if cfg.stall_seconds < 0:
+        raise BadInput(f"stall_seconds must be >= 0 (0: never), not {cfg.stall_seconds}")
     if cfg.windows.passes is not None and cfg.windows.passes < 1:
         raise BadInput(f"windows.passes must be >= 1, not {cfg.windows.passes}")
     if cfg.optimizer not in OPTIMIZERS:
@@ -129,15 +166,41 @@ def window_passes(cfg: TrainConfig, kind: str, train_clips: int) -> int:
     return max(1, min(MAX_WINDOW_PASSES, math.ceil(cfg.steps * cfg.batch_size / per_pass)))
 
 
+WAITING_FOR_WINDOWS = "waiting for a batch of windows"
+"""The training loop's phase while it waits on the Ray Data window stream (pipeline.watchdog)."""
+
+
 def datasets(train: Selected, val: Selected, kind: str, cfg: TrainConfig) -> dict[str, Any]:
-    """Ray Datasets: "train" streams windows epoch after epoch; "val" is a fixed set cut once."""
+    """Ray Datasets: "train" streams windows epoch after epoch; "val" is a fixed set cut once (here, under
+    the stall guard). The train stream has no Ray Data stall timeout of its own: it waits on the training
+    loop, whose steps the loop watchdog watches."""
+    from pipeline.watchdog import data_stall_guard
+
     cpus = cfg.data_cpus_per_task
     passes = window_passes(cfg, kind, len(train.clip_ids))
     out = {"train": windows_dataset(train, kind, cfg.windows, cfg.img_size, cpus, passes)}
+    out["train"].context.execution_no_progress_timeout_s = -1
     if val.clip_ids:
         val_windows = dataclasses.replace(cfg.windows, windows_per_clip=cfg.eval_windows_per_clip)
-        out["val"] = windows_dataset(val, kind, val_windows, cfg.img_size, cpus).materialize()
+        with data_stall_guard(cfg.stall_seconds, "stall_seconds"):
+            out["val"] = windows_dataset(val, kind, val_windows, cfg.img_size, cpus).materialize()
     return out
+
+
+def waiting_for(cfg: TrainConfig) -> Any:
+    """What a stalled training loop's phase waits for, for the watchdog's message."""
+    from pipeline.watchdog import free_resources
+
+    def describe(phase: str) -> str:
+        free = free_resources()
+        if phase == "starting the workers":
+            gpu = " + 1 GPU" if cfg.gpu else ""
+            return f"{cfg.workers} worker(s) ask {cfg.cpus_per_worker:g} CPU{gpu} each; {free}"
+        if phase == WAITING_FOR_WINDOWS:
+            return f"the Ray Data window tasks ask {cfg.data_cpus_per_task:g} CPU each; {free}"
+        return free
+
+    return describe
 
 
 # ---------------------------------------------------------------- device, AMP, DDP backend
@@ -196,6 +259,33 @@ def torch_config(gpu: bool) -> Any:
     from ray.train.torch import TorchConfig
 
     return TorchConfig(backend="nccl" if gpu else "gloo")
+
+
+def plan_resources(cfg: TrainConfig, command: str) -> TrainConfig:
+    """`cfg` with the CPUs it leaves to defaults fitted to the cluster: the workers and one Ray Data window
+    task at once (the stream stalls without one). BadInput with the one-line plan when it cannot run."""
+    from pipeline.plan import Ask, plan
+
+    workers = Ask(
+        "workers",
+        cfg.workers,
+        DEFAULT_CPUS if cfg.cpus_per_worker is None else cfg.cpus_per_worker,
+        gpus=1.0 if cfg.gpu else 0.0,
+        resources=dict(cfg.worker_resources),
+        count_flag="--workers",
+        cpus_flag="--cpus-per-worker",
+        gpus_advice="leave out --gpu",
+        fit_cpus=cfg.cpus_per_worker is None,
+    )
+    data = Ask(
+        "data tasks",
+        1,
+        DEFAULT_CPUS if cfg.data_cpus_per_task is None else cfg.data_cpus_per_task,
+        cpus_flag="data_cpus_per_task",
+        fit_cpus=cfg.data_cpus_per_task is None,
+    )
+    workers, data = plan([workers, data], command)
+    return dataclasses.replace(cfg, cpus_per_worker=workers.cpus, data_cpus_per_task=data.cpus)
 
 
 def scaling_config(cfg: TrainConfig) -> Any:
@@ -647,7 +737,9 @@ def fit_job(
     from ray.train.torch import TorchTrainer
 
     from pipeline.ray_utils import ensure_ray
+    from pipeline.watchdog import loop_watchdog
 
+    cfg = with_defaults(cfg)
     train, val = select_splits(data, cfg)
     if init_from:
         check_init(init_from, name, cfg.img_size)
@@ -656,6 +748,7 @@ def fit_job(
         log.info("%s already reached step %d; nothing to do", done[0], done[1])
         return checkpoint_summary(done[0], already_finished=True)
     ensure_ray(address)
+    cfg = plan_resources(cfg, f"train {name}")
     uri = tracking_uri(cfg, out)
     run_id = open_mlflow_run(uri, out, name, cfg)
     log.info(
@@ -665,26 +758,28 @@ def fit_job(
         train.frames,
         len(val.clip_ids),
     )
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "cfg": to_dict(cfg),
-            "out": storage_root(out),
-            "init_from": storage_root(init_from) if init_from else None,
-            "mlflow_uri": uri,
-            "mlflow_run_id": run_id,
-            "has_val": bool(val.clip_ids),
-            **(loop_config or {}),
-        },
-        scaling_config=scaling_config(cfg),
-        run_config=run_config(cfg, out, name),
-        torch_config=torch_config(cfg.gpu),
-        datasets=datasets(train, val, name, cfg),
-    )
     follower = Follower(uri, run_id)
     follower.start()
     try:
-        trainer.fit()
+        with loop_watchdog(cfg.stall_seconds, f"train {name}", waiting_for(cfg)) as dog:
+            trainer = TorchTrainer(
+                train_loop,
+                train_loop_config={
+                    "cfg": to_dict(cfg),
+                    "out": storage_root(out),
+                    "init_from": storage_root(init_from) if init_from else None,
+                    "mlflow_uri": uri,
+                    "mlflow_run_id": run_id,
+                    "has_val": bool(val.clip_ids),
+                    "progress": dog.board if dog else None,
+                    **(loop_config or {}),
+                },
+                scaling_config=scaling_config(cfg),
+                run_config=run_config(cfg, out, name),
+                torch_config=torch_config(cfg.gpu),
+                datasets=datasets(train, val, name, cfg),
+            )
+            trainer.fit()
     finally:
         follower.stop.set()
     final = latest_checkpoint(out, name)

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from lipsync.config import config_hash, from_dict, to_dict
+from pipeline.watchdog import Beats
 from training.checkpoint import MODEL_FILE, checkpoint_payload, read_payload
 from training.common import (
+    WAITING_FOR_WINDOWS,
     Amp,
     MetricsLog,
     Throughput,
@@ -111,6 +113,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # -- set-up: device, model, optimiser, state to resume from
     cfg = from_dict(SyncNetConfig, config["cfg"])
     rank, world_size = world()
+    Beats(config.get("progress"), rank == 0)("setting up the worker", 0)  # the driver's watchdog
     device, amp = worker_device(), worker_amp(cfg.gpu)
     use_worker_threads(cfg)
     seed_everything(cfg.seed)
@@ -134,6 +137,7 @@ def train_loop(config: dict[str, Any]) -> None:
     metrics_log = MetricsLog(config.get("mlflow_uri"), config.get("mlflow_run_id"), rank == 0)
     train_batches = batches("train", cfg.batch_size // world_size, device, cfg)
     has_val = config.get("has_val", False)
+    beat = Beats(config.get("progress"), rank == 0)  # the driver's watchdog (pipeline.watchdog)
     if has_val and cfg.eval_at_start and step == 0:
         metrics_log.log(0, evaluate(model, cfg, device, amp, world_size))
 
@@ -142,14 +146,17 @@ def train_loop(config: dict[str, Any]) -> None:
     metrics: dict[str, float] = {}
     throughput = Throughput()
     while step < cfg.steps:
-        loss = train_step(model, optimizer, scaler, amp, throughput.next(train_batches), device)
-        losses.append(global_mean(loss, device))
+        beat(WAITING_FOR_WINDOWS, step)
+        batch = throughput.next(train_batches)
+        beat("training a step", step)
+        losses.append(global_mean(train_step(model, optimizer, scaler, amp, batch, device), device))
         step += 1
         last = step == cfg.steps
         if step % cfg.log_every == 0 or last:
             metrics = {"train_loss": sum(losses) / len(losses), **throughput.read()}
             losses = []
             if has_val and (step % cfg.eval_every == 0 or last):
+                beat("evaluating", step)
                 metrics.update(evaluate(model, cfg, device, amp, world_size))
             metrics_log.log(step, {**metrics, "step": step})
 
@@ -160,6 +167,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics, optimizer,
             )  # fmt: skip
             payload["train_state"] = {"resumed_from": resumed_from, "scaler": scaler.state_dict()}
+            beat("checkpointing", step)
             report_checkpoint(step, {MODEL_FILE: payload}, metrics, rank)
         if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0:
             throughput.reset()  # evaluation and checkpoint time are not training throughput

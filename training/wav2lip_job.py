@@ -22,8 +22,10 @@ from torch import nn
 
 from lipsync.config import config_hash, from_dict, to_dict
 from lipsync.errors import BadInput
+from pipeline.watchdog import Beats
 from training.checkpoint import MODEL_FILE, checkpoint_payload, load_model, read_payload
 from training.common import (
+    WAITING_FOR_WINDOWS,
     Amp,
     MetricsLog,
     Throughput,
@@ -250,6 +252,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # -- set-up: device, models, optimisers, state to resume from
     cfg = from_dict(Wav2LipConfig, config["cfg"])
     rank, world_size = world()
+    Beats(config.get("progress"), rank == 0)("setting up the worker", 0)  # the driver's watchdog
     device, amp = worker_device(), worker_amp(cfg.gpu)
     use_worker_threads(cfg)
     state = build_state(cfg, config["syncnet"], device, amp)
@@ -272,13 +275,16 @@ def train_loop(config: dict[str, Any]) -> None:
     metrics_log = MetricsLog(config.get("mlflow_uri"), config.get("mlflow_run_id"), rank == 0)
     train_batches = batches("train", cfg.batch_size // world_size, device, cfg)
     has_val = config.get("has_val", False)
+    beat = Beats(config.get("progress"), rank == 0)  # the driver's watchdog (pipeline.watchdog)
 
     # -- loop
     window: list[dict[str, float]] = []
     metrics: dict[str, float] = {}
     throughput = Throughput()
     while step < cfg.steps:
+        beat(WAITING_FOR_WINDOWS, step)
         batch = throughput.next(train_batches)
+        beat("training a step", step)
         losses = train_step(state, batch, device, amp, cfg, train_state["sync_weight"])
         window.append({k: global_mean(v, device) for k, v in losses.items()})
         step += 1
@@ -287,6 +293,7 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics = {k: sum(w[k] for w in window) / len(window) for k in window[0]} | throughput.read()
             window = []
             if has_val and (step % cfg.eval_every == 0 or last):
+                beat("evaluating", step)
                 metrics.update(evaluate(state, cfg, device, amp, world_size))
                 if metrics.get("val_sync", 1.0) < cfg.sync_threshold:
                     train_state["sync_weight"] = cfg.target_sync_weight
@@ -295,6 +302,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
         # -- checkpoint: generator (+ discriminator) + optimisers + step + config
         if step % cfg.checkpoint_every == 0 or last:
+            beat("checkpointing", step)
             report_checkpoint(step, payloads_of(state, cfg, step, metrics, train_state), metrics, rank)
         if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0:
             throughput.reset()  # evaluation and checkpoint time are not training throughput

@@ -47,14 +47,24 @@ TRAIN_DRIVER_CPUS = 0.01
 SWEEP_FILE = "sweep.yaml"
 
 
+DEFAULT_CPUS = 1.0
+"""CPUs per trial worker when `resources.cpus` is left to the plan: at most this, less when one trial would
+not fit the cluster (pipeline.plan)."""
+DEFAULT_DATA_CPUS = 0.5
+"""Likewise for `resources.data_cpus`, the Ray Data window tasks of a Ray Train trial."""
+REPORT_SHARE, GRACE_SHARE, CHECKPOINT_SHARE = 1 / 20, 1 / 10, 1 / 4
+"""Default report_every, grace_period and checkpoint_every as shares of the largest trial's steps (2000
+steps: 100, 200 and 500); grace_period and checkpoint_every are multiples of report_every."""
+
+
 @dataclass(frozen=True)
 class TrialResources:
     """What one trial takes from the pool."""
 
     workers: int = 1  # > 1: each trial is a Ray Train run (DDP) with this many workers
-    cpus: float = 1.0  # per worker
+    cpus: float | None = None  # per worker (None: fitted to the cluster, at most DEFAULT_CPUS)
     gpus: float = 0.0  # per worker: fractional (0.5: two trials share a GPU) or whole
-    data_cpus: float = 0.5  # Ray Data window tasks of a Ray Train trial (workers > 1)
+    data_cpus: float | None = None  # Ray Data window tasks of a Ray Train trial (None: fitted, at most 0.5)
     max_concurrent: int | None = None  # cap on trials at once (default: as many as the pool holds)
 
 
@@ -68,16 +78,18 @@ class SweepConfig:
     scheduler: str = "asha"  # asha (early stopping) | fifo (every trial runs to its steps)
     trials: int = 8  # samples drawn from the space (each runs every grid combination)
     steps: int = 2000  # steps of a trial, unless `steps` is in the space
-    grace_period: int = 200  # ASHA: steps before a trial may be stopped
+    grace_period: int | None = None  # ASHA: steps before a trial may be stopped (None: a tenth of the steps)
     reduction_factor: float = 2.0  # ASHA: keep the best 1/rf at each rung
-    report_every: int = 100  # steps between validation reports (ASHA's time attribute is `step`)
-    checkpoint_every: int = 500  # steps between trial checkpoints (a multiple of report_every)
+    report_every: int | None = None  # steps between validation reports (None: a twentieth of the steps)
+    checkpoint_every: int | None = None  # steps between trial checkpoints, a multiple of report_every
+    # (None: a quarter of the steps)
     resources: TrialResources = field(default_factory=TrialResources)
     max_failures: int = 0  # retries of a trial that raised (from its last checkpoint)
     resume_errored: bool = False  # --resume also retries errored trials from their last checkpoint
     seed: int = 0  # seed of the search (random sampling, Optuna's sampler)
     syncnet: str | None = None  # wav2lip: the expert SyncNet checkpoint (or --syncnet)
     state_save_s: float = 2.0  # how often Tune saves the sweep state that --resume reads
+    stall_seconds: float = 600.0  # no training step in any trial for this long fails the sweep (0: never)
     base: dict[str, Any] = field(default_factory=dict)  # training config keys every trial starts from
     space: dict[str, Any] = field(default_factory=dict)  # parameter → value or distribution (space.py)
 
@@ -86,9 +98,27 @@ class SweepConfig:
 
 
 def effective(cfg: SweepConfig) -> SweepConfig:
-    """`cfg` with the target's default space when it names none, numbers read as numbers."""
+    """`cfg` with the target's default space when it names none, numbers read as numbers, and the cadence
+    it leaves to defaults scaled to its steps."""
     space = cfg.space or DEFAULT_SPACES.get(cfg.target, {})
-    return dataclasses.replace(cfg, space=normalise(space))
+    return scaled_cadence(dataclasses.replace(cfg, space=normalise(space)))
+
+
+def _multiple(every: int, share: float, steps: int) -> int:
+    """The multiple of `every` nearest to `share` of `steps` (at least `every`)."""
+    return every * max(1, round(share * steps / every))
+
+
+def scaled_cadence(cfg: SweepConfig) -> SweepConfig:
+    """report_every, grace_period and checkpoint_every left to defaults, as shares of the largest trial's
+    steps (REPORT_SHARE, GRACE_SHARE, CHECKPOINT_SHARE); a default grace period never exceeds the steps."""
+    if isinstance(cfg.steps, int) and cfg.steps < 1:
+        return cfg  # validate names it
+    top = max_steps(cfg)
+    report = cfg.report_every or max(1, round(REPORT_SHARE * top))
+    grace = cfg.grace_period or min(top, _multiple(report, GRACE_SHARE, top))
+    checkpoint = cfg.checkpoint_every or _multiple(report, CHECKPOINT_SHARE, top)
+    return dataclasses.replace(cfg, report_every=report, grace_period=grace, checkpoint_every=checkpoint)
 
 
 def validate(cfg: SweepConfig) -> None:
@@ -106,6 +136,8 @@ def validate(cfg: SweepConfig) -> None:
             raise BadInput(f"{name} must be >= 1")
     if cfg.checkpoint_every % cfg.report_every:
         raise BadInput(f"checkpoint_every {cfg.checkpoint_every} is not a multiple of report_every")
+    if cfg.stall_seconds < 0:
+        raise BadInput(f"stall_seconds must be >= 0 (0: never), not {cfg.stall_seconds}")
     if cfg.reduction_factor <= 1:
         raise BadInput(f"reduction_factor must be > 1, not {cfg.reduction_factor}")
     validate_resources(cfg.resources)
@@ -117,7 +149,9 @@ def validate(cfg: SweepConfig) -> None:
 
 def validate_resources(res: TrialResources) -> None:
     """BadInput for impossible per-trial resources."""
-    if res.workers < 1 or res.cpus <= 0 or res.gpus < 0 or res.data_cpus <= 0:
+    cpus = DEFAULT_CPUS if res.cpus is None else res.cpus
+    data_cpus = DEFAULT_DATA_CPUS if res.data_cpus is None else res.data_cpus
+    if res.workers < 1 or cpus <= 0 or res.gpus < 0 or data_cpus <= 0:
         raise BadInput("resources: workers >= 1, cpus > 0, data_cpus > 0 and gpus >= 0 are required")
     if res.gpus > 1 and not float(res.gpus).is_integer():
         raise BadInput(f"resources.gpus {res.gpus} must be a fraction below 1 or a whole number")
@@ -152,8 +186,37 @@ def total_trials(cfg: SweepConfig) -> int:
 
 def per_trial(res: TrialResources) -> dict[str, float]:
     """CPUs and GPUs one trial holds (a Ray Train trial: its workers plus its data tasks)."""
-    cpus = res.workers * res.cpus + (res.data_cpus + TRAIN_DRIVER_CPUS if res.workers > 1 else 0.0)
+    each = DEFAULT_CPUS if res.cpus is None else res.cpus
+    data = DEFAULT_DATA_CPUS if res.data_cpus is None else res.data_cpus
+    cpus = res.workers * each + (data + TRAIN_DRIVER_CPUS if res.workers > 1 else 0.0)
     return {"CPU": cpus, "GPU": res.workers * res.gpus}
+
+
+def trial_asks(res: TrialResources) -> list[Any]:
+    """What one trial asks the cluster for (pipeline.plan): in-process, or a Ray Train run."""
+    from pipeline.plan import Ask
+
+    cpus = DEFAULT_CPUS if res.cpus is None else res.cpus
+    fit = res.cpus is None
+    if res.workers == 1:
+        return [Ask("trial", 1, cpus, gpus=res.gpus, cpus_flag="resources.cpus", fit_cpus=fit)]
+    data = DEFAULT_DATA_CPUS if res.data_cpus is None else res.data_cpus
+    return [
+        Ask("trial workers", res.workers, cpus, res.gpus, count_flag="resources.workers",
+            cpus_flag="resources.cpus", fit_cpus=fit),
+        Ask("trial data tasks", 1, data, cpus_flag="resources.data_cpus", fit_cpus=res.data_cpus is None),
+        Ask("trial driver", 1, TRAIN_DRIVER_CPUS),
+    ]  # fmt: skip
+
+
+def plan_resources(res: TrialResources) -> TrialResources:
+    """`res` with the CPUs it leaves to defaults fitted so one trial fits the cluster; BadInput with the
+    one-line plan when not even one does."""
+    from pipeline.plan import plan
+
+    asks = plan(trial_asks(res), "tune (one trial)")
+    data = asks[1].cpus if len(asks) > 1 else (DEFAULT_DATA_CPUS if res.data_cpus is None else res.data_cpus)
+    return dataclasses.replace(res, cpus=asks[0].cpus, data_cpus=data)
 
 
 def concurrency(res: TrialResources, cluster: dict[str, float], trials: int) -> int:
@@ -163,7 +226,7 @@ def concurrency(res: TrialResources, cluster: dict[str, float], trials: int) -> 
     for kind, amount in need.items():
         have = float(cluster.get(kind, 0.0))
         if amount > have + 1e-9:
-            what = f"{res.workers} worker(s) x {res.cpus if kind == 'CPU' else res.gpus:g}"
+            what = f"{res.workers} worker(s) x {per_trial(res)[kind] / res.workers:g}"
             raise BadInput(f"a trial needs {amount:g} {kind}(s) ({what}) but the cluster has {have:g}")
         if amount > 0:
             fits.append(math.floor(round(have / amount, 6)))
@@ -188,8 +251,9 @@ def trial_setup(cfg: SweepConfig, data: str, out: str, expert: str | None) -> Tr
         report_every=cfg.report_every,
         checkpoint_every=cfg.checkpoint_every,
         workers=res.workers,
-        cpus=res.cpus,
+        cpus=DEFAULT_CPUS if res.cpus is None else res.cpus,
         gpus=res.gpus,
+        data_cpus=DEFAULT_DATA_CPUS if res.data_cpus is None else res.data_cpus,
         syncnet=expert,
     )
 
@@ -363,20 +427,23 @@ def run(
 
     from pipeline.ray_utils import ensure_ray
     from pipeline.storage import Store, join_uri
+    from pipeline.watchdog import free_resources, loop_watchdog
     from training.common import storage_root
     from tuning.results import write_results
 
     setup = dataclasses.replace(setup, syncnet=check_expert(cfg))
     path = join_uri(storage_root(out), EXPERIMENT)
     ensure_ray(ray_address(address))
-    max_concurrent = concurrency(cfg.resources, ray.cluster_resources(), total_trials(cfg))
-    fn = trainable(cfg, setup)
     restoring = tune.Tuner.can_restore(path)
     if restoring and not resume:
         raise BadInput(f"{out} already holds a sweep; pass --resume to continue it or choose another OUT")
     if resume and not restoring:
         log.info("--resume: %s holds no sweep to continue; starting a new one", out)
-    Store(out).write_bytes(SWEEP_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+    saved = cfg  # sizes left to defaults stay so in sweep.yaml: a resumed sweep fits them to its cluster
+    cfg = dataclasses.replace(cfg, resources=plan_resources(cfg.resources))
+    setup = dataclasses.replace(setup, cpus=cfg.resources.cpus, data_cpus=cfg.resources.data_cpus)
+    max_concurrent = concurrency(cfg.resources, ray.cluster_resources(), total_trials(cfg))
+    Store(out).write_bytes(SWEEP_FILE, yaml.safe_dump(to_dict(saved), sort_keys=False).encode())
     log.info(
         "tune %s: %d trial(s), %d at once, %s search, %s scheduler%s",
         cfg.target,
@@ -386,7 +453,12 @@ def run(
         cfg.scheduler,
         " (resumed)" if restoring else "",
     )
-    with tune_env(cfg.state_save_s), contextlib.redirect_stdout(sys.stderr):  # Tune prints banners
+    with (
+        tune_env(cfg.state_save_s),
+        contextlib.redirect_stdout(sys.stderr),  # Tune prints banners
+        loop_watchdog(cfg.stall_seconds, f"tune {cfg.target}", lambda _: free_resources()) as dog,
+    ):
+        fn = trainable(cfg, dataclasses.replace(setup, progress=dog.board if dog else None))
         if restoring:
             tuner = tune.Tuner.restore(path, fn, resume_unfinished=True, resume_errored=cfg.resume_errored)
         else:

@@ -34,6 +34,7 @@ from torch import nn
 
 from lipsync.config import config_hash, from_dict, to_dict
 from pipeline.storage import join_uri
+from pipeline.watchdog import Beats
 from training.checkpoint import MODEL_FILE, checkpoint_payload, save_checkpoint
 from training.common import TrainConfig, read_checkpoint_dir, validate, worker_amp
 from training.data import Selected, WindowMaker, for_pass, read_clips, read_shard_clips, select
@@ -62,6 +63,8 @@ class TrialSetup:
     cpus: float = 1.0  # per worker
     gpus: float = 0.0  # per worker
     syncnet: str | None = None  # the expert's model.pt (wav2lip)
+    data_cpus: float = 0.5  # Ray Data window tasks of a Ray Train trial
+    progress: Any = None  # the sweep's ProgressBoard (pipeline.watchdog): trials beat on it every step
 
 
 class Diverged(Exception):
@@ -89,6 +92,7 @@ def trial_config(setup: TrialSetup, params: dict[str, Any]) -> TrainConfig:
     every = setup.report_every
     d.update(eval_every=every, log_every=every, checkpoint_every=setup.checkpoint_every)
     d.update(workers=setup.workers, gpu=setup.gpus > 0, cpus_per_worker=setup.cpus, max_failures=0)
+    d.update(data_cpus_per_task=setup.data_cpus)
     cfg = from_dict(config_class(setup.target), d)
     validate(cfg)
     return cfg
@@ -414,7 +418,9 @@ def train_and_report(
     run = {"start_step": step, "run_started_at": time.time()}
     losses: list[float] = []
     diverged = False
+    beat, trial = Beats(setup.progress), tune.get_context().get_trial_id()
     while step < cfg.steps:
+        beat(f"trial {trial} training a step", step)
         if not diverged:
             try:
                 losses.append(steps.step(next(stream), state))
@@ -475,7 +481,8 @@ def train_run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     train, val = trial_splits(setup, cfg)
     if not val.clip_ids:
         raise ValueError("the base data selection has no val clips to compare trials on")
-    loop_config = {"cfg": to_dict(cfg), "out": storage_root(out), "has_val": True}  # resumes from out
+    # the recipe's loop resumes from `out`
+    loop_config = {"cfg": to_dict(cfg), "out": storage_root(out), "has_val": True, "progress": setup.progress}
     if target == "wav2lip":
         loop_config["syncnet"] = setup.syncnet
     per_worker = {"CPU": setup.cpus} | ({"GPU": setup.gpus} if setup.gpus else {})

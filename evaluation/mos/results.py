@@ -70,38 +70,22 @@ def mos(values: Sequence[float]) -> dict[str, Any]:
 def krippendorff_alpha(units: Iterable[Sequence[float]], level: str = "ordinal") -> float | None:
     """Krippendorff's alpha of reliability data given as the values each unit received (any coders).
 
-    Coincidence-matrix form (Krippendorff 2011, "Computing Krippendorff's alpha-reliability"); units with
-    fewer than two values are not pairable and are dropped. level: "ordinal" or "interval".
+    Computed by the `krippendorff` package from each unit's value counts; units with fewer than two values
+    are not pairable and are dropped. level: "ordinal" or "interval". None when undefined: no pairable
+    unit, or no variation among the values.
     """
-    pairable = [list(u) for u in units if len(u) >= 2]
-    values = sorted({v for u in pairable for v in u})
-    if len(pairable) < 1 or len(values) < 2:
-        return None
-    index = {v: i for i, v in enumerate(values)}
-    o = np.zeros((len(values), len(values)))
-    for unit in pairable:
-        counts = np.zeros(len(values))
-        for v in unit:
-            counts[index[v]] += 1
-        o += (np.outer(counts, counts) - np.diag(counts)) / (len(unit) - 1)
-    n_c = o.sum(axis=1)
-    n = n_c.sum()
-    v = np.asarray(values, dtype=float)
-    if level == "interval":
-        delta = (v[:, None] - v[None, :]) ** 2
-    elif level == "ordinal":
-        cum = np.cumsum(n_c)
-        lo = np.minimum.outer(np.arange(len(v)), np.arange(len(v)))
-        hi = np.maximum.outer(np.arange(len(v)), np.arange(len(v)))
-        between = cum[hi] - np.where(lo > 0, cum[np.maximum(lo - 1, 0)], 0.0)  # sum of n_g for g in lo..hi
-        delta = (between - (n_c[:, None] + n_c[None, :]) / 2.0) ** 2
-    else:
+    import krippendorff
+
+    if level not in ("ordinal", "interval"):
         raise ValueError(f"unknown level {level!r}")
-    observed = float((o * delta).sum()) / n
-    expected = float((np.outer(n_c, n_c) * delta).sum()) / (n * (n - 1))
-    if expected == 0.0:
+    pairable = [list(u) for u in units if len(u) >= 2]
+    domain = sorted({v for u in pairable for v in u})
+    if not pairable or len(domain) < 2:
         return None
-    return 1.0 - observed / expected
+    counts = np.array([[unit.count(v) for v in domain] for unit in pairable], dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):  # no disagreement expected: 0/0, undefined
+        alpha = krippendorff.alpha(value_counts=counts, value_domain=domain, level_of_measurement=level)
+    return float(alpha) if np.isfinite(alpha) else None
 
 
 def _cells(rows: list[dict[str, Any]]) -> dict[str, Any]:
