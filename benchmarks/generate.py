@@ -13,7 +13,7 @@
 3. The model's forward pass alone on the short clip's own face crops and mel windows (same checkpoint
    and batch size), timed after a warm-up, just before and just after each run, in the pool's layout
    (its actors as concurrent callers with its threads each) and as one actor on every CPU, under the
-   workers' allocator (lipsync.malloc: jemalloc when installed, else glibc tuned before any thread); the
+   workers' allocator (core.malloc: jemalloc when installed, else glibc tuned before any thread); the
    fps ratio divides by the faster layout's mean, since other load on the machine drifts.
 Prints the figures and writes benchmarks/results/generate.json (generate_cpu.json for
 --config configs/generate_cpu.yaml). A randomly initialised checkpoint costs the same as a trained one.
@@ -428,7 +428,7 @@ def _ratio(run: dict, *measurements: dict) -> float:
 
 
 def main() -> None:
-    from lipsync.malloc import allocate_as_workers_do
+    from core.malloc import allocate_as_workers_do
 
     # First, before any thread exists: the model alone then allocates as the model actors do (ensure_ray
     # starts them with the same allocator). With glibc's defaults two threads at batch 32 mapped and
@@ -446,8 +446,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     short, long = make_inputs(work, args.seconds, args.long_seconds)
     checkpoint = args.checkpoint or random_checkpoint(work)
+    from core.config import load_config
     from evaluation.generate import GenerateConfig, GenerateStage, cpu_threads
-    from lipsync.config import load_config
 
     model_cfg = (load_config(GenerateConfig, args.config) if args.config else GenerateConfig()).model
     layout = (model_cfg.actors, cpu_threads(model_cfg))

@@ -174,7 +174,7 @@ def round_figures(
 
 
 def main() -> None:
-    from lipsync.malloc import allocate_as_workers_do
+    from core.malloc import allocate_as_workers_do
 
     allocate_as_workers_do()  # FaceMesh alone allocates as the workers do (they start with it: see below)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -187,8 +187,8 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from lipsync.malloc import allocator_env
-    from pipeline.ray_utils import scoped_environ
+    from core.malloc import allocator_env
+    from core.ray import scoped_environ
 
     with scoped_environ(allocator_env()):  # Ray's workers start with them, as under ensure_ray
         ray.init(

@@ -70,7 +70,7 @@ def main() -> None:
     import pandas as pd
     import ray
 
-    from pipeline.ray_utils import ensure_ray
+    from core.ray import ensure_ray
 
     with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
         root = Path(tmp)

@@ -48,7 +48,7 @@ def in_memory_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from lipsync.config import from_dict
+    from core.config import from_dict
     from training.common import Throughput, global_mean, seed_everything, worker_amp, worker_device
     from training.models import build_model
     from training.syncnet_job import SyncNetConfig, train_step
@@ -80,7 +80,7 @@ def measure_in_memory(cfg: Any, storage: str) -> list[float]:
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
-    from lipsync.config import to_dict
+    from core.config import to_dict
     from training.common import scaling_config, torch_config
 
     trainer = TorchTrainer(
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
 
-    from pipeline.ray_utils import ensure_ray
+    from core.ray import ensure_ray
     from training.common import plan_resources, with_defaults
     from training.data import WindowConfig
     from training.syncnet_job import SyncNetConfig

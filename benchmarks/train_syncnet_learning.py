@@ -111,7 +111,7 @@ def rank_offsets(data: str, checkpoint: str) -> dict[str, Any]:
     import pandas as pd
     import pyarrow.parquet as pq
 
-    from pipeline.storage import join_uri
+    from core.storage import join_uri
     from training.checkpoint import load_model
     from training.data import SHARD_COLUMNS
 
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--out", help="keep checkpoints here (default: a temporary directory)")
     args = parser.parse_args()
 
-    from pipeline.ray_utils import ensure_ray
+    from core.ray import ensure_ray
 
     data = corpus(args.speakers, args.clips_per_speaker)
     # As `lipsync train` does (the workers' allocator); nothing to do if preprocessing the corpus started it

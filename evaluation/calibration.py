@@ -30,7 +30,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from lipsync.errors import BadInput
+from core.errors import BadInput
 
 FORMAT = 1
 _RESERVED = ("format", "default_offset_frames", "languages", "speakers")

@@ -39,6 +39,19 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
+from core.config import code_version, config_hash, to_dict
+from core.errors import BadInput, ItemFailure, Stalled
+from core.malloc import reuse_freed_memory
+from core.manifest import read_table
+from core.ray import (
+    check_poll_seconds,
+    ensure_ray,
+    executor_poll_interval,
+    import_deferred,
+    worker_runtime_env,
+)
+from core.stage import StageResources, StageSpec, on_ray
+from core.storage import Store, is_remote, manifest_path, manifest_text
 from evaluation.calibration import Calibration, load_calibration
 from evaluation.postprocess import (
     EXTENSION_MODES,
@@ -63,11 +76,7 @@ from evaluation.postprocess import (
     source_indices,
     write_i420,
 )
-from lipsync.config import code_version, config_hash, to_dict
-from lipsync.errors import BadInput, Stalled
-from lipsync.malloc import reuse_freed_memory
 from pipeline.audio import SAMPLE_RATE, mel_windows, melspectrogram
-from pipeline.corpus import _read_manifest
 from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
 from pipeline.landmarks import FaceMeshTracker, lip_shape, scene_cuts, smooth_landmarks
 from pipeline.media import (
@@ -81,14 +90,6 @@ from pipeline.media import (
     read_frames,
 )
 from pipeline.meters import SyncMeter, build_meter
-from pipeline.ray_utils import (
-    check_poll_seconds,
-    ensure_ray,
-    executor_poll_interval,
-    import_deferred,
-    worker_runtime_env,
-)
-from pipeline.storage import Store, is_remote, manifest_path, manifest_text
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class ResourcesConfig:
 
     prepare_actors: int = 1
     prepare_cpus: float | None = None  # None: 0.5 (the CPU amounts left to defaults shrink together when
-    composite_actors: int = 1  # the cluster cannot hold every stage at once; pipeline.plan)
+    composite_actors: int = 1  # the cluster cannot hold every stage at once; core.plan)
     composite_cpus: float | None = None  # None: 0.25
     finalize_actors: int = 1  # per-pair join + mux; started with the pipeline, so warm when a pair ends
     finalize_cpus: float | None = None  # None: 0.25
@@ -208,7 +209,7 @@ def read_pairs(manifest: str) -> list[dict[str, str]]:
     fs, path = fsspec.core.url_to_fs(manifest)
     if not fs.exists(path):
         raise BadInput(f"pairs manifest {manifest} does not exist")
-    frame = _read_manifest(manifest)
+    frame = read_table(manifest)
     if "video" not in frame.columns:
         raise BadInput(f"pairs manifest {manifest} has no 'video' column")
     base = manifest.rsplit("/", 1)[0] if is_remote(manifest) else os.path.dirname(os.path.abspath(manifest))
@@ -310,18 +311,6 @@ def failure_row(pair_id: str, stage: str, reason: str, message: str) -> dict[str
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Rows as a pyarrow table with ROW_SCHEMA."""
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
-
-
-class PairFailure(Exception):
-    """A pair that cannot be generated: stage, reason code and message (becomes a failed row)."""
-
-    def __init__(self, stage: str, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.stage, self.reason, self.message = stage, reason, message
-
-    @classmethod
-    def of(cls, stage: str, exc: MediaError) -> PairFailure:
-        return cls(stage, exc.reason, str(exc))
 
 
 # --- stage 1: decode, track, crop ---------------------------------------------------------------
@@ -472,7 +461,7 @@ class PrepareStage:
                 plan = self.plan(pair, video)
                 with self.seekable(plan):
                     yield from self.chunks(plan)
-        except PairFailure as exc:
+        except ItemFailure as exc:
             yield failure_row(pair["id"], exc.stage, exc.reason, exc.message)
         except MediaError as exc:  # the video vanished or broke mid-way
             yield failure_row(pair["id"], "video", exc.reason, str(exc))
@@ -482,7 +471,7 @@ class PrepareStage:
         try:
             info = probe(video)
         except MediaError as exc:
-            raise PairFailure("video", exc.reason, str(exc).replace(video, pair["video"])) from exc
+            raise ItemFailure("video", exc.reason, str(exc).replace(video, pair["video"])) from exc
         try:
             pcm = (
                 read_audio(pair["audio"], SAMPLE_RATE)
@@ -490,10 +479,10 @@ class PrepareStage:
                 else read_audio(video, SAMPLE_RATE, info)
             )
         except MediaError as exc:
-            raise PairFailure.of("audio", exc) from exc
+            raise ItemFailure.of("audio", exc) from exc
         n_out = frames_for_audio(len(pcm), SAMPLE_RATE, info.fps)
         if n_out < 1:
-            raise PairFailure("audio", "too_short", f"{pair['audio'] or pair['video']}: no audio samples")
+            raise ItemFailure("audio", "too_short", f"{pair['audio'] or pair['video']}: no audio samples")
         scale = min(1.0, self.cfg.track_max_side / max(info.width, info.height))
         size = (max(2, round(info.width * scale)), max(2, round(info.height * scale)))
         return PairPlan(
@@ -534,7 +523,7 @@ class PrepareStage:
                 yield from held
                 held.clear()
         if not faces:
-            raise PairFailure("track", "no_face", f"{plan.pair['video']}: no face in any frame")
+            raise ItemFailure("track", "no_face", f"{plan.pair['video']}: no face in any frame")
         yield from held
         yield from self.extension(plan, cache)
 
@@ -971,17 +960,18 @@ def uses_gpu(cfg: ModelConfig, cluster_gpus: float) -> bool:
     return cfg.device == "cuda" or (cfg.device == "auto" and bool(cluster_gpus or torch.cuda.is_available()))
 
 
-def _model_resources(cfg: ModelConfig) -> dict[str, float]:
-    from pipeline.plan import Cluster
+def model_resources(cfg: ModelConfig) -> dict[str, float]:
+    """CPUs (and GPUs, when the model runs on one) each model actor asks for."""
+    from core.plan import Cluster
 
     cpus = DEFAULT_CPUS["model"] if cfg.cpus_per_actor is None else cfg.cpus_per_actor
     if uses_gpu(cfg, Cluster.current().limit.get("GPU", 0.0)):
-        return {"num_gpus": cfg.gpus_per_actor, "num_cpus": cpus}
-    return {"num_cpus": cpus}
+        return {"gpus": cfg.gpus_per_actor, "cpus": cpus}
+    return {"cpus": cpus}
 
 
 def _stage_ask(what: str, key: str, count: int, cpus: float | None, flag: str) -> Any:
-    from pipeline.plan import Ask
+    from core.plan import Ask
 
     amount = DEFAULT_CPUS[key] if cpus is None else cpus
     return Ask(
@@ -990,8 +980,8 @@ def _stage_ask(what: str, key: str, count: int, cpus: float | None, flag: str) -
 
 
 def stage_asks(cfg: GenerateConfig, pairs: int, gpu: bool) -> list[Any]:
-    """What the pipeline's actors ask the cluster for, stage by stage (pipeline.plan)."""
-    from pipeline.plan import Ask
+    """What the pipeline's actors ask the cluster for, stage by stage (core.plan)."""
+    from core.plan import Ask
 
     model, res = cfg.model, cfg.resources
     model_cpus = DEFAULT_CPUS["model"] if model.cpus_per_actor is None else model.cpus_per_actor
@@ -1024,8 +1014,8 @@ def with_stage_cpus(cfg: GenerateConfig, asks: list[Any]) -> GenerateConfig:
 
 def plan_resources(cfg: GenerateConfig, pairs: int) -> GenerateConfig:
     """`cfg` with the CPUs it leaves to defaults fitted so every stage's actors run at once on the cluster
-    (pipeline.plan); BadInput with the one-line plan when they cannot."""
-    from pipeline.plan import Cluster, fit
+    (core.plan); BadInput with the one-line plan when they cannot."""
+    from core.plan import Cluster, fit
 
     cluster = Cluster.current()
     gpu = uses_gpu(cfg.model, cluster.limit.get("GPU", 0.0))
@@ -1037,7 +1027,7 @@ def _data_context(cfg: ResourcesConfig) -> Iterator[None]:
     """Small blocks (one chunk row each, emitted as soon as it is made) and a bounded object-store budget."""
     import ray
 
-    from pipeline.watchdog import data_stall_guard
+    from core.watchdog import data_stall_guard
 
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.target_max_block_size, ctx.enable_progress_bars, ctx.execution_options)
@@ -1064,36 +1054,27 @@ def build_dataset(cfg: GenerateConfig, pairs: list[dict[str, Any]], out: str, ch
     import ray
 
     calibration = load_calibration(cfg.calibration)
-    res = cfg.resources
+    res, model = cfg.resources, cfg.model
     # Ray Data restarts killed actors and retries their batches itself; repeated chunks are ignored.
-    common: dict[str, Any] = {"batch_format": "pyarrow", "zero_copy_batch": True}
-    if runtime_env := worker_runtime_env():
-        common["runtime_env"] = runtime_env
+    specs = [
+        StageSpec(
+            PrepareStage,
+            {"cfg": cfg, "img_size": img_size, "calibration": calibration, "out": out},
+            StageResources(actors=min(res.prepare_actors, len(pairs)), cpus=res.prepare_cpus),
+        ),
+        StageSpec(
+            GenerateStage,
+            {"checkpoint": checkpoint, "cfg": model},
+            StageResources(actors=model.actors, batch_size=model.rows_per_batch, **model_resources(model)),
+        ),
+        StageSpec(
+            CompositeStage,
+            {"cfg": cfg, "out": out},
+            StageResources(actors=res.composite_actors, cpus=res.composite_cpus),
+        ),
+    ]
     ds = ray.data.from_items(pairs, override_num_blocks=len(pairs))
-    ds = ds.map_batches(
-        PrepareStage,
-        fn_constructor_kwargs={"cfg": cfg, "img_size": img_size, "calibration": calibration, "out": out},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(res.prepare_actors, len(pairs))),
-        num_cpus=res.prepare_cpus,
-        **common,
-    )
-    ds = ds.map_batches(
-        GenerateStage,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "cfg": cfg.model},
-        batch_size=cfg.model.rows_per_batch,
-        compute=ray.data.ActorPoolStrategy(size=cfg.model.actors),
-        **_model_resources(cfg.model),
-        **common,
-    )
-    return ds.map_batches(
-        CompositeStage,
-        fn_constructor_kwargs={"cfg": cfg, "out": out},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=res.composite_actors),
-        num_cpus=res.composite_cpus,
-        **common,
-    )
+    return on_ray(ds, specs, batch_format="pyarrow", zero_copy_batch=True)
 
 
 class FinalizeStage:
@@ -1131,7 +1112,7 @@ def _finished(progress: PairProgress, future: Any, stall_seconds: float = 0.0) -
     Stalled when it takes more than `stall_seconds` (0: no limit)."""
     import ray
 
-    from pipeline.watchdog import free_resources
+    from core.watchdog import free_resources
 
     try:
         return ray.get(future, timeout=stall_seconds or None)

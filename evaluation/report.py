@@ -21,10 +21,10 @@ import fsspec
 import numpy as np
 import pandas as pd
 
+from core.config import code_version, load_config
+from core.errors import BadInput
+from core.storage import Store
 from evaluation.score import summarise
-from lipsync.config import code_version, load_config
-from lipsync.errors import BadInput
-from pipeline.storage import Store
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -31,6 +31,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from core.config import code_version, config_hash, to_dict
+from core.errors import BadInput, ItemFailure
+from core.malloc import reuse_freed_memory
+from core.manifest import MANIFEST_EXTENSIONS, read_table
+from core.ray import WORKER_DIED, ensure_ray, import_deferred, run_on_actor_pool
+from core.storage import Store, is_remote, join_uri, manifest_path, manifest_text
 from evaluation import quality
 from evaluation.calibration import Calibration, calibration_from_offsets, load_calibration, save_calibration
 from evaluation.sync import (
@@ -42,17 +48,12 @@ from evaluation.sync import (
     timeline_openness,
     viseme_agreement,
 )
-from lipsync.config import code_version, config_hash, to_dict
-from lipsync.errors import BadInput
-from lipsync.malloc import reuse_freed_memory
 from pipeline import phonemes as ph
-from pipeline.corpus import MANIFEST_EXTENSIONS, VIDEO_EXTENSIONS, discover, input_id
+from pipeline.corpus import VIDEO_EXTENSIONS, discover, input_id
 from pipeline.landmarks import FaceMeshTracker, fill_gaps, mouth_openness, smooth_landmarks
 from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
 from pipeline.meters import METERS, MeterConfig
-from pipeline.ray_utils import WORKER_DIED, ensure_ray, import_deferred, run_on_actor_pool
 from pipeline.stages import PoolConfig
-from pipeline.storage import Store, is_remote, join_uri, manifest_path, manifest_text
 
 log = logging.getLogger(__name__)
 
@@ -88,24 +89,7 @@ class ScoreConfig:
     resources: PoolConfig = field(default_factory=PoolConfig)
 
 
-class Unscorable(Exception):
-    """A video that cannot be scored: a reason code and a message for its row."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 # --- inputs ---------------------------------------------------------------------------------------------
-def _read_table(uri: str) -> pd.DataFrame:
-    with fsspec.open(uri, "rb") as fh:
-        if uri.endswith(".parquet"):
-            return pd.read_parquet(fh)
-        if uri.endswith((".jsonl", ".json")):
-            return pd.read_json(fh, lines=True, dtype=False)
-        return pd.read_csv(fh, dtype=str, keep_default_na=False)
-
-
 def _manifest_of(source: str) -> str | None:
     """The manifest behind INPUT: the file itself, or one inside a corpus directory; None for a plain dir."""
     if source.lower().endswith(MANIFEST_EXTENSIONS):
@@ -176,7 +160,7 @@ def discover_inputs(source: str, system: str = "") -> list[dict[str, Any]]:
         base, records = source, discover(source)
     else:
         try:
-            frame = _read_table(manifest)
+            frame = read_table(manifest)
         except FileNotFoundError as exc:
             raise BadInput(f"manifest {manifest} does not exist") from exc
         except (ValueError, pd.errors.ParserError) as exc:
@@ -202,7 +186,7 @@ def discover_inputs(source: str, system: str = "") -> list[dict[str, Any]]:
 def attach_references(rows: list[dict[str, Any]], manifest: str) -> None:
     """Fill `reference` from a manifest with a `reference` column keyed by `id` or by `video`."""
     try:
-        frame = _read_table(manifest)
+        frame = read_table(manifest)
     except FileNotFoundError as exc:
         raise BadInput(f"reference manifest {manifest} does not exist") from exc
     if "reference" not in frame.columns or not ({"id", "video"} & set(frame.columns)):
@@ -326,7 +310,7 @@ class ClipScorer:
             }
         try:
             result.update(self.measure(row))
-        except (MediaError, Unscorable) as exc:
+        except (MediaError, ItemFailure) as exc:
             result.update(status="failed", reason=exc.reason, message=str(exc))
         except BadInput as exc:
             result.update(status="failed", reason="bad_input", message=str(exc))
@@ -334,18 +318,20 @@ class ClipScorer:
         return {k: _json_safe(v) for k, v in result.items()}
 
     def measure(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Every score of one video (raises MediaError / Unscorable when it cannot be scored)."""
+        """Every score of one video (raises MediaError / ItemFailure when it cannot be scored)."""
         cfg = self.cfg
         frames, pcm = decode(row["video"], cfg)
         if row["audio"]:
             pcm = read_audio(row["audio"], cfg.sample_rate)[: len(pcm) or None]
         if len(pcm) == 0:
-            raise Unscorable("no_audio_stream", f"{row['video']}: no audio to score against")
+            raise ItemFailure("score", "no_audio_stream", f"{row['video']}: no audio to score against")
         if min(len(frames), int(len(pcm) * cfg.fps / cfg.sample_rate)) < MIN_FRAMES:
-            raise Unscorable(TOO_SHORT, f"{row['video']}: {len(frames)} frames are too few to score")
+            raise ItemFailure(
+                "score", TOO_SHORT, f"{row['video']}: {len(frames)} frames are too few to score"
+            )
         track = self.tracker.track(frames, fps=cfg.fps)
         if not track.found.any():
-            raise Unscorable(NO_FACE, f"{row['video']}: no face in any frame")
+            raise ItemFailure("score", NO_FACE, f"{row['video']}: no face in any frame")
         smooth = smooth_landmarks(track.landmarks, track.found)
         raw = fill_gaps(track.landmarks, track.found)[0]
         openness = mouth_openness(smooth)
@@ -391,7 +377,9 @@ class ClipScorer:
                 with fsspec.open(row["timeline"], "rt", encoding="utf-8") as fh:
                     return timeline_from_document(fh.read()), "json"
             except FileNotFoundError as exc:
-                raise Unscorable("timeline_not_found", f"timeline {row['timeline']} does not exist") from exc
+                raise ItemFailure(
+                    "score", "timeline_not_found", f"timeline {row['timeline']} does not exist"
+                ) from exc
         language = row["language"]
         if row["transcript"] and language in ph.list_voices():
             try:
@@ -459,7 +447,7 @@ def _run_pool(
     """Stream the inputs through the actor pool (progress bar on stderr); returns the scored rows."""
     import ray
 
-    from pipeline.watchdog import data_stall_guard
+    from core.watchdog import data_stall_guard
 
     ray.data.DataContext.get_current().enable_progress_bars = True
     pool = cfg.resources.planned("scoring actors", len(rows), "score")  # rows keep `cfg`'s config hash

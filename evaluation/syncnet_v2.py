@@ -22,7 +22,7 @@ import torch
 from scipy.fft import dct
 from torch import nn
 
-from lipsync.errors import BadInput
+from core.errors import BadInput
 
 INPUT_SIZE = 224
 MFCC_PER_SECOND = 100

@@ -1,3 +1,1 @@
-"""Command line and configuration for the lip-sync platform. Stages live in pipeline/, training/, ..."""
-
-__version__ = "0.1.0"
+"""The `lipsync` command line and the end-to-end demo; imported by nothing but its own entry points."""

@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from lipsync.errors import BadInput, Stalled
+from core.errors import BadInput, Stalled
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -35,7 +35,7 @@ def _common(p: argparse.ArgumentParser, ray: bool = False) -> None:
 
 
 def _synth(args: argparse.Namespace) -> dict[str, Any]:
-    from lipsync.config import load_config
+    from core.config import load_config
     from pipeline.synth import SynthConfig, run
 
     overrides = {
@@ -51,7 +51,7 @@ def _synth(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _preprocess(args: argparse.Namespace) -> dict[str, Any]:
-    from lipsync.config import load_config
+    from core.config import load_config
     from pipeline.preprocess import run
     from pipeline.stages import PreprocessConfig
 
@@ -62,7 +62,7 @@ def _preprocess(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _offset(args: argparse.Namespace) -> dict[str, Any]:
-    from lipsync.config import load_config
+    from core.config import load_config
     from pipeline.meters import MeterConfig, build_meter
     from pipeline.offset import offset_of_video
 
@@ -81,7 +81,7 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
-    from lipsync.config import load_config
+    from core.config import load_config
 
     overrides = {
         "workers": args.workers,
@@ -128,7 +128,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _tune(args: argparse.Namespace) -> dict[str, Any]:
-    from lipsync.config import load_config
+    from core.config import load_config
     from tuning.sweep import SweepConfig, run
 
     overrides = {"trials": args.trials, "steps": args.steps, "syncnet": args.syncnet}
@@ -149,8 +149,8 @@ def _tune_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> dict[str, Any]:
+    from core.config import load_config
     from evaluation.generate import GenerateConfig, run
-    from lipsync.config import load_config
 
     cfg = load_config(GenerateConfig, args.config, {"calibration": args.calibration})
     return run(cfg, args.pairs, args.out, args.checkpoint, address=args.address)
@@ -167,8 +167,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _score(args: argparse.Namespace) -> dict[str, Any]:
+    from core.config import load_config
     from evaluation.score import ScoreConfig, run
-    from lipsync.config import load_config
 
     overrides = {
         "resources.workers": args.workers,

@@ -7,7 +7,6 @@ Every input becomes one dict with DESIGN.md's manifest columns, an absolute `vid
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import posixpath
 from typing import Any
@@ -15,11 +14,11 @@ from typing import Any
 import fsspec
 import pandas as pd
 
-from lipsync.errors import BadInput
-from pipeline.storage import is_remote, join_uri
+from core.errors import BadInput
+from core.manifest import MANIFEST_EXTENSIONS, read_table
+from core.storage import is_remote, join_uri
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".ts")
-MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet")
 OPTIONAL_COLUMNS = ("audio", "language", "speaker", "transcript", "accent", "emotion", "split")
 
 
@@ -51,21 +50,8 @@ def _scan_directory(root: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_manifest(uri: str) -> pd.DataFrame:
-    with fsspec.open(uri, "rb") as fh:
-        data = fh.read()
-    try:
-        if uri.endswith(".parquet"):
-            return pd.read_parquet(io.BytesIO(data))
-        if uri.endswith((".jsonl", ".json")):
-            return pd.read_json(io.BytesIO(data), lines=True, dtype=False)
-        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise BadInput(f"manifest {uri} cannot be read: {exc}") from exc
-
-
 def _from_manifest(uri: str) -> list[dict[str, Any]]:
-    frame = _read_manifest(uri)
+    frame = read_table(uri)
     if "video" not in frame.columns:
         raise BadInput(
             f"manifest {uri} has no 'video' column (columns: {', '.join(map(str, frame.columns))})"

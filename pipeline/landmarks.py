@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from lipsync.errors import BadInput
+from core.errors import BadInput
 
 N_LANDMARKS = 468
 

@@ -39,7 +39,7 @@ import fsspec
 import numpy as np
 from scipy.io import wavfile
 
-from lipsync.errors import BadInput
+from core.errors import BadInput
 
 _LOG_ARGS = ("-hide_banner", "-nostdin", "-loglevel", "error")
 _VFR_TOLERANCE = 0.01  # relative difference between r_frame_rate and avg_frame_rate

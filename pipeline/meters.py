@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from lipsync.errors import BadInput
+from core.errors import BadInput
 from pipeline.landmarks import lip_shape
 from pipeline.offset import DEFAULT_MIN_CONFIDENCE, LOW_CONFIDENCE, NO_FACE, OffsetEstimate, estimate_offset
 

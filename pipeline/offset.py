@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
-from scipy.signal import butter, sosfiltfilt
 
 METER_FPS = 25.0  # the rate the projection was fitted at; other rates are resampled to it
 DEFAULT_MIN_CONFIDENCE = 3.1  # leave-one-clip-out on the development clips: 2.8-3.2 per fold
@@ -123,6 +122,8 @@ def _fill_missing(x: np.ndarray, ok: np.ndarray) -> np.ndarray:
 
 def _band_pass(x: np.ndarray, low_hz: float, high_hz: float, fps: float) -> np.ndarray:
     """Zero-phase 2nd-order Butterworth band-pass along time (columns)."""
+    from scipy.signal import butter, sosfiltfilt  # here: scipy.signal costs ~0.8 s to import (core.ray)
+
     sos = butter(2, [low_hz / (fps / 2), high_hz / (fps / 2)], btype="band", output="sos")
     if len(x) <= 3 * (2 * len(sos) + 1):  # sosfiltfilt's padding needs a few frames
         return x - x.mean(axis=0)
@@ -285,7 +286,7 @@ class SyncProjection:
 @lru_cache(maxsize=4)
 def load_projection(path: str = PROJECTION_FILE) -> SyncProjection:
     """The projection shipped with the package (or another file written by the same fit)."""
-    from lipsync.errors import BadInput
+    from core.errors import BadInput
 
     try:
         with open(path) as fh:

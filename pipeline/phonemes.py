@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from lipsync.errors import BadInput
+from core.errors import BadInput
 
 # --- espeak-ng C API (speak_lib.h) -------------------------------------------------------------
 _AUDIO_OUTPUT_SYNCHRONOUS = 2

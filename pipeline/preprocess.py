@@ -19,14 +19,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from lipsync.config import code_version, to_dict
-from lipsync.errors import BadInput
+from core.config import code_version, to_dict
+from core.errors import BadInput
+from core.ray import WORKER_DIED, ensure_ray, run_on_actor_pool
+from core.storage import Store
 from pipeline.corpus import discover
 from pipeline.media import TOOL_KILLED
 from pipeline.meters import build_meter
-from pipeline.ray_utils import WORKER_DIED, ensure_ray, run_on_actor_pool
 from pipeline.stages import STATE_DIR, AlignConfig, ClipPreprocessor, PreprocessConfig, output_hash
-from pipeline.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _run_pool(cfg: PreprocessConfig, out: str, pending: list[dict[str, Any]]) ->
     """Stream the pending inputs through the actor pool; returns one small status row per input."""
     import ray
 
-    from pipeline.watchdog import data_stall_guard
+    from core.watchdog import data_stall_guard
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True

@@ -27,9 +27,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from lipsync.config import code_version, config_hash
-from lipsync.errors import BadInput
-from lipsync.malloc import reuse_freed_memory
+from core.config import code_version, config_hash
+from core.errors import BadInput, ItemFailure
+from core.malloc import reuse_freed_memory
+from core.ray import WORKER_DIED, check_poll_seconds, import_deferred
+from core.storage import Store
 from pipeline import audio as audio_features
 from pipeline import filters
 from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
@@ -52,9 +54,7 @@ from pipeline.media import (
 )
 from pipeline.meters import MeterConfig, build_meter
 from pipeline.offset import OffsetEstimate
-from pipeline.ray_utils import WORKER_DIED, check_poll_seconds, import_deferred
 from pipeline.shards import encode_row
-from pipeline.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,9 @@ class PoolConfig:
         check_poll_seconds(self.poll_seconds)
 
     def planned(self, what: str, inputs: int, command: str) -> PoolConfig:
-        """This pool sized for the connected cluster and `inputs` inputs (pipeline.plan): what the config
+        """This pool sized for the connected cluster and `inputs` inputs (core.plan): what the config
         leaves to defaults is fitted; BadInput with the one-line plan when it cannot run."""
-        from pipeline.plan import Ask, plan
+        from core.plan import Ask, plan
 
         ask = Ask(
             what,
@@ -173,14 +173,6 @@ class PreprocessConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
 
-class Reject(Exception):
-    """A per-input or per-segment rejection: stage, reason code and message."""
-
-    def __init__(self, stage: str, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.stage, self.reason, self.message = stage, reason, message
-
-
 @dataclass
 class Decoded:
     """An input after probing, its audio decoding in the background (frames are streamed separately)."""
@@ -188,14 +180,14 @@ class Decoded:
     source_row: dict[str, Any]
     path: str
     info: ProbeInfo
-    audio: Future  # of the 16 kHz mono PCM, or of AudioStage's Reject
+    audio: Future  # of the 16 kHz mono PCM, or of AudioStage's ItemFailure
     size: tuple[int, int]  # decode size (w, h)
     scale: float  # decode size / source size
     sample_rate: int
 
     @property
     def pcm(self) -> np.ndarray:
-        """The audio (waits for its decoding; raises its Reject)."""
+        """The audio (waits for its decoding; raises its ItemFailure)."""
         return self.audio.result()
 
     @functools.cached_property
@@ -216,11 +208,11 @@ class ProbeStage:
         try:
             info = probe(path)
         except MediaError as exc:
-            raise Reject("probe", exc.reason, str(exc).replace(path, row["video"])) from exc
+            raise ItemFailure("probe", exc.reason, str(exc).replace(path, row["video"])) from exc
         if not info.has_audio and not row.get("audio"):
-            raise Reject("probe", filters.NO_AUDIO, f"{row['video']}: no audio stream")
+            raise ItemFailure("probe", filters.NO_AUDIO, f"{row['video']}: no audio stream")
         if info.duration_s < self.cfg.filters.min_seconds:
-            raise Reject(
+            raise ItemFailure(
                 "probe",
                 filters.TOO_SHORT,
                 f"{row['video']}: {info.duration_s:.2f} s < {self.cfg.filters.min_seconds} s",
@@ -245,12 +237,12 @@ class AudioStage:
             else:
                 pcm = read_audio(video_path, self.cfg.sample_rate, info=video_info)
         except MediaError as exc:
-            raise Reject(
+            raise ItemFailure(
                 "audio", exc.reason, f"{source or row['video']}: {exc.reason} ({exc.detail})"
             ) from exc
         level = filters.rms_dbfs(pcm)
         if level < self.cfg.filters.silence_dbfs:
-            raise Reject("audio", filters.SILENT_AUDIO, f"{row['video']}: audio at {level:.1f} dBFS")
+            raise ItemFailure("audio", filters.SILENT_AUDIO, f"{row['video']}: audio at {level:.1f} dBFS")
         return pcm
 
 
@@ -275,7 +267,9 @@ class NormaliseStage:
         try:
             yield from decoding
         except MediaError as exc:
-            raise Reject("normalise", exc.reason, f"{row['video']}: {exc.reason} ({exc.detail})") from exc
+            raise ItemFailure(
+                "normalise", exc.reason, f"{row['video']}: {exc.reason} ({exc.detail})"
+            ) from exc
 
 
 class LandmarkStage:
@@ -383,7 +377,7 @@ class AlignStage:
         )
         if est.abstained:
             if align.on_abstain == "reject":
-                raise Reject(
+                raise ItemFailure(
                     "align",
                     filters.LOW_SYNC_CONFIDENCE,
                     f"the {est.meter} meter abstains ({est.reason}, confidence {est.confidence:.3f}"
@@ -394,7 +388,7 @@ class AlignStage:
             return est, seg_pcm, False
         too_large = abs(est.offset_frames) > align.max_abs_offset
         if too_large and align.mode in ("reject", "repair"):
-            raise Reject(
+            raise ItemFailure(
                 "align",
                 filters.OFFSET_TOO_LARGE,
                 f"|offset| {abs(est.offset_frames)} > {align.max_abs_offset} frames ({est.meter} meter)",
@@ -466,7 +460,7 @@ class ClipPreprocessor:
 
     def given_up(self, row: dict[str, Any], attempts: int) -> dict[str, list]:
         """The completion record and status row of an input whose actor was killed on each of its
-        `attempts` (pipeline.ray_utils.bounded): a `worker_died` reject, run again by the next run."""
+        `attempts` (core.ray.bounded): a `worker_died` reject, run again by the next run."""
         message = f"{row['video']}: its preprocessing actor was killed on each of {attempts} attempts"
         record = {
             "input_id": row["input_id"],
@@ -535,8 +529,8 @@ class ClipPreprocessor:
                     message = (
                         "face segments shorter than the minimum" if found_any else "no face in any frame"
                     )
-                    raise Reject("landmarks", reason, f"{row['video']}: {message}")
-        except Reject as rej:
+                    raise ItemFailure("landmarks", reason, f"{row['video']}: {message}")
+        except ItemFailure as rej:
             rejects.append(_reject_row(row, rej.stage, rej.reason, rej.message))
         if shard_rows:
             self.store.write_table(f"{SHARD_DIR}/{row['input_id']}.parquet", pa.Table.from_pylist(shard_rows))
@@ -580,8 +574,8 @@ class ClipPreprocessor:
                 filters.rms_dbfs(seg_pcm),
             )
             if problem:
-                raise Reject("filters", problem[0], f"{row['video']} frames {start}-{end}: {problem[1]}")
-        except Reject as rej:
+                raise ItemFailure("filters", problem[0], f"{row['video']} frames {start}-{end}: {problem[1]}")
+        except ItemFailure as rej:
             rejects.append(_reject_row(row, rej.stage, rej.reason, rej.message, (start, end)))
             return
         clip_id = clip_id_of(row["video"], start, end)
@@ -646,12 +640,12 @@ class ClipPreprocessor:
 
 @contextlib.contextmanager
 def _audio_rejects_first(audio: Future) -> Iterator[None]:
-    """Around an input's video work: the audio's Reject wins over the video's, as when the audio decoded
+    """Around an input's video work: the audio's ItemFailure wins over the video's, as when the audio decoded
     first, and stands even when no segment asked for the audio. Waits for the audio either way, since the
     input may be a temporary copy that goes when its `local_path` block ends."""
     try:
         yield
-    except Reject:
+    except ItemFailure:
         audio.result()
         raise
     finally:
@@ -660,7 +654,7 @@ def _audio_rejects_first(audio: Future) -> Iterator[None]:
 
 
 def _until_failed(chunks: Iterator[np.ndarray], audio: Future) -> Iterator[np.ndarray]:
-    """`chunks`, stopped by the audio's Reject as soon as it is known: a silent or unreadable track
+    """`chunks`, stopped by the audio's ItemFailure as soon as it is known: a silent or unreadable track
     should not cost the input's FaceMesh time."""
     for chunk in chunks:
         if audio.done() and audio.exception() is not None:

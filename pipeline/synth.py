@@ -23,8 +23,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from lipsync.config import config_hash
-from lipsync.errors import BadInput
+from core.config import config_hash
+from core.errors import BadInput
 from pipeline import phonemes as ph
 from pipeline.sentences import SENTENCES
 

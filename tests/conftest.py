@@ -22,12 +22,12 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 def ray_session():
     """One local Ray for the whole test session (2 CPUs, small object store, no dashboard).
 
-    Its workers allocate as the commands' do (jemalloc; lipsync.malloc), so actors are tested as they run.
+    Its workers allocate as the commands' do (jemalloc; core.malloc), so actors are tested as they run.
     """
     import ray
 
-    from lipsync.malloc import allocator_env
-    from pipeline.ray_utils import scoped_environ
+    from core.malloc import allocator_env
+    from core.ray import scoped_environ
 
     if not ray.is_initialized():
         with scoped_environ(allocator_env()):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lipsync.config import config_hash, load_config
-from lipsync.errors import BadInput
+from core.config import config_hash, load_config
+from core.errors import BadInput
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CLASSES = {

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from lipsync.config import load_config
+from core.config import load_config
 from lipsync.demo import DEMO_CONFIG, DemoConfig
 
 REPO = Path(__file__).resolve().parents[1]

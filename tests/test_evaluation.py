@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from core.errors import BadInput
 from evaluation import quality
 from evaluation.lse import (
     SyncNetEmbedder,
@@ -26,7 +27,6 @@ from evaluation.lse import (
 from evaluation.score import ClipScorer, ScoreConfig, discover_inputs
 from evaluation.sync import align_transcript, landmark_sync, timeline_from_document, viseme_agreement
 from evaluation.syncnet_v2 import SyncNetV2, load_syncnet_v2, mfcc, mfcc_windows
-from lipsync.errors import BadInput
 from pipeline import phonemes as ph
 from pipeline.landmarks import FaceMeshTracker, smooth_landmarks
 from pipeline.media import read_audio, read_frames, shift_audio, write_video

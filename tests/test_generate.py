@@ -23,6 +23,8 @@ import pandas as pd
 import pytest
 from conftest import require_tool
 
+from core.config import config_hash, load_config
+from core.errors import BadInput
 from evaluation import postprocess as pp
 from evaluation.calibration import (
     Calibration,
@@ -32,8 +34,6 @@ from evaluation.calibration import (
 )
 from evaluation.generate import GenerateConfig, read_pairs
 from lipsync.cli import main
-from lipsync.config import config_hash, load_config
-from lipsync.errors import BadInput
 from pipeline.crops import crop_boxes
 from pipeline.landmarks import FaceMeshTracker, smooth_landmarks
 from pipeline.media import MediaError, iter_frames, probe, read_audio, read_frames
@@ -620,13 +620,13 @@ def test_a_finalize_that_dies_or_raises_is_a_failed_row(ray_session) -> None:
 
 
 def test_model_actor_resources(ray_session) -> None:
-    from evaluation.generate import ModelConfig, _model_resources
+    from evaluation.generate import ModelConfig, model_resources
 
-    assert _model_resources(ModelConfig(device="cpu", cpus_per_actor=0.75)) == {"num_cpus": 0.75}
+    assert model_resources(ModelConfig(device="cpu", cpus_per_actor=0.75)) == {"cpus": 0.75}
     if not ray_session.cluster_resources().get("GPU"):
-        assert _model_resources(ModelConfig(device="auto")) == {"num_cpus": 1.0}
+        assert model_resources(ModelConfig(device="auto")) == {"cpus": 1.0}
         with pytest.raises(BadInput, match="no GPU"):
-            _model_resources(ModelConfig(device="cuda"))
+            model_resources(ModelConfig(device="cuda"))
 
 
 def test_cpu_threads_split_the_node_among_the_actors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -641,8 +641,8 @@ def test_cpu_threads_split_the_node_among_the_actors(monkeypatch: pytest.MonkeyP
 
 def test_the_cpu_layout_fits_a_two_core_node() -> None:
     """Its reservations must leave room for every stage at once, or Ray Data waits for CPUs forever."""
+    from core.plan import Cluster, fit
     from evaluation.generate import stage_asks
-    from pipeline.plan import Cluster, fit
 
     path = Path(__file__).resolve().parents[1] / "configs" / "generate_cpu.yaml"
     cfg = load_config(GenerateConfig, path)
@@ -660,8 +660,8 @@ def test_configs_generate_yaml_lists_the_defaults() -> None:
 def test_executor_poll_interval_is_set_for_the_run_and_put_back() -> None:
     from ray.data._internal.execution import streaming_executor_state as state
 
+    from core.ray import executor_poll_interval
     from evaluation.generate import ResourcesConfig, _data_context, validate
-    from pipeline.ray_utils import executor_poll_interval
 
     def poll() -> float:
         return state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S

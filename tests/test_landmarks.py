@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from lipsync.errors import BadInput
+from core.errors import BadInput
 from pipeline.landmarks import (
     LIP_GAP_POINTS,
     UPPER_FACE_POINTS,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lipsync import malloc
+from core import malloc
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ ROUNDS = textwrap.dedent(
     """
     import resource, sys
     import numpy as np
-    from lipsync.malloc import jemalloc_loaded, reuse_freed_memory
+    from core.malloc import jemalloc_loaded, reuse_freed_memory
 
     applied = reuse_freed_memory() if sys.argv[1] == "reuse" else jemalloc_loaded()
     np.ones(8 << 20).sum()  # the first round may fault: memory the process never had

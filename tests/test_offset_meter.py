@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lipsync.errors import BadInput
+from core.errors import BadInput
 from pipeline.landmarks import FaceMeshTracker, lip_shape, smooth_landmarks
 from pipeline.media import read_audio, read_frames, shift_audio, write_video
 from pipeline.meters import LandmarkMeter, MeterConfig, NetworkMeter, build_meter

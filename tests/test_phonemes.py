@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lipsync.errors import BadInput
+from core.errors import BadInput
 from pipeline import phonemes as ph
 from pipeline.sentences import SENTENCES
 

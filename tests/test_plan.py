@@ -1,4 +1,4 @@
-"""Resource plans: every Ray command is checked against the cluster before it starts (pipeline.plan).
+"""Resource plans: every Ray command is checked against the cluster before it starts (core.plan).
 
 Plain functions first (asks held against a described cluster), then each command asked for more than the
 test suite's 2-CPU Ray has: it exits 2 within 30 s with the one-line plan, before any pool or trial starts.
@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from core.errors import BadInput
+from core.plan import Ask, Cluster, fit
 from lipsync.cli import main
-from lipsync.errors import BadInput
-from pipeline.plan import Ask, Cluster, fit
 
 TWO_CPUS = Cluster(now={"CPU": 2.0}, limit={"CPU": 2.0}, largest_node={"CPU": 2.0})
 REFUSED_WITHIN_S = 30.0
@@ -46,7 +46,7 @@ def test_a_job_that_cannot_run_is_refused_with_what_to_change() -> None:
 
 
 def test_sizes_left_to_defaults_are_fitted_and_said(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("INFO", logger="pipeline.plan"):
+    with caplog.at_level("INFO", logger="core.plan"):
         fitted = fit([workers(2, 1.0, fitted=True), data_tasks(1.0, fitted=True)], TWO_CPUS, "train syncnet")
     assert [a.cpus for a in fitted] == [0.66, 0.66]  # one factor for both, floored to 0.01
     assert sum(a.total("CPU") for a in fitted) <= 2.0
@@ -162,7 +162,7 @@ def test_train_two_workers_left_to_default_cpus_runs_to_its_steps(
     config = tmp_path / "small.yaml"
     config.write_text(yaml.safe_dump(small))
     args = ["train", "syncnet", str(preprocessed_corpus), str(tmp_path / "out"), "--workers", "2"]
-    with caplog.at_level("INFO", logger="pipeline.plan"):
+    with caplog.at_level("INFO", logger="core.plan"):
         code = main([*args, "--steps", "2", "--config", str(config), "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]

@@ -225,7 +225,7 @@ def test_align_reads_the_chosen_network_meter(meter: str, synth_corpus: Path, tm
 
 
 def test_align_refuses_a_network_meter_without_readable_weights(synth_corpus: Path, tmp_path: Path) -> None:
-    from lipsync.errors import BadInput
+    from core.errors import BadInput
     from pipeline.stages import AlignConfig
 
     for align, message in (

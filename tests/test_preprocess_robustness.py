@@ -395,7 +395,7 @@ def test_store_lists_what_other_processes_wrote_to_s3(s3_server: str) -> None:
     """A resuming driver lists `_state/` before and after the workers write to it: no stale listing."""
     import boto3
 
-    from pipeline.storage import Store
+    from core.storage import Store
 
     s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket="listing")
@@ -417,7 +417,7 @@ def test_s3_corpus_to_s3_output_gives_the_same_clips(
     import boto3
 
     # The session's Ray started before these variables were set: its workers only see them through the
-    # runtime_env that preprocess forwards (pipeline.ray_utils.forwarded_env).
+    # runtime_env that preprocess forwards (core.ray.forwarded_env).
     @ray_session.remote(num_cpus=0)
     def endpoint_in_worker() -> str | None:
         return os.environ.get("AWS_ENDPOINT_URL")
@@ -557,11 +557,11 @@ def test_an_input_whose_ffprobe_was_killed_is_run_again(
 ) -> None:
     """A killed tool says nothing about the input: it is retried (twice), and only then rejected, and that
     reject does not count as done: the next run processes the input again."""
+    from core.storage import Store
     from pipeline.corpus import discover
     from pipeline.media import TOOL_KILLED
     from pipeline.preprocess import to_process
     from pipeline.stages import TOOL_RETRIES, ClipPreprocessor, output_hash
-    from pipeline.storage import Store
 
     row = discover(str(synth_corpus))[0]
     monkeypatch.setenv("PATH", f"{_ffprobe_killed_first(tmp_path, kills)}{os.pathsep}{os.environ['PATH']}")

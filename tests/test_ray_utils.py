@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lipsync.malloc import VARIABLES
-from pipeline.ray_utils import DEFERRED_IMPORTS, forwarded_env, worker_runtime_env
+from core.malloc import VARIABLES
+from core.ray import DEFERRED_IMPORTS, forwarded_env, worker_runtime_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,8 +21,8 @@ EMBEDDED = textwrap.dedent(
     """
     import os
     import ray
-    from lipsync.malloc import TUNABLES, jemalloc_loaded
-    from pipeline.ray_utils import ensure_ray, worker_runtime_env
+    from core.malloc import TUNABLES, jemalloc_loaded
+    from core.ray import ensure_ray, worker_runtime_env
 
     os.environ["LIPSYNC_PROBE"] = "at start"
     ensure_ray(num_cpus=1)
@@ -87,8 +87,8 @@ JOINED = textwrap.dedent(
     import os
     import ray
     from ray.cluster_utils import Cluster
-    from lipsync.malloc import TUNABLES, jemalloc_loaded
-    from pipeline.ray_utils import ensure_ray
+    from core.malloc import TUNABLES, jemalloc_loaded
+    from core.ray import ensure_ray
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     os.environ["LIPSYNC_PROBE"] = "joined"
@@ -140,7 +140,7 @@ FIRST_INPUT = textwrap.dedent(
     """
     import json, sys
     from pipeline.corpus import discover
-    from pipeline.ray_utils import DEFERRED_IMPORTS
+    from core.ray import DEFERRED_IMPORTS
 
     def loaded():
         return [m for m in DEFERRED_IMPORTS if m in sys.modules]
@@ -204,7 +204,7 @@ def test_an_input_that_kills_its_actor_every_time_is_given_up_not_the_run(ray_se
     the map_batches options that bounded it); the ledger gives the input up after max_restarts + 1 starts."""
     import warnings
 
-    from pipeline.ray_utils import run_on_actor_pool
+    from core.ray import run_on_actor_pool
 
     class Fragile:
         """Dies (the whole worker process) on the input "poison"; defined here, as workers cannot import tests."""

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
+from core.errors import BadInput
 from lipsync.cli import main
-from lipsync.errors import BadInput
 from pipeline.shards import encode_jpegs
 from training.checkpoint import checkpoint_payload, load_model, save_checkpoint
 from training.common import (

@@ -52,7 +52,7 @@ import json, os, signal, sys, threading, time
 from pathlib import Path
 import ray
 import torch
-from lipsync.errors import BadInput
+from core.errors import BadInput
 from training.checkpoint import read_payload
 from training.data import WindowConfig
 from training.syncnet_job import SyncNetConfig, run

@@ -23,9 +23,9 @@ import pytest
 import torch
 import yaml
 
+from core.config import from_dict, load_config
+from core.errors import BadInput
 from lipsync.cli import main
-from lipsync.config import from_dict, load_config
-from lipsync.errors import BadInput
 from training.syncnet_job import SyncNetConfig
 from tuning.space import apply, max_value, normalise, to_tune, validate_space
 from tuning.sweep import SweepConfig, TrialResources, concurrency, effective, run, validate

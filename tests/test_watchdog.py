@@ -1,5 +1,5 @@
 """Progress watchdogs: a pipeline or training loop that stops making progress fails with Stalled, naming the
-stage that stalled and what it waits for (pipeline.watchdog), on the session's 2-CPU Ray.
+stage that stalled and what it waits for (core.watchdog), on the session's 2-CPU Ray.
 
 Each test stalls a real run on purpose: a Ray Data stage that sleeps, a preprocessing input that blocks its
 probe (a FIFO nobody writes to), a training loop and a sweep whose CPUs another job holds.
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from lipsync.errors import Stalled
+from core.errors import Stalled
 
 
 def test_a_ray_data_stage_that_sleeps_fails_naming_it(ray_session) -> None:  # noqa: ANN001
-    from pipeline.watchdog import data_stall_guard
+    from core.watchdog import data_stall_guard
 
     class Sleeper:
         """A Ray Data stage that never finishes its input (defined here: workers cannot import tests)."""
@@ -140,7 +140,7 @@ def test_a_sweep_whose_trials_cannot_start_fails_as_stalled(
     ray_session,
     tmp_path: Path,  # noqa: ANN001
 ) -> None:
-    from lipsync.config import from_dict
+    from core.config import from_dict
     from tuning.sweep import SweepConfig, run
 
     cfg = from_dict(
@@ -157,7 +157,7 @@ def test_a_sweep_whose_trials_cannot_start_fails_as_stalled(
 def test_a_stop_that_does_not_end_the_run_is_repeated(ray_session, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     """Ray Train's graceful abort can wait for good on workers still being placed; the watchdog stops again
     (its third SIGINT makes Ray Train exit) instead of leaving the command hanging."""
-    import pipeline.watchdog as watchdog
+    import core.watchdog as watchdog
 
     monkeypatch.setattr(watchdog, "ESCALATE_AFTER_S", 0.5)
     stops: list[float] = []

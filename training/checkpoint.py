@@ -19,8 +19,8 @@ import fsspec
 import torch
 from torch import nn
 
-from lipsync.config import code_version
-from lipsync.errors import BadInput
+from core.config import code_version
+from core.errors import BadInput
 from training.models import build_model
 
 FORMAT = 1

@@ -25,10 +25,10 @@ import fsspec
 import torch
 from torch import nn
 
-from lipsync.config import config_hash, to_dict
-from lipsync.errors import BadInput
-from lipsync.malloc import reuse_freed_memory
-from pipeline.storage import is_remote
+from core.config import config_hash, to_dict
+from core.errors import BadInput
+from core.malloc import reuse_freed_memory
+from core.storage import is_remote
 from training.checkpoint import CHECKPOINT_PREFIX, MODEL_FILE, read_payload, save_checkpoint
 from training.data import (
     DataSelection,
@@ -58,7 +58,7 @@ EXTRA_KEYS = (
 
 DEFAULT_CPUS = 1.0
 """CPUs of a worker, and of a Ray Data window task, when the config leaves them to the plan: at most this,
-less when the cluster cannot hold the workers and a window task at once (pipeline.plan)."""
+less when the cluster cannot hold the workers and a window task at once (core.plan)."""
 REFERENCE_EVERY = 1000
 """The reference's checkpoint and evaluation interval (steps), the most a run's default cadence takes."""
 
@@ -167,14 +167,14 @@ def window_passes(cfg: TrainConfig, kind: str, train_clips: int) -> int:
 
 
 WAITING_FOR_WINDOWS = "waiting for a batch of windows"
-"""The training loop's phase while it waits on the Ray Data window stream (pipeline.watchdog)."""
+"""The training loop's phase while it waits on the Ray Data window stream (core.watchdog)."""
 
 
 def datasets(train: Selected, val: Selected, kind: str, cfg: TrainConfig) -> dict[str, Any]:
     """Ray Datasets: "train" streams windows epoch after epoch; "val" is a fixed set cut once (here, under
     the stall guard). The train stream has no Ray Data stall timeout of its own: it waits on the training
     loop, whose steps the loop watchdog watches."""
-    from pipeline.watchdog import data_stall_guard
+    from core.watchdog import data_stall_guard
 
     cpus = cfg.data_cpus_per_task
     passes = window_passes(cfg, kind, len(train.clip_ids))
@@ -189,7 +189,7 @@ def datasets(train: Selected, val: Selected, kind: str, cfg: TrainConfig) -> dic
 
 def waiting_for(cfg: TrainConfig) -> Any:
     """What a stalled training loop's phase waits for, for the watchdog's message."""
-    from pipeline.watchdog import free_resources
+    from core.watchdog import free_resources
 
     def describe(phase: str) -> str:
         free = free_resources()
@@ -264,7 +264,7 @@ def torch_config(gpu: bool) -> Any:
 def plan_resources(cfg: TrainConfig, command: str) -> TrainConfig:
     """`cfg` with the CPUs it leaves to defaults fitted to the cluster: the workers and one Ray Data window
     task at once (the stream stalls without one). BadInput with the one-line plan when it cannot run."""
-    from pipeline.plan import Ask, plan
+    from core.plan import Ask, plan
 
     workers = Ask(
         "workers",
@@ -736,8 +736,8 @@ def fit_job(
     and return {checkpoint, step, metrics}. `loop_config` adds recipe-specific entries for `train_loop`."""
     from ray.train.torch import TorchTrainer
 
-    from pipeline.ray_utils import ensure_ray
-    from pipeline.watchdog import loop_watchdog
+    from core.ray import ensure_ray
+    from core.watchdog import loop_watchdog
 
     cfg = with_defaults(cfg)
     train, val = select_splits(data, cfg)

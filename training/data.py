@@ -39,10 +39,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lipsync.errors import BadInput
+from core.errors import BadInput
+from core.storage import join_uri
 from pipeline.audio import MEL_STEP_SIZE, mel_start_indices, mel_window
 from pipeline.shards import decode_crops, decode_mel
-from pipeline.storage import join_uri
 
 SYNC_FRAMES = 5
 """Frames per window (SyncNet's T; kept here so data workers need not import torch)."""

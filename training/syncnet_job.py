@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lipsync.config import config_hash, from_dict, to_dict
-from pipeline.watchdog import Beats
+from core.config import config_hash, from_dict, to_dict
+from core.watchdog import Beats
 from training.checkpoint import MODEL_FILE, checkpoint_payload, read_payload
 from training.common import (
     WAITING_FOR_WINDOWS,
@@ -137,7 +137,7 @@ def train_loop(config: dict[str, Any]) -> None:
     metrics_log = MetricsLog(config.get("mlflow_uri"), config.get("mlflow_run_id"), rank == 0)
     train_batches = batches("train", cfg.batch_size // world_size, device, cfg)
     has_val = config.get("has_val", False)
-    beat = Beats(config.get("progress"), rank == 0)  # the driver's watchdog (pipeline.watchdog)
+    beat = Beats(config.get("progress"), rank == 0)  # the driver's watchdog (core.watchdog)
     if has_val and cfg.eval_at_start and step == 0:
         metrics_log.log(0, evaluate(model, cfg, device, amp, world_size))
 

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipsync.config import config_hash, from_dict, to_dict
-from lipsync.errors import BadInput
-from pipeline.watchdog import Beats
+from core.config import config_hash, from_dict, to_dict
+from core.errors import BadInput
+from core.watchdog import Beats
 from training.checkpoint import MODEL_FILE, checkpoint_payload, load_model, read_payload
 from training.common import (
     WAITING_FOR_WINDOWS,
@@ -275,7 +275,7 @@ def train_loop(config: dict[str, Any]) -> None:
     metrics_log = MetricsLog(config.get("mlflow_uri"), config.get("mlflow_run_id"), rank == 0)
     train_batches = batches("train", cfg.batch_size // world_size, device, cfg)
     has_val = config.get("has_val", False)
-    beat = Beats(config.get("progress"), rank == 0)  # the driver's watchdog (pipeline.watchdog)
+    beat = Beats(config.get("progress"), rank == 0)  # the driver's watchdog (core.watchdog)
 
     # -- loop
     window: list[dict[str, float]] = []

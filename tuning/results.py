@@ -21,8 +21,8 @@ import pandas as pd
 import pyarrow as pa
 import yaml
 
-from lipsync.config import from_dict, to_dict
-from pipeline.storage import Store
+from core.config import from_dict, to_dict
+from core.storage import Store
 from tuning.space import METRICS, PARAMS, apply
 from tuning.trial import TrialSetup, config_class
 

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lipsync.errors import BadInput
+from core.errors import BadInput
 
 TARGETS = ("syncnet", "wav2lip")
 METRICS = {

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lipsync.config import config_hash, from_dict, to_dict
-from lipsync.errors import BadInput
-from pipeline.ray_utils import scoped_environ
+from core.config import config_hash, from_dict, to_dict
+from core.errors import BadInput
+from core.ray import scoped_environ
 from tuning.space import (
     DEFAULT_SPACES,
     METRICS,
@@ -49,7 +49,7 @@ SWEEP_FILE = "sweep.yaml"
 
 DEFAULT_CPUS = 1.0
 """CPUs per trial worker when `resources.cpus` is left to the plan: at most this, less when one trial would
-not fit the cluster (pipeline.plan)."""
+not fit the cluster (core.plan)."""
 DEFAULT_DATA_CPUS = 0.5
 """Likewise for `resources.data_cpus`, the Ray Data window tasks of a Ray Train trial."""
 REPORT_SHARE, GRACE_SHARE, CHECKPOINT_SHARE = 1 / 20, 1 / 10, 1 / 4
@@ -193,8 +193,8 @@ def per_trial(res: TrialResources) -> dict[str, float]:
 
 
 def trial_asks(res: TrialResources) -> list[Any]:
-    """What one trial asks the cluster for (pipeline.plan): in-process, or a Ray Train run."""
-    from pipeline.plan import Ask
+    """What one trial asks the cluster for (core.plan): in-process, or a Ray Train run."""
+    from core.plan import Ask
 
     cpus = DEFAULT_CPUS if res.cpus is None else res.cpus
     fit = res.cpus is None
@@ -212,7 +212,7 @@ def trial_asks(res: TrialResources) -> list[Any]:
 def plan_resources(res: TrialResources) -> TrialResources:
     """`res` with the CPUs it leaves to defaults fitted so one trial fits the cluster; BadInput with the
     one-line plan when not even one does."""
-    from pipeline.plan import plan
+    from core.plan import plan
 
     asks = plan(trial_asks(res), "tune (one trial)")
     data = asks[1].cpus if len(asks) > 1 else (DEFAULT_DATA_CPUS if res.data_cpus is None else res.data_cpus)
@@ -403,7 +403,7 @@ def check_expert(cfg: SweepConfig) -> str | None:
 
 def sweep_config_for(cfg: SweepConfig, out: str, resume: bool) -> SweepConfig:
     """On --resume, the sweep's saved config (a different one given now is ignored, with a warning)."""
-    from pipeline.storage import Store
+    from core.storage import Store
 
     store = Store(out)
     if not (resume and store.exists(SWEEP_FILE)):
@@ -425,9 +425,9 @@ def run(
     import ray
     from ray import tune
 
-    from pipeline.ray_utils import ensure_ray
-    from pipeline.storage import Store, join_uri
-    from pipeline.watchdog import free_resources, loop_watchdog
+    from core.ray import ensure_ray
+    from core.storage import Store, join_uri
+    from core.watchdog import free_resources, loop_watchdog
     from training.common import storage_root
     from tuning.results import write_results
 

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lipsync.config import config_hash, from_dict, to_dict
-from pipeline.storage import join_uri
-from pipeline.watchdog import Beats
+from core.config import config_hash, from_dict, to_dict
+from core.storage import join_uri
+from core.watchdog import Beats
 from training.checkpoint import MODEL_FILE, checkpoint_payload, save_checkpoint
 from training.common import TrainConfig, read_checkpoint_dir, validate, worker_amp
 from training.data import Selected, WindowMaker, for_pass, read_clips, read_shard_clips, select
@@ -64,7 +64,7 @@ class TrialSetup:
     gpus: float = 0.0  # per worker
     syncnet: str | None = None  # the expert's model.pt (wav2lip)
     data_cpus: float = 0.5  # Ray Data window tasks of a Ray Train trial
-    progress: Any = None  # the sweep's ProgressBoard (pipeline.watchdog): trials beat on it every step
+    progress: Any = None  # the sweep's ProgressBoard (core.watchdog): trials beat on it every step
 
 
 class Diverged(Exception):

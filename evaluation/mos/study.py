@@ -36,7 +36,8 @@ from typing import Any
 
 import fsspec
 
-from lipsync.errors import BadInput
+from core.errors import BadInput
+from core.manifest import read_table
 
 FORMAT = 1
 STUDY_FILE = "study.json"
@@ -111,22 +112,6 @@ def _table_of(uri: str) -> str:
     raise BadInput(f"{uri} has no outputs.parquet or manifest (.parquet/.csv/.jsonl)")
 
 
-def _read_table(uri: str) -> Any:
-    import pandas as pd  # only `create` reads tables; the server does not need pandas
-
-    try:
-        with fsspec.open(uri, "rb") as fh:
-            if uri.endswith(".parquet"):
-                return pd.read_parquet(fh)
-            if uri.endswith((".jsonl", ".json")):
-                return pd.read_json(fh, lines=True, dtype=False)
-            return pd.read_csv(fh, dtype=str, keep_default_na=False)
-    except FileNotFoundError as exc:
-        raise BadInput(f"{uri} does not exist") from exc
-    except (ValueError, OSError, pd.errors.ParserError) as exc:
-        raise BadInput(f"{uri} cannot be read: {exc}") from exc
-
-
 def _text(value: Any) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return ""
@@ -147,7 +132,7 @@ def _exists(uri: str) -> bool:
 def load_system(source: Source) -> list[dict[str, Any]]:
     """The usable videos of one system: content key, pair id, language, media URI (checked to exist)."""
     table = _table_of(source.uri)
-    frame = _read_table(table)
+    frame = read_table(table)
     base = posixpath.dirname(table) if "://" in table else os.path.dirname(os.path.abspath(table))
     column = "output" if "output" in frame.columns else "video" if "video" in frame.columns else None
     if column is None:

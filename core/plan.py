@@ -18,7 +18,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from lipsync.errors import BadInput
+from core.errors import BadInput
 
 log = logging.getLogger(__name__)
 

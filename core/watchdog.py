@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from lipsync.errors import Stalled
+from core.errors import Stalled
 
 log = logging.getLogger(__name__)
 

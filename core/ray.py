@@ -9,8 +9,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from lipsync.errors import BadInput
-from lipsync.malloc import allocator_env
+from core.errors import BadInput
+from core.malloc import allocator_env
 
 log = logging.getLogger(__name__)
 
@@ -201,20 +201,16 @@ def run_on_actor_pool(
     # ledger bounds per input instead of per actor.
     ledger = ray.remote(num_cpus=0, max_restarts=0)(AttemptLedger).remote()
     try:
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        ds = ds.map_batches(
+        from core.stage import StageResources, StageSpec, on_ray
+
+        spec = StageSpec(
             bounded(actor),
-            fn_constructor_kwargs={**constructor_kwargs, "ledger": ledger, "key": key,
-                                   "max_attempts": max_restarts + 1},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(
-                size=max(1, min(actors, len(rows))),
-                max_concurrent_calls_per_actor=calls_per_actor if calls_per_actor > 1 else None,
-                enable_true_multi_threading=calls_per_actor > 1,
+            {**constructor_kwargs, "ledger": ledger, "key": key, "max_attempts": max_restarts + 1},
+            StageResources(
+                actors=max(1, min(actors, len(rows))), cpus=cpus_per_actor, calls_per_actor=calls_per_actor
             ),
-            num_cpus=cpus_per_actor,
-            runtime_env=worker_runtime_env(),
-        )  # fmt: skip
+        )
+        ds = on_ray(ray.data.from_items(rows, override_num_blocks=len(rows)), [spec])
         with executor_poll_interval(poll_seconds):
             return list(ds.iter_rows())
     finally:

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from lipsync import __version__
-from lipsync.errors import BadInput
+from core import __version__
+from core.errors import BadInput
 
 T = TypeVar("T")
 
