@@ -75,8 +75,8 @@ def make_inputs(work: Path, seconds: float, long_seconds: float) -> tuple[Path, 
 
 def random_checkpoint(work: Path) -> str:
     """A wav2lip checkpoint with random weights."""
-    from training.checkpoint import checkpoint_payload, save_checkpoint
-    from training.models import build_model
+    from models.checkpoint import checkpoint_payload, save_checkpoint
+    from models.registry import build_model
 
     return save_checkpoint(
         str(work / "ckpt"), checkpoint_payload(build_model("wav2lip", 96), "wav2lip", 96, 0)

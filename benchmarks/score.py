@@ -40,8 +40,8 @@ def make_corpus(root: Path, clips: int, seconds: float) -> Path:
 
 def random_syncnet(root: Path) -> str:
     """A SyncNet checkpoint with random weights (scoring cost does not depend on the weights)."""
-    from training.checkpoint import checkpoint_payload, save_checkpoint
-    from training.models import build_model
+    from models.checkpoint import checkpoint_payload, save_checkpoint
+    from models.registry import build_model
 
     return save_checkpoint(
         str(root / "syncnet"), checkpoint_payload(build_model("syncnet"), "syncnet", 96, 0)

@@ -49,8 +49,8 @@ def in_memory_loop(config: dict[str, Any]) -> None:
     import torch
 
     from core.config import from_dict
+    from models.registry import build_model
     from training.common import Throughput, global_mean, seed_everything, worker_amp, worker_device
-    from training.models import build_model
     from training.syncnet_job import SyncNetConfig, train_step
 
     cfg = from_dict(SyncNetConfig, config["cfg"])

@@ -87,10 +87,11 @@ def clip_offset_scores(model: Any, row: dict[str, Any], stride: int = 2) -> np.n
     """Mean in-sync probability of the clip's windows for each mel shift in SHIFTS."""
     import torch
 
+    from models.frames import sync_faces, to_model_frames
+    from models.syncnet import sync_probability
     from pipeline.audio import mel_window
     from pipeline.shards import decode_crops, decode_mel
-    from training.data import sync_faces, to_model_frames, valid_starts
-    from training.models.syncnet import sync_probability
+    from training.data import valid_starts
 
     frames = to_model_frames(decode_crops(row), model.img_size)
     mel = decode_mel(row)
@@ -112,7 +113,7 @@ def rank_offsets(data: str, checkpoint: str) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from core.storage import join_uri
-    from training.checkpoint import load_model
+    from models.checkpoint import load_model
     from training.data import SHARD_COLUMNS
 
     model = load_model(checkpoint, "syncnet").model

@@ -615,7 +615,7 @@ class GenerateStage:
     def __init__(self, checkpoint: str, cfg: ModelConfig) -> None:
         import torch
 
-        from training.checkpoint import load_model
+        from models.checkpoint import load_model
 
         reuse_freed_memory()  # activations: a third of the forward pass was page faults without it
         self.torch = torch
@@ -1164,7 +1164,7 @@ def _collect(cfg: GenerateConfig, ds, pairs: list[dict[str, Any]], out: str) -> 
 
 def _checkpoint_info(checkpoint: str) -> tuple[str, int, str]:
     """(resolved model.pt URI, img_size, sha256) of a wav2lip checkpoint; BadInput otherwise."""
-    from training.checkpoint import read_payload
+    from models.checkpoint import read_payload
 
     payload, target, digest = read_payload(
         checkpoint if is_remote(checkpoint) else os.path.abspath(checkpoint)

@@ -257,11 +257,11 @@ class ClipScorer:
         self.tracker = FaceMeshTracker(max_faces=1)
         self.embedders: list[Any] = []  # torch is imported only when a SyncNet is used
         if syncnet:
-            from evaluation.lse import SyncNetEmbedder
+            from pipeline.lse import SyncNetEmbedder
 
             self.embedders.append(SyncNetEmbedder(syncnet, cfg.syncnet_batch))
         if syncnet_v2:
-            from evaluation.lse import SyncNetV2Embedder
+            from pipeline.lse import SyncNetV2Embedder
 
             self.embedders.append(SyncNetV2Embedder(syncnet_v2, cfg.syncnet_batch))
         self.lineage = {"config_hash": config_hash(cfg), "code_version": code_version()}
@@ -345,7 +345,7 @@ class ClipScorer:
         )
         scores.update(self._visemes(row, pcm, mouth_openness(raw), len(frames)))
         for embedder in self.embedders:
-            from evaluation.lse import lse_of_clip
+            from pipeline.lse import lse_of_clip
 
             lse = lse_of_clip(embedder, frames, smooth, pcm, cfg.sample_rate, cfg.fps, cfg.vshift)
             scores.update(lse.to_dict(embedder.name))
@@ -430,13 +430,13 @@ def _validate(cfg: ScoreConfig) -> None:
 def _check_models(syncnet: str | None, syncnet_v2: str | None) -> None:
     """Fail fast, on the driver, with one line, when a model file is missing or of the wrong kind."""
     if syncnet:
-        from training.checkpoint import read_payload
+        from models.checkpoint import read_payload
 
         payload, target, _ = read_payload(syncnet)
         if payload["kind"] != "syncnet":
             raise BadInput(f"checkpoint {target} holds a {payload['kind']} model, expected syncnet")
     if syncnet_v2:
-        from evaluation.syncnet_v2 import load_syncnet_v2
+        from models.syncnet_v2 import load_syncnet_v2
 
         load_syncnet_v2(syncnet_v2)
 

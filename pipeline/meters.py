@@ -4,7 +4,7 @@
 - ``landmarks`` (the default): the model-free meter of :mod:`pipeline.offset` (lip shape against the audio
   spectrum). Needs no weights; its confidence threshold was calibrated on real clips.
 - ``syncnet_v2``: the field's standard network (joonson/syncnet_python's ``syncnet_v2.model``, which the
-  user supplies) run with SyncNet's own protocol (:mod:`evaluation.lse`): offset = the shift of the smallest
+  user supplies) run with SyncNet's own protocol (:mod:`pipeline.lse`): offset = the shift of the smallest
   mean embedding distance, confidence = LSE-C. Its default threshold is LatentSync's sync filter's (3).
 - ``expert``: a SyncNet checkpoint this project trained on the user's corpus (``lipsync train syncnet``),
   with the same protocol on its own crops and mels.
@@ -113,7 +113,7 @@ class NetworkMeter:
         fps: float,
         max_lag: int = 15,
     ) -> OffsetEstimate:
-        from evaluation.lse import lse_of_clip, window_count
+        from pipeline.lse import lse_of_clip, window_count
 
         if frames is None:
             raise ValueError(f"the {self.name} meter needs the frames")
@@ -150,7 +150,7 @@ def build_meter(cfg: MeterConfig) -> SyncMeter:
     cfg.validate()
     if cfg.meter == "landmarks":
         return LandmarkMeter(cfg.threshold)
-    from evaluation.lse import SyncNetEmbedder, SyncNetV2Embedder
+    from pipeline.lse import SyncNetEmbedder, SyncNetV2Embedder
 
     embedder = SyncNetV2Embedder(cfg.weights) if cfg.meter == "syncnet_v2" else SyncNetEmbedder(cfg.weights)
     return NetworkMeter(cfg.meter, embedder, cfg.threshold)

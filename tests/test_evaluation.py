@@ -16,7 +16,12 @@ import torch
 
 from core.errors import BadInput
 from evaluation import quality
-from evaluation.lse import (
+from evaluation.score import ClipScorer, ScoreConfig, discover_inputs
+from evaluation.sync import align_transcript, landmark_sync, timeline_from_document, viseme_agreement
+from models.syncnet_v2 import SyncNetV2, load_syncnet_v2, mfcc, mfcc_windows
+from pipeline import phonemes as ph
+from pipeline.landmarks import FaceMeshTracker, smooth_landmarks
+from pipeline.lse import (
     SyncNetEmbedder,
     SyncNetV2Embedder,
     lse_from_embeddings,
@@ -24,11 +29,6 @@ from evaluation.lse import (
     pairwise_distances,
     window_count,
 )
-from evaluation.score import ClipScorer, ScoreConfig, discover_inputs
-from evaluation.sync import align_transcript, landmark_sync, timeline_from_document, viseme_agreement
-from evaluation.syncnet_v2 import SyncNetV2, load_syncnet_v2, mfcc, mfcc_windows
-from pipeline import phonemes as ph
-from pipeline.landmarks import FaceMeshTracker, smooth_landmarks
 from pipeline.media import read_audio, read_frames, shift_audio, write_video
 
 LIPSYNC = [sys.executable, "-m", "lipsync.cli"]
@@ -178,8 +178,8 @@ def tracker() -> FaceMeshTracker:
 def test_lse_of_a_clip_runs_both_syncnets_with_random_weights(
     synth_corpus: Path, tmp_path: Path, tracker: FaceMeshTracker
 ) -> None:
-    from training.checkpoint import checkpoint_payload, save_checkpoint
-    from training.models import build_model
+    from models.checkpoint import checkpoint_payload, save_checkpoint
+    from models.registry import build_model
 
     torch.manual_seed(0)
     ours = save_checkpoint(

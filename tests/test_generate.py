@@ -95,8 +95,8 @@ def _make_inputs(corpus: Path, d: Path) -> None:
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
-    from training.checkpoint import checkpoint_payload, save_checkpoint
-    from training.models import build_model
+    from models.checkpoint import checkpoint_payload, save_checkpoint
+    from models.registry import build_model
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("ckpt")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.models import (
+from models.registry import (
     QualityDiscriminator,
     SyncNet,
     Wav2Lip,

@@ -133,7 +133,7 @@ def test_the_shipped_projection_is_the_fit_the_benchmark_writes() -> None:
 
 def _syncnet_v2_weights(path: Path) -> str:
     """A syncnet_v2.model-format state dict (random weights: the loading path is what is tested)."""
-    from evaluation.syncnet_v2 import SyncNetV2
+    from models.syncnet_v2 import SyncNetV2
 
     torch.manual_seed(0)
     torch.save(SyncNetV2().state_dict(), path)
@@ -142,7 +142,7 @@ def _syncnet_v2_weights(path: Path) -> str:
 
 def test_meter_choice(tmp_path: Path, tracked) -> None:  # noqa: ANN001
     """build_meter gives each meter; network meters read SyncNet's protocol with their own threshold."""
-    from evaluation.lse import SyncNetV2Embedder, lse_of_clip
+    from pipeline.lse import SyncNetV2Embedder, lse_of_clip
 
     assert isinstance(build_meter(MeterConfig()), LandmarkMeter)
     with pytest.raises(BadInput, match="needs weights"):

@@ -187,8 +187,8 @@ def test_tune_asked_for_more_than_the_cluster_exits_2_fast(
 @pytest.fixture(scope="module")
 def wav2lip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wav2lip checkpoint with random weights (a refused run never loads it)."""
-    from training.checkpoint import checkpoint_payload, save_checkpoint
-    from training.models import build_model
+    from models.checkpoint import checkpoint_payload, save_checkpoint
+    from models.registry import build_model
 
     directory = tmp_path_factory.mktemp("wav2lip")
     return Path(save_checkpoint(str(directory), checkpoint_payload(build_model("wav2lip"), "wav2lip", 96, 0)))

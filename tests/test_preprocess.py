@@ -168,9 +168,9 @@ def _network_meter_files(tmp_path: Path) -> dict[str, str]:
     what is tested is that alignment reads its offsets from whichever network it is given."""
     import torch
 
-    from evaluation.syncnet_v2 import SyncNetV2
-    from training.checkpoint import checkpoint_payload, save_checkpoint
-    from training.models import build_model
+    from models.checkpoint import checkpoint_payload, save_checkpoint
+    from models.registry import build_model
+    from models.syncnet_v2 import SyncNetV2
 
     torch.manual_seed(0)
     torch.save(SyncNetV2().state_dict(), tmp_path / "syncnet_v2.model")

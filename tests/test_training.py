@@ -17,8 +17,11 @@ import torch
 
 from core.errors import BadInput
 from lipsync.cli import main
+from models.checkpoint import checkpoint_payload, load_model, save_checkpoint
+from models.frames import SYNC_FRAMES
+from models.registry import build_model
+from models.syncnet import SYNC_FRAMES as MODEL_SYNC_FRAMES
 from pipeline.shards import encode_jpegs
-from training.checkpoint import checkpoint_payload, load_model, save_checkpoint
 from training.common import (
     amp_settings,
     build_optimizer,
@@ -29,7 +32,6 @@ from training.common import (
     window_passes,
 )
 from training.data import (
-    SYNC_FRAMES,
     DataSelection,
     WindowConfig,
     WindowMaker,
@@ -40,8 +42,6 @@ from training.data import (
     wav2lip_samples,
     windows_dataset,
 )
-from training.models import build_model
-from training.models.syncnet import SYNC_FRAMES as MODEL_SYNC_FRAMES
 from training.syncnet_job import SyncNetConfig
 from training.syncnet_job import run as run_syncnet
 from training.wav2lip_job import DISC_FILE, Wav2LipConfig

@@ -53,7 +53,7 @@ from pathlib import Path
 import ray
 import torch
 from core.errors import BadInput
-from training.checkpoint import read_payload
+from models.checkpoint import read_payload
 from training.data import WindowConfig
 from training.syncnet_job import SyncNetConfig, run
 
@@ -142,8 +142,8 @@ def run_script(source: str, *args: str, timeout: float = 1500) -> dict:
 def checkpoint_weights(run_out: str, step: int) -> dict[str, torch.Tensor]:
     """The float tensors of a run's checkpoint after `step` (step 0: the seeded initial weights)."""
     if step == 0:
+        from models.registry import build_model
         from training.common import seed_everything
-        from training.models import build_model
 
         seed_everything(0)
         state = build_model("syncnet", 96).state_dict()

@@ -29,7 +29,7 @@ from core.config import config_hash, to_dict
 from core.errors import BadInput
 from core.malloc import reuse_freed_memory
 from core.storage import is_remote
-from training.checkpoint import CHECKPOINT_PREFIX, MODEL_FILE, read_payload, save_checkpoint
+from models.checkpoint import CHECKPOINT_PREFIX, MODEL_FILE, read_payload, save_checkpoint
 from training.data import (
     DataSelection,
     Selected,
@@ -504,7 +504,7 @@ class Resume:
 
 
 def checkpoint_dir_name(step: int) -> str:
-    """checkpoint_00001000: sortable, and `training.checkpoint.resolve` reads the step from it."""
+    """checkpoint_00001000: sortable, and `models.checkpoint.resolve` reads the step from it."""
     return f"{CHECKPOINT_PREFIX}{step:08d}"
 
 
@@ -715,7 +715,7 @@ def replace(cfg: Any, **changes: Any) -> Any:
 
 def check_init(uri: str, kind: str, img_size: int) -> None:
     """--init-from must hold a model of this kind and size (BadInput otherwise)."""
-    from training.checkpoint import load_model
+    from models.checkpoint import load_model
 
     loaded = load_model(uri, expected_kind=kind)
     if loaded.img_size != img_size:

@@ -32,7 +32,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import fsspec
 import numpy as np
 import pandas as pd
@@ -41,14 +40,9 @@ import pyarrow.parquet as pq
 
 from core.errors import BadInput
 from core.storage import join_uri
+from models.frames import SYNC_FRAMES, masked_window, sync_faces, to_model_frames
 from pipeline.audio import MEL_STEP_SIZE, mel_start_indices, mel_window
 from pipeline.shards import decode_crops, decode_mel
-
-SYNC_FRAMES = 5
-"""Frames per window (SyncNet's T; kept here so data workers need not import torch)."""
-
-CHANNEL_ORDER = "bgr"
-"""Channel order of face tensors fed to the models (the reference's cv2 order)."""
 
 SHARD_COLUMNS = ["clip_id", "crops", "mel", "mel_frames", "n_frames", "fps", "av_offset_frames"]
 """Shard columns the window makers read (landmarks and PCM stay on disk)."""
@@ -186,28 +180,6 @@ def clip_rng(seed: int, clip_id: str) -> np.random.Generator:
     """A generator seeded by (seed, clip_id): the same windows wherever and whenever a clip is cut."""
     digest = hashlib.sha256(f"{seed}:{clip_id}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-def to_model_frames(frames_rgb: np.ndarray, img_size: int) -> np.ndarray:
-    """RGB crops (T, S, S, 3) → the models' BGR (T, img_size, img_size, 3) uint8, resized if needed."""
-    frames = frames_rgb[..., ::-1]
-    if frames.shape[1] != img_size:
-        frames = np.stack([cv2.resize(f, (img_size, img_size), interpolation=cv2.INTER_AREA) for f in frames])
-    return np.ascontiguousarray(frames)
-
-
-def sync_faces(window: np.ndarray) -> np.ndarray:
-    """(5, H, W, 3) frames → SyncNet's (15, H/2, W): channels frame-major (3·i + c), lower half only."""
-    t, h, w, c = window.shape
-    stacked = window.transpose(0, 3, 1, 2).reshape(t * c, h, w)
-    return np.ascontiguousarray(stacked[:, h // 2 :])
-
-
-def masked_window(window: np.ndarray) -> np.ndarray:
-    """(5, H, W, 3) frames → (3, 5, H, W) with the lower half zeroed (what the generator must paint)."""
-    x = window.transpose(3, 0, 1, 2).copy()
-    x[:, :, x.shape[2] // 2 :] = 0
-    return x
 
 
 def off_sync_start(

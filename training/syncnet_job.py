@@ -3,7 +3,7 @@
 Reference: Rudrabha/Wav2Lip `color_syncnet_train.py` (Adam lr 1e-4, batch 64, BCE of the cosine similarity
 of the face and audio embeddings). Each worker streams its shard of in-sync/off-sync windows from Ray Data;
 rank 0 checkpoints every `checkpoint_every` steps into OUT/syncnet/checkpoint_<step>/model.pt, which
-generation and scoring load by path (`training.checkpoint.load_model`).
+generation and scoring load by path (`models.checkpoint.load_model`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from torch import nn
 
 from core.config import config_hash, from_dict, to_dict
 from core.watchdog import Beats
-from training.checkpoint import MODEL_FILE, checkpoint_payload, read_payload
+from models.checkpoint import MODEL_FILE, checkpoint_payload, read_payload
+from models.registry import build_model, sync_loss
+from models.syncnet import sync_probability
 from training.common import (
     WAITING_FOR_WINDOWS,
     Amp,
@@ -43,8 +45,6 @@ from training.common import (
     worker_device,
     world,
 )
-from training.models import build_model, sync_loss
-from training.models.syncnet import sync_probability
 
 log = logging.getLogger(__name__)
 

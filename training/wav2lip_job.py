@@ -23,7 +23,9 @@ from torch import nn
 from core.config import config_hash, from_dict, to_dict
 from core.errors import BadInput
 from core.watchdog import Beats
-from training.checkpoint import MODEL_FILE, checkpoint_payload, load_model, read_payload
+from models.checkpoint import MODEL_FILE, checkpoint_payload, load_model, read_payload
+from models.registry import build_model, sync_loss
+from models.syncnet import SYNC_FRAMES
 from training.common import (
     WAITING_FOR_WINDOWS,
     Amp,
@@ -51,8 +53,6 @@ from training.common import (
     world,
 )
 from training.data import WindowConfig
-from training.models import build_model, sync_loss
-from training.models.syncnet import SYNC_FRAMES
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from torch import nn
 from core.config import config_hash, from_dict, to_dict
 from core.storage import join_uri
 from core.watchdog import Beats
-from training.checkpoint import MODEL_FILE, checkpoint_payload, save_checkpoint
+from models.checkpoint import MODEL_FILE, checkpoint_payload, save_checkpoint
 from training.common import TrainConfig, read_checkpoint_dir, validate, worker_amp
 from training.data import Selected, WindowMaker, for_pass, read_clips, read_shard_clips, select
 from tuning.space import apply
@@ -229,8 +229,8 @@ class SyncNetSteps:
     penalty = {"val_loss": DIVERGED_LOSS, "val_accuracy": 0.0}
 
     def __init__(self, cfg: Any, device: torch.device, expert: str | None = None) -> None:
+        from models.registry import build_model
         from training.common import seed_everything
-        from training.models import build_model
 
         self.cfg, self.device, self.amp = cfg, device, worker_amp(device.type == "cuda")
         seed_everything(cfg.seed)

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.models.layers import Conv2d, audio_encoder, conv_out, extra_stages, res_block
+from models.frames import SYNC_FRAMES
+from models.layers import Conv2d, audio_encoder, conv_out, extra_stages, res_block
 
-SYNC_FRAMES = 5
 """Frames per SyncNet window (the face input stacks their RGB channels: 15)."""
 
 EMBEDDING_DIM = 512

@@ -14,7 +14,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from training.models.layers import (
+from models.layers import (
     Conv2d,
     Conv2dTranspose,
     audio_encoder,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.models.layers import NoNormConv2d, conv_out, extra_stages, fold_time
+from models.layers import NoNormConv2d, conv_out, extra_stages, fold_time
 
 
 class QualityDiscriminator(nn.Module):

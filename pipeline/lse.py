@@ -12,8 +12,8 @@ windows gives one distance per shift. Then:
 Sign: ``av_offset_frames`` follows DESIGN.md (> 0: the audio lags the video). The reference prints
 ``vshift - argmin``, the opposite sign: its ``offset`` is our ``-av_offset_frames``.
 
-Two embedders produce the embeddings: our expert SyncNet checkpoint (``training.models.SyncNet``, unit
-embeddings of lower-half crops and Wav2Lip mels) and the original syncnet_v2 (``evaluation.syncnet_v2``).
+Two embedders produce the embeddings: our expert SyncNet checkpoint (``models.registry.SyncNet``, unit
+embeddings of lower-half crops and Wav2Lip mels) and the original syncnet_v2 (``models.syncnet_v2``).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models.frames import SYNC_FRAMES, sync_faces
+from models.syncnet import EMBEDDING_DIM
 from pipeline.audio import mel_windows, melspectrogram
 from pipeline.crops import crop_boxes, crop_faces
-from training.models.syncnet import EMBEDDING_DIM
 
-SYNC_FRAMES = 5
 DEFAULT_VSHIFT = 15
 _PAIRWISE_EPS = 1e-6  # torch.nn.functional.pairwise_distance adds it to the difference
 
@@ -117,14 +117,12 @@ def _embed_batches(
 
 def face_windows(frames_bgr: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """(N, 15, H/2, W) float32 inputs of our SyncNet, built exactly as training builds them, scaled to [0, 1]."""
-    from training.data import sync_faces
-
     windows = np.stack([sync_faces(frames_bgr[s : s + SYNC_FRAMES]) for s in starts])
     return windows.astype(np.float32) / 255.0
 
 
 class SyncNetEmbedder:
-    """Our expert SyncNet checkpoint (``training.checkpoint``): crops at its img_size, Wav2Lip mel windows.
+    """Our expert SyncNet checkpoint (``models.checkpoint``): crops at its img_size, Wav2Lip mel windows.
 
     Face windows come from ``training.data`` (BGR, lower halves, frame-major channels) so scoring feeds the
     model what it was trained on; the crop is the preprocessing one (forehead to chin plus 10 %).
@@ -134,7 +132,7 @@ class SyncNetEmbedder:
     pad_bottom = 0.1  # the preprocessing crop: forehead to chin plus 10 %
 
     def __init__(self, checkpoint: str, batch: int = 64) -> None:
-        from training.checkpoint import load_model
+        from models.checkpoint import load_model
 
         loaded = load_model(checkpoint, expected_kind="syncnet")
         self.model = loaded.model
@@ -147,7 +145,7 @@ class SyncNetEmbedder:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(video, audio) embeddings of every window of a clip (frames RGB, smoothed landmarks)."""
         n = window_count(len(frames), len(pcm), sample_rate, fps)
-        from training.data import to_model_frames
+        from models.frames import to_model_frames
 
         crops = crop_faces(frames, crop_boxes(landmarks, frames.shape, self.pad_bottom), self.img_size)
         crops = to_model_frames(crops, self.img_size)  # BGR, as the model was trained
@@ -170,7 +168,7 @@ class SyncNetV2Embedder:
     pad_bottom = 0.4  # syncnet_python crops 0.4 × the face box below the chin (crop_scale 0.4)
 
     def __init__(self, weights: str, batch: int = 32) -> None:
-        from evaluation.syncnet_v2 import load_syncnet_v2
+        from models.syncnet_v2 import load_syncnet_v2
 
         self.model = load_syncnet_v2(weights)
         self.uri = weights
@@ -180,7 +178,7 @@ class SyncNetV2Embedder:
         self, frames: np.ndarray, landmarks: np.ndarray, pcm: np.ndarray, sample_rate: int, fps: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """(video, audio) features of every window of a clip (frames RGB, smoothed landmarks)."""
-        from evaluation.syncnet_v2 import INPUT_SIZE, lip_windows, mfcc_windows
+        from models.syncnet_v2 import INPUT_SIZE, lip_windows, mfcc_windows
 
         n = window_count(len(frames), len(pcm), sample_rate, fps)
         crops = crop_faces(frames, crop_boxes(landmarks, frames.shape, self.pad_bottom), INPUT_SIZE)

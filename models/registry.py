@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from training.models.discriminator import QualityDiscriminator
-from training.models.syncnet import SyncNet, sync_loss, sync_probability
-from training.models.wav2lip import Wav2Lip
+from models.discriminator import QualityDiscriminator
+from models.syncnet import SyncNet, sync_loss, sync_probability
+from models.wav2lip import Wav2Lip
 
 MODELS: dict[str, type[nn.Module]] = {
     "wav2lip": Wav2Lip,

@@ -21,7 +21,7 @@ from torch import nn
 
 from core.config import code_version
 from core.errors import BadInput
-from training.models import build_model
+from models.registry import build_model
 
 FORMAT = 1
 MODEL_FILE = "model.pt"
