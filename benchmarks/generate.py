@@ -447,7 +447,8 @@ def main() -> None:
     short, long = make_inputs(work, args.seconds, args.long_seconds)
     checkpoint = args.checkpoint or random_checkpoint(work)
     from core.config import load_config
-    from evaluation.generate import GenerateConfig, GenerateStage, cpu_threads
+    from generation.config import GenerateConfig
+    from generation.infer import GenerateStage, cpu_threads
 
     model_cfg = (load_config(GenerateConfig, args.config) if args.config else GenerateConfig()).model
     layout = (model_cfg.actors, cpu_threads(model_cfg))

@@ -336,7 +336,8 @@ def correction_check(clean: list[Clip], synth: list[Clip]) -> dict:
     """Generation's default post-correction on every clean clip and shift (leave-one-clip-out projection):
     how often it shifts the audio, and whether each shift moved the offset toward 0, as re-measured and
     as it truly is (k + the clip's own reading d_ref, which the shift should cancel)."""
-    from evaluation.postprocess import PostprocessConfig, advance_audio, correct_offset
+    from generation.config import PostprocessConfig
+    from generation.correction import advance_audio, correct_offset
     from pipeline.offset import estimate_offset
 
     cfg = PostprocessConfig()

@@ -128,7 +128,7 @@ def facemesh_scaling(corpus: Path) -> dict:
 def preprocess(corpus: Path, out: Path, workers: int) -> dict:
     """Run the job; returns its summary's throughput block."""
     from pipeline.preprocess import run
-    from pipeline.stages import PreprocessConfig, ResourcesConfig
+    from pipeline.preprocess_config import PreprocessConfig, ResourcesConfig
 
     cfg = replace(PreprocessConfig(), resources=replace(ResourcesConfig(), workers=workers))
     run(cfg, str(corpus), str(out))

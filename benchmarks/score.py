@@ -51,7 +51,7 @@ def random_syncnet(root: Path) -> str:
 def score(manifest: Path, out: Path, workers: int, syncnet: str | None) -> tuple[dict, float]:
     """Run the job on the already started Ray; returns (its result, wall seconds)."""
     from evaluation.score import ScoreConfig, run
-    from pipeline.stages import PoolConfig
+    from pipeline.preprocess_config import PoolConfig
 
     cfg = replace(ScoreConfig(), resources=replace(PoolConfig(), workers=workers))
     start = time.perf_counter()

@@ -30,7 +30,7 @@ def corpus(data: str | None) -> str:
     out = CORPUS / "preprocessed"
     if not (out / "clips.parquet").exists():
         from pipeline.preprocess import run as preprocess
-        from pipeline.stages import PreprocessConfig
+        from pipeline.preprocess_config import PreprocessConfig
         from pipeline.synth import SynthConfig
         from pipeline.synth import run as synth
 

@@ -35,7 +35,7 @@ def corpus(speakers: int, clips_per_speaker: int) -> str:
     out = root / "preprocessed"
     if not (out / "clips.parquet").exists():
         from pipeline.preprocess import run as preprocess
-        from pipeline.stages import PreprocessConfig
+        from pipeline.preprocess_config import PreprocessConfig
         from pipeline.synth import SynthConfig
         from pipeline.synth import run as synth
 

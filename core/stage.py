@@ -94,7 +94,9 @@ def _to_rows(batch: Any) -> list[Row]:
     if isinstance(batch, dict):
         n = len(next(iter(batch.values()))) if batch else 0
         return [{k: _item(v[i]) for k, v in batch.items()} for i in range(n)]
-    return list(batch)
+    if isinstance(batch, list):
+        return batch
+    return [row for part in batch for row in _to_rows(part)]  # a generator of batches
 
 
 def _item(value: Any) -> Any:

@@ -10,7 +10,7 @@ Each actor (`ClipScorer`) loads FaceMesh and the SyncNets once and scores one vi
 sync, viseme agreement, LSE-D/LSE-C, visual quality. A video that cannot be scored (missing, corrupt, no
 face) is a row with `status` "failed" and a `reason`, never a crash. Writes `OUT/scores.parquet` (one row
 per video, with per-frame traces for the report) and `OUT/summary.json` (per language and per system);
-with `calibration_out`, the calibration file generation reads (`evaluation.calibration`), from the
+with `calibration_out`, the calibration file generation reads (`generation.calibration`), from the
 median landmark AV offset per language and per speaker of the validation rows.
 """
 
@@ -38,7 +38,6 @@ from core.manifest import MANIFEST_EXTENSIONS, read_table
 from core.ray import WORKER_DIED, ensure_ray, import_deferred, run_on_actor_pool
 from core.storage import Store, is_remote, join_uri, manifest_path, manifest_text
 from evaluation import quality
-from evaluation.calibration import Calibration, calibration_from_offsets, load_calibration, save_calibration
 from evaluation.sync import (
     CLOSED_BELOW,
     OPEN_ABOVE,
@@ -48,12 +47,13 @@ from evaluation.sync import (
     timeline_openness,
     viseme_agreement,
 )
+from generation.calibration import Calibration, calibration_from_offsets, load_calibration, save_calibration
 from pipeline import phonemes as ph
 from pipeline.corpus import VIDEO_EXTENSIONS, discover, input_id
 from pipeline.landmarks import FaceMeshTracker, fill_gaps, mouth_openness, smooth_landmarks
 from pipeline.media import MediaError, ProbeInfo, iter_frames, local_path, probe, read_audio
 from pipeline.meters import METERS, MeterConfig
-from pipeline.stages import PoolConfig
+from pipeline.preprocess_config import PoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -561,7 +561,7 @@ def calibration_from_scores(rows: list[dict[str, Any]], cfg: ScoreConfig) -> Cal
 
     Validation rows are those with split "val" (all rows when no row has a split); readings the meter
     abstains on (below `calibration_min_confidence`, by default its own threshold) are left out; `calibration_used` is the calibration the videos were
-    generated with (entries become k_used - round(median offset), see `evaluation.calibration`).
+    generated with (entries become k_used - round(median offset), see `generation.calibration`).
     """
     offset_key, confidence_key = CALIBRATION_COLUMNS[cfg.calibration_meter]
     threshold = MeterConfig(cfg.calibration_meter, min_confidence=cfg.calibration_min_confidence).threshold

@@ -53,7 +53,7 @@ def _synth(args: argparse.Namespace) -> dict[str, Any]:
 def _preprocess(args: argparse.Namespace) -> dict[str, Any]:
     from core.config import load_config
     from pipeline.preprocess import run
-    from pipeline.stages import PreprocessConfig
+    from pipeline.preprocess_config import PreprocessConfig
 
     overrides = {"resources.workers": args.workers, "resources.cpus_per_worker": args.cpus_per_worker}
     return run(
@@ -150,7 +150,8 @@ def _tune_parser(sub: argparse._SubParsersAction) -> None:
 
 def _generate(args: argparse.Namespace) -> dict[str, Any]:
     from core.config import load_config
-    from evaluation.generate import GenerateConfig, run
+    from generation.config import GenerateConfig
+    from generation.run import run
 
     cfg = load_config(GenerateConfig, args.config, {"calibration": args.calibration})
     return run(cfg, args.pairs, args.out, args.checkpoint, address=args.address)

@@ -20,7 +20,7 @@ import numpy as np
 from scipy.io import wavfile
 
 from core.config import load_config
-from pipeline.stages import PreprocessConfig
+from pipeline.preprocess_config import PreprocessConfig
 from pipeline.synth import SynthConfig
 from training.syncnet_job import SyncNetConfig
 from training.wav2lip_job import Wav2LipConfig
@@ -97,11 +97,11 @@ def new_speech_pairs(corpus: Path, clips_parquet: Path, out: Path, cfg: DemoConf
 def run(out: str, config_path: str | None = None, address: str | None = None) -> dict[str, Any]:
     """Run every stage in order into `out`; returns the paths written (the report last)."""
     from core.ray import ensure_ray
-    from evaluation.generate import GenerateConfig
-    from evaluation.generate import run as generate
     from evaluation.report import run as report
     from evaluation.score import ScoreConfig
     from evaluation.score import run as score
+    from generation.config import GenerateConfig
+    from generation.run import run as generate
     from pipeline.preprocess import run as preprocess
     from pipeline.synth import run as synth
     from training.syncnet_job import run as train_syncnet

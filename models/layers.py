@@ -50,20 +50,15 @@ class Conv2d(nn.Module):
 
 
 class Conv2dTranspose(nn.Module):
-    """Transposed conv → BatchNorm → ReLU (the decoder's upsampling step)."""
+    """Transposed conv → BatchNorm → ReLU (the decoder's upsampling step).
 
-    def __init__(
-        self,
-        cin: int,
-        cout: int,
-        kernel_size: IntPair,
-        stride: IntPair = 1,
-        padding: IntPair = 0,
-        output_padding: IntPair = 0,
-    ) -> None:
+    ``conv`` takes nn.ConvTranspose2d's keywords (stride, padding, output_padding).
+    """
+
+    def __init__(self, cin: int, cout: int, kernel_size: IntPair, **conv: IntPair) -> None:
         super().__init__()
         self.conv_block = nn.Sequential(
-            nn.ConvTranspose2d(cin, cout, kernel_size, stride, padding, output_padding),
+            nn.ConvTranspose2d(cin, cout, kernel_size, **conv),
             nn.BatchNorm2d(cout),
         )
         self.act = nn.ReLU()

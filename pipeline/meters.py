@@ -15,8 +15,9 @@ sign (> 0: the audio lags), and abstains (``reason``) rather than hand over a re
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,7 +36,17 @@ DEFAULT_THRESHOLDS = {
 }
 
 
-class SyncMeter(Protocol):
+class Signals(NamedTuple):
+    """What a meter reads: the clip's frames (None for the landmark meter), landmarks and audio."""
+
+    frames: np.ndarray | None
+    landmarks: np.ndarray
+    pcm: np.ndarray
+    sample_rate: int
+    fps: float
+
+
+class SyncMeter(ABC):
     name: str
     min_confidence: float
     needs_frames: bool  # False: `frames` may be None
@@ -48,7 +59,12 @@ class SyncMeter(Protocol):
         sample_rate: int,
         fps: float,
         max_lag: int = 15,
-    ) -> OffsetEstimate: ...
+    ) -> OffsetEstimate:
+        """The clip's AV offset within ±max_lag frames, or an abstention (``reason``)."""
+        return self._estimate(Signals(frames, landmarks, pcm, sample_rate, fps), max_lag)
+
+    @abstractmethod
+    def _estimate(self, clip: Signals, max_lag: int) -> OffsetEstimate: ...
 
 
 @dataclass(frozen=True)
@@ -71,7 +87,7 @@ class MeterConfig:
         return DEFAULT_THRESHOLDS[self.meter] if self.min_confidence is None else float(self.min_confidence)
 
 
-class LandmarkMeter:
+class LandmarkMeter(SyncMeter):
     """The model-free meter on smoothed landmarks (pipeline.offset)."""
 
     name = "landmarks"
@@ -80,21 +96,12 @@ class LandmarkMeter:
     def __init__(self, min_confidence: float | None = None) -> None:
         self.min_confidence = DEFAULT_MIN_CONFIDENCE if min_confidence is None else float(min_confidence)
 
-    def measure(
-        self,
-        frames: np.ndarray | None,
-        landmarks: np.ndarray,
-        pcm: np.ndarray,
-        sample_rate: int,
-        fps: float,
-        max_lag: int = 15,
-    ) -> OffsetEstimate:
-        return estimate_offset(
-            lip_shape(landmarks), pcm, sample_rate, fps, max_lag=max_lag, min_confidence=self.min_confidence
-        )
+    def _estimate(self, clip: Signals, max_lag: int) -> OffsetEstimate:
+        shape = lip_shape(clip.landmarks)
+        return estimate_offset(shape, clip.pcm, clip.sample_rate, clip.fps, max_lag, self.min_confidence)
 
 
-class NetworkMeter:
+class NetworkMeter(SyncMeter):
     """A SyncNet (syncnet_v2 or our expert) with SyncNet's evaluation protocol: offset and LSE-C."""
 
     needs_frames = True
@@ -104,17 +111,10 @@ class NetworkMeter:
         self.embedder = embedder
         self.min_confidence = float(min_confidence)
 
-    def measure(
-        self,
-        frames: np.ndarray | None,
-        landmarks: np.ndarray,
-        pcm: np.ndarray,
-        sample_rate: int,
-        fps: float,
-        max_lag: int = 15,
-    ) -> OffsetEstimate:
+    def _estimate(self, clip: Signals, max_lag: int) -> OffsetEstimate:
         from pipeline.lse import lse_of_clip, window_count
 
+        frames, landmarks, pcm, sample_rate, fps = clip
         if frames is None:
             raise ValueError(f"the {self.name} meter needs the frames")
         if not np.isfinite(landmarks[:, 0, 0]).any():

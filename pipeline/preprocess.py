@@ -23,10 +23,11 @@ from core.config import code_version, to_dict
 from core.errors import BadInput
 from core.ray import WORKER_DIED, ensure_ray, run_on_actor_pool
 from core.storage import Store
+from pipeline.clip_preprocessor import ClipPreprocessor, output_hash
 from pipeline.corpus import discover
 from pipeline.media import TOOL_KILLED
 from pipeline.meters import build_meter
-from pipeline.stages import STATE_DIR, AlignConfig, ClipPreprocessor, PreprocessConfig, output_hash
+from pipeline.preprocess_config import STATE_DIR, AlignConfig, PreprocessConfig
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -51,11 +50,6 @@ def shared_media() -> Path:
     return SHARED_MEDIA
 
 
-def require_tool(name: str) -> None:
-    """Fail loudly (not skip) when a system tool the project installs is missing."""
-    assert shutil.which(name), f"{name} is not installed; run `make venv` (installs system packages)"
-
-
 @pytest.fixture(scope="session")
 def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated en/es/hi corpus: 2 speakers per language, 1 clip of 4 s each, offset 0."""
@@ -73,8 +67,17 @@ def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def preprocessed_corpus(synth_corpus: Path, ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: ANN001
     """`synth_corpus` through `lipsync preprocess` (in-process, on the session Ray)."""
     from pipeline.preprocess import run
-    from pipeline.stages import PreprocessConfig
+    from pipeline.preprocess_config import PreprocessConfig
 
     out = tmp_path_factory.mktemp("preprocessed")
     run(PreprocessConfig(), str(synth_corpus), str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def tracker():  # noqa: ANN201
+    """One FaceMesh tracker for the session (every `track` call starts fresh)."""
+    from pipeline.landmarks import FaceMeshTracker
+
+    with FaceMeshTracker() as t:
+        yield t

@@ -1,0 +1,77 @@
+"""Step 2, infer: the generator on a chunk of crops and mels (CPU threads or a GPU per actor)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from core.malloc import reuse_freed_memory
+from generation.config import ModelConfig
+from generation.rows import pack, to_table, unpack
+
+
+class GenerateStage:
+    """Stage 2 (actor pool): the Wav2Lip generator, batched over the face frames of its rows."""
+
+    def __init__(self, checkpoint: str, cfg: ModelConfig) -> None:
+        import torch
+
+        from models.checkpoint import load_model
+
+        reuse_freed_memory()  # activations: a third of the forward pass was page faults without it
+        self.torch = torch
+        self.device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(cpu_threads(cfg))
+        self.cfg = cfg
+        self.model = load_model(checkpoint, "wav2lip", self.device).model
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        started = time.perf_counter()
+        rows = table.to_pylist()
+        live = [r for r in rows if r["status"] == "ok" and r["faces"]]
+        if live:
+            crops = np.concatenate([unpack(r["crops"]) for r in live])
+            mels = np.concatenate([unpack(r["mels"]) for r in live])
+            generated = self.infer(crops, mels)
+            bounds = np.cumsum([0] + [r["faces"] for r in live])
+            for r, a, b in zip(live, bounds[:-1], bounds[1:], strict=True):
+                r["generated"] = pack(generated[a:b])
+        share = (time.perf_counter() - started) / max(1, len(rows))
+        for r in rows:
+            r["crops"] = r["mels"] = b""
+            r["seconds"] += share
+        return to_table(rows)
+
+    def infer(self, crops: np.ndarray, mels: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) RGB crops + (N, 80, 16) mels -> (N, S, S, 3) RGB generated crops (uint8)."""
+        torch = self.torch
+        out = np.empty_like(crops)
+        half = crops.shape[1] // 2
+        for i in range(0, len(crops), self.cfg.batch_size):
+            bgr = np.ascontiguousarray(crops[i : i + self.cfg.batch_size, ..., ::-1])  # models see BGR
+            x = torch.from_numpy(bgr).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+            masked = x.clone()
+            masked[:, :, half:] = 0.0
+            audio = torch.from_numpy(mels[i : i + self.cfg.batch_size]).to(self.device).unsqueeze(1)
+            autocast = torch.autocast(
+                "cuda", dtype=torch.float16, enabled=self.cfg.half and self.device == "cuda"
+            )
+            with torch.inference_mode(), autocast:
+                y = self.model(audio, torch.cat([masked, x], dim=1))
+                y = (y.float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)
+            out[i : i + len(bgr)] = y.cpu().numpy()[..., ::-1]
+        return out
+
+
+def cpu_threads(cfg: ModelConfig) -> int:
+    """Torch threads of one CPU model actor: `threads`, or this node's CPUs split among the actors.
+
+    On CPU, several single-threaded actors outrun one actor with as many threads (the model alone on 2
+    cores, three times each in one run of benchmarks/generate.py: 2 x 1 thread 41.2-43.7 frames/s, 1 x 2
+    threads 38.5-39.7); `configs/generate_cpu.yaml` lays the pool out so.
+    """
+    return cfg.threads or max(1, (os.cpu_count() or 1) // cfg.actors)
