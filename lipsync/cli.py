@@ -45,6 +45,7 @@ def _synth(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": args.seconds,
         "offset_frames": args.offset_frames,
         "seed": args.seed,
+        "emotions": args.emotions,
     }
     cfg = load_config(SynthConfig, args.config, overrides)
     return run(cfg, args.out, address=args.address)
@@ -278,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, help="clip length in seconds")
     p.add_argument("--offset-frames", type=int, help="delay (K>0) or advance (K<0) the audio by K frames")
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--emotions", help="base expressions given to the clips in turn: neutral,happy,sad,surprised"
+    )
     _common(p, ray=True)
     p.set_defaults(handler=_synth)
 

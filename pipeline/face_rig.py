@@ -111,6 +111,11 @@ def build_rig(look: SpeakerLook, size: int, max_opening: float) -> FaceRig:
     image = cv2.warpAffine(photo, m, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT101)
     landmarks = (np.hstack([pts, np.ones((len(pts), 1), np.float32)]) @ m.T).astype(np.float32)
     image = _recolour(image, look, landmarks)
+    return _fitted_rig(image, landmarks, size, max_opening)
+
+
+def _fitted_rig(image: np.ndarray, landmarks: np.ndarray, size: int, max_opening: float) -> FaceRig:
+    """A rig whose mouth width and jaw-warp region are measured on `landmarks`."""
     mouth_width = float(np.linalg.norm(landmarks[61] - landmarks[291]))
     rig = FaceRig(image=image, landmarks=landmarks, mouth_width=mouth_width, max_opening=max_opening)
     cx = float(landmarks[[13, 14], 0].mean())
@@ -229,3 +234,91 @@ def render_frames(rig: FaceRig, openness: np.ndarray, blinks: np.ndarray, motion
             face, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101
         )
     return frames
+
+
+# Base expressions: FaceMesh points moved by (outward, up) in inter-ocular units. "Outward" is away from the
+# mouth centre for lip points and towards the face's side for brows; the jaw then follows the speech.
+_CORNERS = (61, 291, 78, 308)
+_NEAR_CORNERS = (146, 91, 375, 321, 185, 40, 409, 270, 95, 191, 324, 415)
+_CHEEKS = (50, 280, 205, 425, 187, 411, 123, 352, 117, 346, 118, 347, 101, 330, 36, 266)
+_LOWER_LIDS = (145, 374, 153, 380, 144, 373)
+_UPPER_LIDS = (159, 386, 158, 385, 160, 387, 157, 384, 161, 388)
+_INNER_BROWS = (55, 285, 107, 336, 65, 295, 66, 296)
+_MID_BROWS = (52, 282, 53, 283, 105, 334)
+_OUTER_BROWS = (46, 276, 70, 300, 63, 293)
+EXPRESSIONS: dict[str, tuple[tuple[tuple[int, ...], float, float], ...]] = {
+    "neutral": (),
+    "happy": (
+        (_CORNERS, 0.15, 0.30),
+        (_NEAR_CORNERS, 0.08, 0.17),
+        (_CHEEKS, 0.0, 0.12),
+        (_LOWER_LIDS, 0.0, 0.02),
+    ),
+    "sad": (
+        (_CORNERS, -0.02, -0.27),
+        (_NEAR_CORNERS, 0.0, -0.15),
+        (_INNER_BROWS, -0.03, 0.18),
+        (_MID_BROWS, 0.0, 0.08),
+        (_OUTER_BROWS, 0.0, -0.04),
+    ),
+    "surprised": (
+        (_INNER_BROWS + _MID_BROWS + _OUTER_BROWS, 0.0, 0.30),
+        (_UPPER_LIDS, 0.0, 0.10),
+        (_LOWER_LIDS, 0.0, -0.03),
+    ),
+}
+EMOTIONS = tuple(EXPRESSIONS)
+_WARP_SIGMA = 0.14  # inter-ocular units: how far a moved point drags the skin around it
+_ANCHOR_WEIGHT = 0.25
+
+
+def _expression_moves(landmarks: np.ndarray, emotion: str) -> np.ndarray:
+    """(468, 2) pixel displacement of every landmark for `emotion` (zero for points it does not move)."""
+    iod = float(np.linalg.norm(landmarks[33] - landmarks[263]))
+    mouth_x = float(landmarks[[13, 14], 0].mean())
+    face_x = float(landmarks[[33, 263], 0].mean())
+    moves = np.zeros_like(landmarks, dtype=np.float64)
+    for points, outward, up in EXPRESSIONS[emotion]:
+        for p in points:
+            centre = mouth_x if p in _CORNERS or p in _NEAR_CORNERS else face_x
+            side = np.sign(landmarks[p, 0] - centre)
+            moves[p] = (side * outward * iod, -up * iod)
+    return moves
+
+
+def express(rig: FaceRig, emotion: str) -> FaceRig:
+    """The rig with a base expression (EXPRESSIONS) warped into its photograph and landmarks, held while
+    `open_mouth` drops the jaw. The skin between landmarks follows a Gaussian-weighted blend of the
+    points' moves (unmoved points hold their skin still)."""
+    if emotion not in EXPRESSIONS:
+        raise ValueError(f"unknown emotion {emotion!r}; known: {', '.join(EMOTIONS)}")
+    if not EXPRESSIONS[emotion]:
+        return rig
+    lm = rig.landmarks.astype(np.float64)
+    moves = _expression_moves(lm, emotion)
+    sigma = _WARP_SIGMA * float(np.linalg.norm(lm[33] - lm[263]))
+
+    # Unmoved points pull with a quarter of a moved one's weight: a moved group carries the skin between
+    # its points whole, and the move fades out over the unmoved points around it.
+    pull = np.where(np.abs(moves).sum(1) > 0, 1.0, _ANCHOR_WEIGHT)
+
+    def field(points: np.ndarray) -> np.ndarray:
+        d2 = ((points[:, None, :] - lm[None, :, :]) ** 2).sum(-1)
+        w = np.exp(-d2 / (2 * sigma**2)) * pull
+        return (w @ moves) / (w.sum(1, keepdims=True) + 1e-3)
+
+    size = rig.image.shape[0]
+    lo = np.maximum(np.floor(lm.min(0) - 3 * sigma), 0).astype(int)
+    hi = np.minimum(np.ceil(lm.max(0) + 3 * sigma), size).astype(int)
+    gx, gy = np.meshgrid(np.arange(lo[0], hi[0]), np.arange(lo[1], hi[1]))
+    grid = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.float64)
+    back = grid - field(grid)
+    for _ in range(3):  # the inverse warp: the source pixel p whose move lands on the grid point, p + d(p)
+        back = grid - field(back)
+    back = back.astype(np.float32).reshape(*gx.shape, 2)
+    image = rig.image.copy()
+    image[lo[1] : hi[1], lo[0] : hi[0]] = cv2.remap(
+        rig.image, back[..., 0], back[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101
+    )
+    landmarks = (lm + field(lm)).astype(np.float32)
+    return _fitted_rig(image, landmarks, size, rig.max_opening)

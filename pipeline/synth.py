@@ -23,7 +23,15 @@ import numpy as np
 from core.config import config_hash
 from core.errors import BadInput
 from pipeline import phonemes as ph
-from pipeline.face_rig import SpeakerLook, blink_track, build_rig, head_motion, render_frames
+from pipeline.face_rig import (
+    EMOTIONS,
+    SpeakerLook,
+    blink_track,
+    build_rig,
+    express,
+    head_motion,
+    render_frames,
+)
 from pipeline.sentences import SENTENCES
 
 log = logging.getLogger(__name__)
@@ -61,6 +69,8 @@ class SynthConfig:
     # The mouth shapes each phoneme this long before it sounds, as real speakers do (ph.MOUTH_LEAD_MS),
     # so "in sync" means the same for the synth corpus, real video and everything trained on either.
     mouth_lead_ms: float = ph.MOUTH_LEAD_MS
+    # base expressions, given to the clips in turn (pipeline.face_rig.EXPRESSIONS); "neutral" is the photo
+    emotions: tuple[str, ...] = ("neutral",)
     ray_min_clips: int = 24  # run clips as Ray tasks from this many clips on (or when --address is given)
 
 
@@ -106,6 +116,7 @@ class ClipJob:
     clip_index: int
     out_dir: str
     cfg: SynthConfig
+    emotion: str = "neutral"
 
     @property
     def relative_video(self) -> str:
@@ -175,7 +186,7 @@ def make_clip(job: ClipJob) -> dict[str, Any]:
     audio = shift_audio(audio, sr, offset_s)
     heard_timeline = _shift_phonemes(mouth_timeline, offset_s * 1000)  # what the audio says
 
-    rig = build_rig(spk.look, cfg.frame_size, cfg.max_opening)
+    rig = express(build_rig(spk.look, cfg.frame_size, cfg.max_opening), job.emotion)
     openness = ph.openness_per_frame(mouth_timeline, n_frames, cfg.fps, shift_ms=-cfg.mouth_lead_ms)
     frames = render_frames(
         rig, openness, blink_track(n_frames, cfg.fps, rng), head_motion(n_frames, cfg.fps, rng)
@@ -208,7 +219,7 @@ def make_clip(job: ClipJob) -> dict[str, Any]:
         "speaker": spk.speaker_id,
         "transcript": speech.text,
         "accent": "",
-        "emotion": "neutral",
+        "emotion": job.emotion,
         "split": "",
         "injected_offset_frames": cfg.offset_frames,
         "timeline": str(timeline_path.relative_to(job.out_dir)),
@@ -231,6 +242,9 @@ def validate(cfg: SynthConfig) -> None:
             )
     if cfg.speakers < 1 or cfg.clips_per_speaker < 1:
         raise BadInput("--speakers and --clips-per-speaker must be at least 1")
+    unknown = [e for e in cfg.emotions if e not in EMOTIONS]
+    if unknown or not cfg.emotions:
+        raise BadInput(f"--emotions: unknown {', '.join(unknown) or '(empty)'}; known: {', '.join(EMOTIONS)}")
     if abs(cfg.offset_frames) > 15:
         raise BadInput("--offset-frames must be within -15..15")
 
@@ -248,12 +262,16 @@ def _prepare_out(out: str) -> Path:
 
 
 def plan(cfg: SynthConfig, out: str) -> list[ClipJob]:
-    """Every clip to make, in a stable order."""
-    return [
-        ClipJob(make_speaker(lang, s, cfg.seed), c, out, cfg)
+    """Every clip to make, in a stable order; the emotions go round the clips in that order."""
+    keys = [
+        (lang, s, c)
         for lang in cfg.languages
         for s in range(cfg.speakers)
         for c in range(cfg.clips_per_speaker)
+    ]
+    return [
+        ClipJob(make_speaker(lang, s, cfg.seed), c, out, cfg, cfg.emotions[i % len(cfg.emotions)])
+        for i, (lang, s, c) in enumerate(keys)
     ]
 
 
