@@ -1,0 +1,72 @@
+"""Facial emotion consistency: does a lip-synced output keep its source face's expression?
+
+Per clip, from the FaceMesh landmarks of the output and of its source video (frame t with frame t), on the
+expression features of `pipeline.expression` (the jaw's part removed, so the new speech's mouth opening
+does not count as a change of expression):
+
+- lower face (what a lip-sync generator repaints): correlation over time and mean absolute difference of
+  the lip-corner angle (degrees) and of the corner elevation (inter-ocular units), and the share of the
+  source's smile / frown frames whose class the output loses (`expr_lower_lost`);
+- upper face, the control (generators leave it alone): the same for brow height, and the share of the
+  source's surprise frames lost (`expr_upper_lost`).
+
+A faithful output reads near 0 lost and near 0 difference on both; an output that flattened the smile reads
+a high `expr_lower_lost` while `expr_upper_lost` stays low.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from evaluation.sync import pearson
+from pipeline.expression import expression_classes, expression_features
+
+LOWER_CLASSES = ("smile", "frown")
+UPPER_CLASSES = ("surprise",)
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    ok = np.isfinite(a) & np.isfinite(b)
+    return float(np.mean(np.abs(a[ok] - b[ok]))) if ok.any() else float("nan")
+
+
+def _lost(source: np.ndarray, output: np.ndarray, classes: tuple[str, ...]) -> float:
+    """Share of the frames where the source shows one of `classes` and the output does not show it."""
+    present = np.isin(source, classes) & (output != "")
+    return float(np.mean(output[present] != source[present])) if present.any() else float("nan")
+
+
+def _majority(classes: np.ndarray) -> str:
+    counts = Counter(c for c in classes if c)
+    return counts.most_common(1)[0][0] if counts else ""
+
+
+def expression_consistency(output: np.ndarray, source: np.ndarray) -> dict[str, Any]:
+    """The `expr_*` columns of one output against its source ((T, 468, 3) landmarks each, NaN no face)."""
+    n = min(len(output), len(source))
+    out, src = expression_features(output[:n]), expression_features(source[:n])
+    out_cls, src_cls = expression_classes(out), expression_classes(src)
+    return {
+        "expr_smile_correlation": pearson(out["corner_angle"], src["corner_angle"]),
+        "expr_smile_mad": _mad(out["corner_angle"], src["corner_angle"]),
+        "expr_corner_elevation_mad": _mad(out["corner_elevation"], src["corner_elevation"]),
+        "expr_lower_lost": _lost(src_cls, out_cls, LOWER_CLASSES),
+        "expr_brow_correlation": pearson(out["brow_height"], src["brow_height"]),
+        "expr_brow_mad": _mad(out["brow_height"], src["brow_height"]),
+        "expr_upper_lost": _lost(src_cls, out_cls, UPPER_CLASSES),
+        "expr_source_class": _majority(src_cls),
+        "expr_output_class": _majority(out_cls),
+    }
+
+
+def expression_summary(landmarks: np.ndarray) -> dict[str, Any]:
+    """Columns of a video scored without a source: its median smile (corner angle) and majority class."""
+    features = expression_features(landmarks)
+    angle = features["corner_angle"]
+    return {
+        "expr_smile": float(np.nanmedian(angle)) if np.isfinite(angle).any() else float("nan"),
+        "expr_class": _majority(expression_classes(features)),
+    }
