@@ -32,11 +32,12 @@ from core.config import from_dict, to_dict
 from core.storage import join_uri
 from core.watchdog import Beats
 from models.checkpoint import MODEL_FILE
-from training.checkpoints import read_checkpoint_dir, write_payloads
+from training.checkpoints import latest_checkpoint, read_checkpoint_dir, storage_root, write_payloads
 from training.config import TrainConfig, validate
 from training.data import Selected, read_clips, select
+from training.distributed import torch_config
 from training.recipe import Recipe, config_class, recipe_class
-from training.streams import BatchStream, shard_rows, val_batches
+from training.streams import BatchStream, datasets, shard_rows, val_batches
 from tuning.space import apply
 
 DIVERGED_LOSS = 1000.0
@@ -247,10 +248,6 @@ def train_run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from training.checkpoints import latest_checkpoint, storage_root
-    from training.distributed import torch_config
-    from training.streams import datasets
 
     cfg = trial_config(setup, config)
     target = setup.target
