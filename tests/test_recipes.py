@@ -22,13 +22,7 @@ from pipeline.shards import encode_jpegs
 
 REPO = Path(__file__).resolve().parents[1]
 N_FRAMES = 30
-TINY_BASE = {
-    "batch_size": 2,
-    "eval_clips": 1,
-    "eval_windows_per_clip": 1,
-    "shuffle_buffer": 4,
-    "windows": {"windows_per_clip": 2},
-}
+TINY = {"batch_size": 2, "eval_windows_per_clip": 1, "shuffle_buffer": 4, "windows": {"windows_per_clip": 2}}
 
 
 def shard_row(clip_id: str, seed: int) -> dict[str, Any]:
@@ -97,7 +91,7 @@ def test_a_one_worker_trial_trains_with_the_base_configs_optimizer(
     for name in ("get_checkpoint", "get_context", "report"):
         monkeypatch.setattr(tune, name, getattr(fake, name))
     data = write_corpus(tmp_path / "data")
-    base = TINY_BASE | {"optimizer": "sgd"}
+    base = TINY | {"optimizer": "sgd"}
     setup = TrialSetup("syncnet", str(data), str(tmp_path / "out"), base, 2, 1, 2)
     in_process_trial({"lr": 1e-3}, setup)
 
@@ -115,7 +109,7 @@ import torch
 sys.path.insert(0, sys.argv[1])
 from models.checkpoint import checkpoint_payload, save_checkpoint
 from models.registry import build_model
-from tests.test_recipes import TINY_BASE, shard_row
+from tests.test_recipes import TINY, shard_row
 from core.config import from_dict
 from training.checkpoints import write_payloads
 from training.recipe import recipe_class
@@ -127,7 +121,7 @@ with tempfile.TemporaryDirectory() as tmp:
     for name in ("syncnet", "wav2lip"):
         recipe_cls = recipe_class(name)
         small = {"steps": 2} if name == "syncnet" else {"steps": 1, "gan": False}  # a GAN step: ~10 s
-        cfg = from_dict(recipe_cls.config, TINY_BASE | small | {"optimizer": "sgd"})
+        cfg = from_dict(recipe_cls.config, TINY | small | {"optimizer": "sgd"})
         recipe = recipe_cls(cfg, torch.device("cpu"), expert=expert)
         stream = BatchStream([shard_row("a", 0)], cfg, name)
         losses = [recipe.step(next(stream)) for _ in range(cfg.steps)]
