@@ -49,16 +49,14 @@ def in_memory_loop(config: dict[str, Any]) -> None:
     import torch
 
     from core.config import from_dict
-    from models.registry import build_model
-    from training.common import Throughput, global_mean, seed_everything, worker_amp, worker_device
-    from training.syncnet_job import SyncNetConfig, train_step
+    from training.devices import worker_device
+    from training.distributed import global_mean
+    from training.streams import Throughput
+    from training.syncnet_job import SyncNetConfig, SyncNetRecipe
 
     cfg = from_dict(SyncNetConfig, config["cfg"])
-    device, amp = worker_device(), worker_amp(cfg.gpu)
-    seed_everything(cfg.seed)
-    model = ray.train.torch.prepare_model(build_model("syncnet", cfg.img_size))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scaler = amp.grad_scaler()
+    recipe = SyncNetRecipe(cfg, worker_device())
+    recipe.parallelize(ray.train.torch.prepare_model)
     half = cfg.img_size // 2
     batch = {
         "faces": torch.randint(0, 256, (cfg.batch_size, 15, half, cfg.img_size), dtype=torch.uint8),
@@ -68,8 +66,8 @@ def in_memory_loop(config: dict[str, Any]) -> None:
     stream = iter(lambda: batch, None)
     throughput, rates = Throughput(), []
     for step in range(1, cfg.steps + 1):
-        loss = train_step(model, optimizer, scaler, amp, throughput.next(stream), device)
-        global_mean(loss, device)
+        loss = recipe.step(throughput.next(stream))["train_loss"]
+        global_mean(loss, recipe.device)
         if step % cfg.log_every == 0:
             rates.append(throughput.read()["steps_per_s"])
     if ray.train.get_context().get_world_rank() == 0:  # Ray Train 2 keeps no metrics without a checkpoint
@@ -81,7 +79,8 @@ def measure_in_memory(cfg: Any, storage: str) -> list[float]:
     from ray.train.torch import TorchTrainer
 
     from core.config import to_dict
-    from training.common import scaling_config, torch_config
+    from training.distributed import torch_config
+    from training.driver import scaling_config
 
     trainer = TorchTrainer(
         in_memory_loop,
@@ -96,7 +95,7 @@ def measure_in_memory(cfg: Any, storage: str) -> list[float]:
 
 def measure_shards(cfg: Any, data: str, out: str) -> tuple[list[float], list[float]]:
     """(steps/s, data-wait fraction) per interval of the real job on the shards."""
-    from training.common import metric_history
+    from training.metrics import metric_history
     from training.syncnet_job import run
 
     result = run(cfg, data, out)
@@ -115,8 +114,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from core.ray import ensure_ray
-    from training.common import plan_resources, with_defaults
+    from training.config import with_defaults
     from training.data import WindowConfig
+    from training.driver import plan_resources
     from training.syncnet_job import SyncNetConfig
 
     data = corpus(args.data)

@@ -48,7 +48,7 @@ def corpus(speakers: int, clips_per_speaker: int) -> str:
 
 
 def history(result: dict[str, Any], key: str) -> list[tuple[int, float]]:
-    from training.common import metric_history
+    from training.metrics import metric_history
 
     return metric_history(result["mlflow_tracking_uri"], result["mlflow_run_id"], key)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,41 +204,69 @@ def _decode(row: dict[str, Any], needed: set[int], img_size: int) -> dict[int, n
     return {i: frames[i - lo] for i in needed}
 
 
-def _window(frames: dict[int, np.ndarray], start: int) -> np.ndarray:
-    return np.stack([frames[start + i] for i in range(SYNC_FRAMES)])
+@dataclass(frozen=True)
+class Cut:
+    """The windows drawn from one shard row: (start, partner start) pairs and the frames they use."""
+
+    fps: float
+    offset: int
+    mel: np.ndarray
+    pairs: list[tuple[int, int | None]]
+    frames: dict[int, np.ndarray]
+
+    def window(self, start: int) -> np.ndarray:
+        return np.stack([self.frames[start + i] for i in range(SYNC_FRAMES)])
+
+    def mel_at(self, start: int) -> np.ndarray:
+        return mel_window(self.mel, start, self.fps, offset_frames=self.offset)
+
+
+def cut_windows(
+    row: dict[str, Any],
+    cfg: WindowConfig,
+    img_size: int,
+    rng: np.random.Generator,
+    partner: Callable[[int, np.ndarray], int | None],
+    partner_frames: bool,
+) -> Cut | None:
+    """`windows_per_clip` starts drawn from the row's valid ones, each with `partner(start, starts)` (an
+    off-sync mel or a reference window), and the frames decoded once (the partners' too when
+    `partner_frames`); None when the clip has fewer than two valid starts."""
+    fps, offset = float(row["fps"]), _row_offset(row, cfg)
+    mel = decode_mel(row)
+    starts = valid_starts(int(row["n_frames"]), int(row["mel_frames"]), fps, offset)
+    if len(starts) < 2:
+        return None
+    chosen = rng.choice(starts, size=cfg.windows_per_clip, replace=len(starts) < cfg.windows_per_clip)
+    pairs = [(int(s), partner(int(s), starts)) for s in chosen]
+    used = [p for pair in pairs for p in (pair if partner_frames else pair[:1]) if p is not None]
+    needed = {s + i for s in used for i in range(SYNC_FRAMES)}
+    return Cut(fps, offset, mel, pairs, _decode(row, needed, img_size))
 
 
 def sync_samples(
     row: dict[str, Any], cfg: WindowConfig, img_size: int, rng: np.random.Generator
 ) -> list[dict[str, np.ndarray]]:
     """SyncNet samples of one shard row: for each drawn start, an in-sync positive and an off-sync negative."""
-    fps, offset = float(row["fps"]), _row_offset(row, cfg)
-    mel = decode_mel(row)
-    starts = valid_starts(int(row["n_frames"]), int(row["mel_frames"]), fps, offset)
-    if len(starts) < 2:
-        return []
-    chosen = rng.choice(starts, size=cfg.windows_per_clip, replace=len(starts) < cfg.windows_per_clip)
-    pairs = [
-        (int(s), off_sync_start(rng, int(s), starts, cfg.negative_min_shift, cfg.negative_max_shift))
-        for s in chosen
-    ]
-    needed = {int(s) + i for s, _ in pairs for i in range(SYNC_FRAMES)}
-    frames = _decode(row, needed, img_size)
+
+    def negative(start: int, starts: np.ndarray) -> int | None:
+        return off_sync_start(rng, start, starts, cfg.negative_min_shift, cfg.negative_max_shift)
+
+    cut = cut_windows(row, cfg, img_size, rng, negative, partner_frames=False)
     out = []
-    for start, wrong in pairs:
-        faces = sync_faces(_window(frames, start))
-        for mel_start, label in ((start, 1.0), (wrong, 0.0)):
-            if mel_start is None:
-                continue
-            out.append(
-                {
-                    "faces": faces,
-                    "mel": mel_window(mel, mel_start, fps, offset_frames=offset)[None].astype(np.float32),
-                    "label": np.float32(label),
-                    "start": np.int64(start),
-                    "mel_start_frame": np.int64(mel_start),
-                }
-            )
+    for start, wrong in cut.pairs if cut else []:
+        faces = sync_faces(cut.window(start))
+        out += [
+            {
+                "faces": faces,
+                "mel": cut.mel_at(mel_start)[None].astype(np.float32),
+                "label": np.float32(label),
+                "start": np.int64(start),
+                "mel_start_frame": np.int64(mel_start),
+            }
+            for mel_start, label in ((start, 1.0), (wrong, 0.0))
+            if mel_start is not None
+        ]
     return out
 
 
@@ -246,35 +274,27 @@ def wav2lip_samples(
     row: dict[str, Any], cfg: WindowConfig, img_size: int, rng: np.random.Generator
 ) -> list[dict[str, np.ndarray]]:
     """Generator samples of one shard row: masked target + reference window, per-frame mels, ground truth."""
-    fps, offset = float(row["fps"]), _row_offset(row, cfg)
-    mel = decode_mel(row)
-    starts = valid_starts(int(row["n_frames"]), int(row["mel_frames"]), fps, offset)
-    if len(starts) < 2:
-        return []
-    chosen = rng.choice(starts, size=cfg.windows_per_clip, replace=len(starts) < cfg.windows_per_clip)
-    pairs = []
-    for s in chosen:
-        ref = off_sync_start(rng, int(s), starts, cfg.reference_min_distance, None)
-        if ref is None:
-            ref = off_sync_start(rng, int(s), starts, 1, None)
-        pairs.append((int(s), ref))
-    needed = {s + i for pair in pairs for s in pair for i in range(SYNC_FRAMES)}
-    frames = _decode(row, needed, img_size)
-    out = []
-    for start, ref in pairs:
-        target = _window(frames, start)
-        indiv = np.stack([mel_window(mel, start + i, fps, offset_frames=offset) for i in range(SYNC_FRAMES)])
-        out.append(
-            {
-                "x": np.concatenate([masked_window(target), _window(frames, ref).transpose(3, 0, 1, 2)]),
-                "y": np.ascontiguousarray(target.transpose(3, 0, 1, 2)),
-                "mel": mel_window(mel, start, fps, offset_frames=offset)[None].astype(np.float32),
-                "indiv_mels": indiv[:, None].astype(np.float32),
-                "start": np.int64(start),
-                "reference_start": np.int64(ref),
-            }
-        )
-    return out
+
+    def reference(start: int, starts: np.ndarray) -> int | None:
+        ref = off_sync_start(rng, start, starts, cfg.reference_min_distance, None)
+        return ref if ref is not None else off_sync_start(rng, start, starts, 1, None)
+
+    cut = cut_windows(row, cfg, img_size, rng, reference, partner_frames=True)
+    return [generator_sample(cut, start, ref) for start, ref in (cut.pairs if cut else [])]
+
+
+def generator_sample(cut: Cut, start: int, ref: int) -> dict[str, np.ndarray]:
+    """One Wav2Lip sample: target window `start` masked + reference window `ref`, mels, ground truth."""
+    target = cut.window(start)
+    indiv = np.stack([cut.mel_at(start + i) for i in range(SYNC_FRAMES)])
+    return {
+        "x": np.concatenate([masked_window(target), cut.window(ref).transpose(3, 0, 1, 2)]),
+        "y": np.ascontiguousarray(target.transpose(3, 0, 1, 2)),
+        "mel": cut.mel_at(start)[None].astype(np.float32),
+        "indiv_mels": indiv[:, None].astype(np.float32),
+        "start": np.int64(start),
+        "reference_start": np.int64(ref),
+    }
 
 
 class WindowMaker:

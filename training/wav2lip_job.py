@@ -1,18 +1,18 @@
-"""`lipsync train wav2lip DATA OUT --syncnet CKPT`: the generator on Ray Train, one recipe top to bottom.
+"""`lipsync train wav2lip DATA OUT --syncnet CKPT`: the generator, its recipe and its command.
 
 Reference: Rudrabha/Wav2Lip `hq_wav2lip_train.py` (with the visual-quality GAN, the default here) and
 `wav2lip_train.py` (`gan: false`). Loss = w_sync · expert sync BCE + w_disc · adversarial + (1 − w_sync −
 w_disc) · L1. The sync weight starts at 0 and becomes 0.03 (0.01 without the GAN) once the frozen expert's
 loss on generated validation frames falls below 0.75, as in the reference; disc weight 0.07; Adam lr 1e-4,
 betas (0.5, 0.999) with the GAN. Checkpoints hold the generator in model.pt (what generation loads) and the
-discriminator in disc.pt.
+discriminator in disc.pt. Ray Train workers (`training.loop`), Tune trials and plain loops all drive
+`Wav2LipRecipe`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,41 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import config_hash, from_dict, to_dict
 from core.errors import BadInput
-from core.watchdog import Beats
-from models.checkpoint import MODEL_FILE, checkpoint_payload, load_model, read_payload
+from models.checkpoint import MODEL_FILE, load_model, read_payload
 from models.registry import build_model, sync_loss
 from models.syncnet import SYNC_FRAMES
-from training.common import (
-    WAITING_FOR_WINDOWS,
-    Amp,
-    MetricsLog,
-    Throughput,
-    TrainConfig,
-    batches,
-    build_optimizer,
-    check_resumable,
-    find_resume,
-    fit_job,
-    global_mean,
-    global_sum,
-    images,
-    one_pass,
-    prepare,
-    report_checkpoint,
-    seed_everything,
-    storage_root,
-    unwrap,
-    use_worker_threads,
-    validate,
-    worker_amp,
-    worker_device,
-    world,
-)
+from training.checkpoints import storage_root
+from training.config import TrainConfig, validate
 from training.data import WindowConfig
-
-log = logging.getLogger(__name__)
+from training.devices import Amp, images
+from training.distributed import global_sum, unwrap
+from training.driver import fit_job
+from training.optim import backward_step, build_optimizer
+from training.recipe import Batch, Payloads, Recipe, finite, load_trained, trained_payload
 
 NAME = "wav2lip"
 DISC_FILE = "disc.pt"
@@ -147,165 +124,119 @@ def disc_loss(disc: nn.Module, real: torch.Tensor, fake: torch.Tensor, amp: Amp)
     )
 
 
-def train_step(
-    state: dict[str, Any], batch: dict, device: torch.device, amp: Amp, cfg: Wav2LipConfig, sync_weight: float
-) -> dict[str, float]:
-    """One generator step (and one discriminator step with the GAN); returns this worker's losses."""
-    gen, disc, expert = state["gen"], state["disc"], state["expert"]
-    gen.train()
-    state["opt"].zero_grad(set_to_none=True)
-    g, losses = generator_losses(gen, disc, expert, batch, device, amp)
-    disc_weight = cfg.disc_weight if disc is not None else 0.0
-    loss = (1.0 - sync_weight - disc_weight) * losses["l1"] + sync_weight * losses["sync"]
-    if disc is not None:
-        loss = loss + disc_weight * losses["perceptual"]
-    state["scaler"].scale(loss).backward()
-    state["scaler"].step(state["opt"])
-    state["scaler"].update()
-    out = {f"train_{k}": float(v.detach()) for k, v in losses.items()} | {"train_loss": float(loss.detach())}
-    if disc is not None:
-        disc.train()
-        state["disc_opt"].zero_grad(set_to_none=True)
-        d_loss = disc_loss(disc, images(batch["y"], device), g, amp)
-        state["disc_scaler"].scale(d_loss).backward()
-        state["disc_scaler"].step(state["disc_opt"])
-        state["disc_scaler"].update()
-        out["train_disc"] = float(d_loss.detach())
-    return out
+# ---------------------------------------------------------------- the recipe
 
 
-@torch.no_grad()
-def evaluate(
-    state: dict[str, Any], cfg: Wav2LipConfig, device: torch.device, amp: Amp, world_size: int
-) -> dict:
-    """Validation L1 and expert sync loss of generated frames over every worker's val shard."""
-    gen = unwrap(state["gen"]).eval()
-    disc = unwrap(state["disc"]).eval() if state["disc"] is not None else None
-    sums = [0.0, 0.0, 0.0]  # l1·n, sync·n, n
-    for batch in one_pass("val", max(1, cfg.batch_size // world_size), device):
-        _, losses = generator_losses(gen, disc, state["expert"], batch, device, amp)
-        n = len(batch["x"])
-        sums = [sums[0] + float(losses["l1"]) * n, sums[1] + float(losses["sync"]) * n, sums[2] + n]
-    l1, sync, n = global_sum(sums, device)
-    return {"val_l1": l1 / n, "val_sync": sync / n} if n else {}
+class Wav2LipRecipe(Recipe):
+    """Generator, discriminator (with the GAN), frozen expert, optimisers and loss scalers; one step is a
+    generator step and, with the GAN, a discriminator step."""
 
+    name = NAME
+    config = Wav2LipConfig
 
-# ---------------------------------------------------------------- the recipe (runs on every worker)
-
-
-def build_state(cfg: Wav2LipConfig, expert_uri: str, device: torch.device, amp: Amp) -> dict[str, Any]:
-    """Generator, discriminator (with the GAN), frozen expert, optimisers and loss scalers."""
-    seed_everything(cfg.seed)
-    gen = build_model(NAME, cfg.img_size).to(device)  # before the optimisers, so their state lands there too
-    disc = build_model("disc", cfg.img_size).to(device) if cfg.gan else None
-    expert = load_model(expert_uri, expected_kind="syncnet", device=device).model
-    for p in expert.parameters():
-        p.requires_grad_(False)
-    return {
-        "gen": gen,
-        "disc": disc,
-        "expert": expert.eval(),
-        "opt": build_optimizer(gen.parameters(), cfg.optimizer, cfg.lr, cfg.betas),
-        "disc_opt": build_optimizer(disc.parameters(), cfg.optimizer, cfg.disc_lr, cfg.betas)
-        if disc
-        else None,
-        "scaler": amp.grad_scaler(),
-        "disc_scaler": amp.grad_scaler(),
-    }
-
-
-def load_state(state: dict[str, Any], payloads: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Weights, optimisers and scalers from a checkpoint; returns its train_state."""
-    main = payloads[MODEL_FILE]
-    state["gen"].load_state_dict(main["state_dict"])
-    state["opt"].load_state_dict(main["optimizer"])
-    train_state = main.get("train_state", {})
-    if train_state.get("scaler"):
-        state["scaler"].load_state_dict(train_state["scaler"])
-    if state["disc"] is not None and DISC_FILE in payloads:
-        state["disc"].load_state_dict(payloads[DISC_FILE]["state_dict"])
-        state["disc_opt"].load_state_dict(payloads[DISC_FILE]["optimizer"])
-        if payloads[DISC_FILE].get("train_state", {}).get("scaler"):
-            state["disc_scaler"].load_state_dict(payloads[DISC_FILE]["train_state"]["scaler"])
-    return train_state
-
-
-def payloads_of(
-    state: dict[str, Any], cfg: Wav2LipConfig, step: int, metrics: dict, train_state: dict
-) -> dict[str, dict[str, Any]]:
-    """model.pt (generator) and disc.pt of a checkpoint."""
-    config = to_dict(cfg) | {"config_hash": config_hash(cfg)}
-    main = checkpoint_payload(state["gen"], NAME, cfg.img_size, step, config, metrics, state["opt"])
-    main["train_state"] = train_state | {"scaler": state["scaler"].state_dict()}
-    out = {MODEL_FILE: main}
-    if state["disc"] is not None:
-        disc = checkpoint_payload(
-            state["disc"], "disc", cfg.img_size, step, config, metrics, state["disc_opt"]
+    def build(self, expert: str | None) -> None:
+        if not expert:
+            raise ValueError("a Wav2Lip recipe needs the expert SyncNet checkpoint")
+        cfg, device = self.cfg, self.device
+        self.gen = build_model(NAME, cfg.img_size).to(
+            device
+        )  # before the optimisers: their state lands there
+        self.disc = build_model("disc", cfg.img_size).to(device) if cfg.gan else None
+        self.expert = load_model(expert, expected_kind="syncnet", device=device).model.eval()
+        for p in self.expert.parameters():
+            p.requires_grad_(False)
+        self.opt = build_optimizer(self.gen.parameters(), cfg.optimizer, cfg.lr, cfg.betas)
+        self.disc_opt = (
+            build_optimizer(self.disc.parameters(), cfg.optimizer, cfg.disc_lr, cfg.betas)
+            if self.disc is not None
+            else None
         )
-        disc["train_state"] = {"scaler": state["disc_scaler"].state_dict()}
-        out[DISC_FILE] = disc
-    return out
+        self.scaler, self.disc_scaler = self.amp.grad_scaler(), self.amp.grad_scaler()
+        self.train_state = {"sync_weight": 0.0}
+
+    def load(self, payloads: Payloads) -> dict[str, Any]:
+        train_state = load_trained(payloads[MODEL_FILE], self.gen, self.opt, self.scaler)
+        if self.disc is not None and DISC_FILE in payloads:
+            load_trained(payloads[DISC_FILE], self.disc, self.disc_opt, self.disc_scaler)
+        return train_state
+
+    def init_from(self, uri: str) -> None:
+        init = read_checkpoint_files(uri)
+        self.gen.load_state_dict(init[MODEL_FILE]["state_dict"])
+        if self.disc is not None and DISC_FILE in init:
+            self.disc.load_state_dict(init[DISC_FILE]["state_dict"])
+
+    def parallelize(self, wrap: Any) -> None:
+        self.gen = wrap(self.gen)
+        if self.disc is not None:
+            self.disc = wrap(self.disc)
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        """One generator step (and one discriminator step with the GAN); this worker's losses."""
+        cfg, device, amp, disc = self.cfg, self.device, self.amp, self.disc
+        sync_weight = self.train_state["sync_weight"]
+        self.gen.train()
+        self.opt.zero_grad(set_to_none=True)
+        g, losses = generator_losses(self.gen, disc, self.expert, batch, device, amp)
+        disc_weight = cfg.disc_weight if disc is not None else 0.0
+        loss = (1.0 - sync_weight - disc_weight) * losses["l1"] + sync_weight * losses["sync"]
+        if disc is not None:
+            loss = loss + disc_weight * losses["perceptual"]
+        backward_step(loss, self.opt, self.scaler)
+        out = {f"train_{k}": float(v.detach()) for k, v in losses.items()} | {
+            "train_loss": float(loss.detach())
+        }
+        if disc is not None:
+            disc.train()
+            self.disc_opt.zero_grad(set_to_none=True)
+            d_loss = disc_loss(disc, images(batch["y"], device), g, amp)
+            backward_step(d_loss, self.disc_opt, self.disc_scaler)
+            out["train_disc"] = float(d_loss.detach())
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
+        """Validation L1 and expert sync loss of generated frames over every worker's val shard; the sync
+        loss is switched on (the reference's switch) once the expert's loss is below `sync_threshold`."""
+        gen = unwrap(self.gen).eval()
+        disc = unwrap(self.disc).eval() if self.disc is not None else None
+        sums = [0.0, 0.0, 0.0]  # l1·n, sync·n, n
+        for batch in batches:
+            _, losses = generator_losses(gen, disc, self.expert, batch, self.device, self.amp)
+            n = len(batch["x"])
+            sums = [sums[0] + float(losses["l1"]) * n, sums[1] + float(losses["sync"]) * n, sums[2] + n]
+        l1, sync, n = global_sum(sums, self.device)
+        metrics = {"val_l1": l1 / n, "val_sync": sync / n} if n else {}
+        if metrics.get("val_sync", 1.0) < self.cfg.sync_threshold:
+            self.train_state["sync_weight"] = self.cfg.target_sync_weight
+        return metrics
+
+    def logged(self) -> dict[str, float]:
+        return {"sync_weight": self.train_state["sync_weight"]}
+
+    @torch.no_grad()
+    def finite_on(self, batch: Batch) -> bool:
+        gen = unwrap(self.gen).eval()
+        frames = gen(batch["indiv_mels"].to(self.device), images(batch["x"], self.device))
+        return finite(gen, self.disc, frames)
+
+    def payloads(self, step: int, metrics: dict[str, float]) -> Payloads:
+        """model.pt (generator, optimiser, train state) and disc.pt (discriminator, its optimiser)."""
+        cfg, state = self.cfg, self.train_state
+        out = {MODEL_FILE: trained_payload(self.gen, NAME, cfg, step, metrics, self.opt, self.scaler, state)}
+        if self.disc is not None:
+            out[DISC_FILE] = trained_payload(
+                self.disc, "disc", cfg, step, metrics, self.disc_opt, self.disc_scaler, {}
+            )
+        return out
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Set-up, loop, checkpoint. `config`: cfg, syncnet, out, init_from, mlflow_uri, mlflow_run_id."""
-    # -- set-up: device, models, optimisers, state to resume from
-    cfg = from_dict(Wav2LipConfig, config["cfg"])
-    rank, world_size = world()
-    Beats(config.get("progress"), rank == 0)("setting up the worker", 0)  # the driver's watchdog
-    device, amp = worker_device(), worker_amp(cfg.gpu)
-    use_worker_threads(cfg)
-    state = build_state(cfg, config["syncnet"], device, amp)
-    step, train_state = 0, {"sync_weight": 0.0, "resumed_from": []}
-    resume = find_resume(config["out"], NAME)
-    if resume is not None:
-        check_resumable(resume.payloads[MODEL_FILE].get("config", {}), cfg)
-        train_state = {**train_state, **load_state(state, resume.payloads)}
-        step = resume.step
-        train_state["resumed_from"] = [*train_state.get("resumed_from", []), step]
-        log.info("rank %d: resuming from %s at step %d", rank, resume.source, step)
-    elif config.get("init_from"):
-        init = read_checkpoint_files(config["init_from"])
-        state["gen"].load_state_dict(init[MODEL_FILE]["state_dict"])
-        if state["disc"] is not None and DISC_FILE in init:
-            state["disc"].load_state_dict(init[DISC_FILE]["state_dict"])
-    state["gen"] = prepare(state["gen"], cfg, world_size)
-    if state["disc"] is not None:
-        state["disc"] = prepare(state["disc"], cfg, world_size)
-    metrics_log = MetricsLog(config.get("mlflow_uri"), config.get("mlflow_run_id"), rank == 0)
-    train_batches = batches("train", cfg.batch_size // world_size, device, cfg)
-    has_val = config.get("has_val", False)
-    beat = Beats(config.get("progress"), rank == 0)  # the driver's watchdog (core.watchdog)
+    """Ray Train's per-worker loop of this recipe (`training.loop.train_loop`); `config["syncnet"]`: the
+    expert's model.pt."""
+    from training.loop import train_loop as recipe_loop
 
-    # -- loop
-    window: list[dict[str, float]] = []
-    metrics: dict[str, float] = {}
-    throughput = Throughput()
-    while step < cfg.steps:
-        beat(WAITING_FOR_WINDOWS, step)
-        batch = throughput.next(train_batches)
-        beat("training a step", step)
-        losses = train_step(state, batch, device, amp, cfg, train_state["sync_weight"])
-        window.append({k: global_mean(v, device) for k, v in losses.items()})
-        step += 1
-        last = step == cfg.steps
-        if step % cfg.log_every == 0 or last:
-            metrics = {k: sum(w[k] for w in window) / len(window) for k in window[0]} | throughput.read()
-            window = []
-            if has_val and (step % cfg.eval_every == 0 or last):
-                beat("evaluating", step)
-                metrics.update(evaluate(state, cfg, device, amp, world_size))
-                if metrics.get("val_sync", 1.0) < cfg.sync_threshold:
-                    train_state["sync_weight"] = cfg.target_sync_weight
-            metrics["sync_weight"] = train_state["sync_weight"]
-            metrics_log.log(step, {**metrics, "step": step})
-
-        # -- checkpoint: generator (+ discriminator) + optimisers + step + config
-        if step % cfg.checkpoint_every == 0 or last:
-            beat("checkpointing", step)
-            report_checkpoint(step, payloads_of(state, cfg, step, metrics, train_state), metrics, rank)
-        if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0:
-            throughput.reset()  # evaluation and checkpoint time are not training throughput
+    recipe_loop(Wav2LipRecipe, config)
 
 
 def read_checkpoint_files(uri: str) -> dict[str, dict[str, Any]]:

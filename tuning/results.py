@@ -23,8 +23,9 @@ import yaml
 
 from core.config import from_dict, to_dict
 from core.storage import Store
+from training.recipe import config_class
 from tuning.space import METRICS, PARAMS, apply
-from tuning.trial import TrialSetup, config_class
+from tuning.trial import TrialSetup
 
 TRIALS_FILE = "trials.parquet"
 BEST_FILE = "best.yaml"

@@ -259,7 +259,7 @@ def trial_setup(cfg: SweepConfig, data: str, out: str, expert: str | None) -> Tr
 
 
 def config_class_of(target: str) -> type:
-    from tuning.trial import config_class
+    from training.recipe import config_class
 
     return config_class(target)
 
@@ -384,7 +384,7 @@ def ray_address(address: str | None) -> str:
 
 def check_data(cfg: SweepConfig, data: str) -> None:
     """BadInput when the base selection has no training or no validation clips (trials need both)."""
-    from training.common import select_splits
+    from training.streams import select_splits
 
     base = from_dict(config_class_of(cfg.target), cfg.base)
     _, val = select_splits(data, base)
@@ -428,7 +428,7 @@ def run(
     from core.ray import ensure_ray
     from core.storage import Store, join_uri
     from core.watchdog import free_resources, loop_watchdog
-    from training.common import storage_root
+    from training.checkpoints import storage_root
     from tuning.results import write_results
 
     setup = dataclasses.replace(setup, syncnet=check_expert(cfg))

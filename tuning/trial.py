@@ -1,13 +1,13 @@
-"""One trial of a sweep: the training recipe with the trial's hyperparameters, reporting to Ray Tune.
+"""One trial of a sweep: a training recipe with the trial's hyperparameters, reporting to Ray Tune.
 
-Two ways to run it, picked by the sweep's `resources.workers`:
-- `in_process_trial` (1 worker, the default): the recipe's own step and loss functions
-  (`syncnet_job.train_step`, `wav2lip_job.train_step`, ...) in the trial's process, with windows cut there
-  from the selected shard rows (no Ray Data tasks competing with trials for CPUs). It validates, reports
-  and checkpoints every `report_every` steps through `ray.tune.report`; a restarted trial continues from
-  its checkpoint, data stream position included. A trial whose weights or losses stop being finite
-  (a learning rate far too high) reports `DIVERGED_LOSS` from then on without training, so the scheduler,
-  not the trial, decides when it ends.
+The recipes (`training.recipe`) do the training; this module is Tune's side of it. Two ways to run a trial,
+picked by the sweep's `resources.workers`:
+- `in_process_trial` (1 worker, the default): the recipe in the trial's process, on batches cut there
+  from the selected shard rows (`training.streams.BatchStream`: no Ray Data tasks competing with trials for
+  CPUs). It validates, reports and checkpoints every `report_every` steps through `ray.tune.report`; a
+  restarted trial continues from its checkpoint, data stream position included. A trial whose weights or
+  losses stop being finite (a learning rate far too high) reports `DIVERGED_LOSS` from then on without
+  training, so the scheduler, not the trial, decides when it ends.
 - `train_run_trial` (> 1 worker): the recipe's `train_loop` as a Ray Train run (DDP, Ray Data streaming)
   whose reports reach Tune through a `TuneReportCallback`; its checkpoints live under
   OUT/train_runs/<trial id>/ and a restarted trial resumes from the newest one.
@@ -19,29 +19,35 @@ selection thresholds choose training clips only, so their trials stay comparable
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
-from core.config import config_hash, from_dict, to_dict
+from core.config import from_dict, to_dict
 from core.storage import join_uri
 from core.watchdog import Beats
-from models.checkpoint import MODEL_FILE, checkpoint_payload, save_checkpoint
-from training.common import TrainConfig, read_checkpoint_dir, validate, worker_amp
-from training.data import Selected, WindowMaker, for_pass, read_clips, read_shard_clips, select
+from models.checkpoint import MODEL_FILE
+from training.checkpoints import latest_checkpoint, read_checkpoint_dir, storage_root, write_payloads
+from training.config import TrainConfig, validate
+from training.data import Selected, read_clips, select
+from training.distributed import torch_config
+from training.recipe import Recipe, config_class, recipe_class
+from training.streams import BatchStream, datasets, shard_rows, val_batches
 from tuning.space import apply
 
 DIVERGED_LOSS = 1000.0
 """Validation loss reported by a diverged trial: worse than any real one, finite so ASHA can rank it."""
+
+PENALTY = {
+    "syncnet": {"val_loss": DIVERGED_LOSS, "val_accuracy": 0.0},
+    "wav2lip": {"val_loss": DIVERGED_LOSS, "val_l1": DIVERGED_LOSS, "val_sync": DIVERGED_LOSS},
+}
+"""The validation metrics a diverged trial reports."""
 
 WAV2LIP_SYNC_SHARE = 0.03
 """Wav2Lip's val_loss = (1 - s) · val_l1 + s · val_sync with the reference's final sync weight s, fixed so
@@ -74,17 +80,6 @@ class Diverged(Exception):
 # ---------------------------------------------------------------- the trial's training config and data
 
 
-def config_class(target: str) -> type[TrainConfig]:
-    """SyncNetConfig or Wav2LipConfig."""
-    if target == "syncnet":
-        from training.syncnet_job import SyncNetConfig
-
-        return SyncNetConfig
-    from training.wav2lip_job import Wav2LipConfig
-
-    return Wav2LipConfig
-
-
 def trial_config(setup: TrialSetup, params: dict[str, Any]) -> TrainConfig:
     """The training config of one trial: base, then the sampled parameters, then the sweep's cadence."""
     d = apply(setup.base, params)
@@ -113,93 +108,7 @@ def trial_splits(setup: TrialSetup, cfg: TrainConfig) -> tuple[Selected, Selecte
     return train, select(setup.data, base.data, "val", clips, max_clips=base.eval_clips, seed=base.seed)
 
 
-def shard_rows(selected: Selected) -> list[dict[str, Any]]:
-    """The selected clips' shard rows (the columns windows are cut from), read into this process."""
-    rows = [
-        row for uri in selected.shard_files for row in read_shard_clips(uri, selected.clip_ids).to_pylist()
-    ]
-    return sorted(rows, key=lambda row: row["clip_id"])
-
-
-def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Samples → a batch of tensors (images stay uint8, as Ray Data hands them to the recipes)."""
-    return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
-
-
-class BatchStream:
-    """Endless shuffled training batches, epoch after epoch; `position` makes a restart continue exactly.
-
-    Each epoch visits the clips in a seeded order through a shuffle buffer, with windows drawn anew per
-    epoch (the window seed is offset by the epoch).
-    """
-
-    def __init__(self, rows: list[dict], cfg: TrainConfig, kind: str, epoch: int = 0, index: int = 0) -> None:
-        self.rows, self.cfg, self.kind = rows, cfg, kind
-        self.epoch, self.index = epoch, index
-        self._batches = self._epoch(epoch, skip=index)
-
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        for _ in range(2):
-            batch = next(self._batches, None)
-            if batch is not None:
-                self.index += 1
-                return batch
-            if self.index == 0:
-                break
-            self.epoch, self.index = self.epoch + 1, 0
-            self._batches = self._epoch(self.epoch, skip=0)
-        raise ValueError(f"the selected clips give fewer windows than one batch ({self.cfg.batch_size})")
-
-    def _epoch(self, epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
-        cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, epoch])
-        windows = for_pass(cfg.windows, epoch)
-        maker = WindowMaker(self.kind, windows, cfg.img_size)
-        size = max(cfg.shuffle_buffer, cfg.batch_size)
-        buffer: list[dict[str, np.ndarray]] = []
-        n = 0
-        for i in rng.permutation(len(self.rows)):
-            buffer.extend(maker(self.rows[i]))
-            while len(buffer) >= size:
-                n += 1
-                batch = [
-                    buffer.pop(int(j)) for j in sorted(rng.choice(len(buffer), cfg.batch_size, False))[::-1]
-                ]
-                if n > skip:
-                    yield collate(batch)
-        rng.shuffle(buffer)
-        for start in range(0, len(buffer) - cfg.batch_size + 1, cfg.batch_size):
-            n += 1
-            if n > skip:
-                yield collate(buffer[start : start + cfg.batch_size])
-
-
-def val_batches(rows: list[dict], cfg: TrainConfig, kind: str) -> list[dict[str, torch.Tensor]]:
-    """The fixed validation set: `eval_windows_per_clip` windows of each val clip, in batches."""
-    windows = dataclasses.replace(cfg.windows, windows_per_clip=cfg.eval_windows_per_clip)
-    maker = WindowMaker(kind, windows, cfg.img_size)
-    samples = [s for row in rows for s in maker(row)]
-    return [collate(samples[i : i + cfg.batch_size]) for i in range(0, len(samples), cfg.batch_size)]
-
-
 # ---------------------------------------------------------------- divergence
-
-
-def finite(*items: nn.Module | torch.Tensor | None) -> bool:
-    """True when every tensor, and every floating parameter and buffer of every module, is finite."""
-    for item in items:
-        if item is None:
-            continue
-        tensors = [item] if isinstance(item, torch.Tensor) else list(item.state_dict().values())
-        if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
-            return False
-    return True
 
 
 @contextlib.contextmanager
@@ -220,139 +129,24 @@ def check_finite(values: dict[str, float]) -> dict[str, float]:
     return values
 
 
-# ---------------------------------------------------------------- the two recipes, step by step
+def train_step(recipe: Recipe, batch: dict[str, torch.Tensor]) -> float:
+    """The recipe's step; its train loss, or Diverged."""
+    with divergence_guard(lambda: recipe.finite_on(batch)):
+        return check_finite(recipe.step(batch))["train_loss"]
 
 
-class SyncNetSteps:
-    """The SyncNet recipe's model, optimiser, step, validation and checkpoint, in one process."""
-
-    penalty = {"val_loss": DIVERGED_LOSS, "val_accuracy": 0.0}
-
-    def __init__(self, cfg: Any, device: torch.device, expert: str | None = None) -> None:
-        from models.registry import build_model
-        from training.common import seed_everything
-
-        self.cfg, self.device, self.amp = cfg, device, worker_amp(device.type == "cuda")
-        seed_everything(cfg.seed)
-        self.model = build_model("syncnet", cfg.img_size).to(device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        self.scaler = self.amp.grad_scaler()
-
-    def load(self, payloads: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        main = payloads[MODEL_FILE]
-        self.model.load_state_dict(main["state_dict"])
-        self.optimizer.load_state_dict(main["optimizer"])
-        state = main.get("train_state", {})
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        return state
-
-    def step(self, batch: dict[str, torch.Tensor], state: dict[str, Any]) -> float:
-        from training.syncnet_job import train_step
-
-        with divergence_guard(lambda: self.finite_on(batch)):
-            loss = train_step(self.model, self.optimizer, self.scaler, self.amp, batch, self.device)
-        return check_finite({"train_loss": loss})["train_loss"]
-
-    @torch.no_grad()
-    def finite_on(self, batch: dict[str, torch.Tensor]) -> bool:
-        """Whether the weights and the embeddings of `batch` are finite."""
-        from training.common import images
-
-        self.model.eval()
-        audio, face = self.model(batch["mel"].to(self.device), images(batch["faces"], self.device))
-        return finite(self.model, audio, face)
-
-    @torch.no_grad()
-    def evaluate(self, batches: list[dict[str, torch.Tensor]], state: dict[str, Any]) -> dict[str, float]:
-        from training.syncnet_job import sync_batch_loss
-
-        self.model.eval()
-        loss_sum = correct = count = 0.0
-        for batch in batches:
-            with divergence_guard(lambda b=batch: self.finite_on(b)):
-                loss, prob = sync_batch_loss(self.model, batch, self.device, self.amp)
-            labels = batch["label"].to(self.device)
-            loss_sum += float(loss) * len(prob)
-            correct += float(((prob > 0.5).float() == labels).sum())
-            count += len(prob)
-        return check_finite({"val_loss": loss_sum / count, "val_accuracy": correct / count})
-
-    def payloads(self, step: int, metrics: dict[str, float], state: dict[str, Any]) -> dict[str, dict]:
-        cfg = self.cfg
-        config = to_dict(cfg) | {"config_hash": config_hash(cfg)}
-        main = checkpoint_payload(self.model, "syncnet", cfg.img_size, step, config, metrics, self.optimizer)
-        main["train_state"] = state | {"scaler": self.scaler.state_dict()}
-        return {MODEL_FILE: main}
-
-
-class Wav2LipSteps:
-    """The Wav2Lip recipe's generator (+ discriminator), step, validation and checkpoint, in one process."""
-
-    penalty = {"val_loss": DIVERGED_LOSS, "val_l1": DIVERGED_LOSS, "val_sync": DIVERGED_LOSS}
-
-    def __init__(self, cfg: Any, device: torch.device, expert: str | None = None) -> None:
-        from training.wav2lip_job import build_state
-
-        if not expert:
-            raise ValueError("a wav2lip trial needs the expert SyncNet checkpoint")
-        self.cfg, self.device, self.amp = cfg, device, worker_amp(device.type == "cuda")
-        self.state = build_state(cfg, expert, device, self.amp)
-        for key in ("gen", "disc"):
-            if self.state[key] is not None:
-                self.state[key] = self.state[key].to(device)
-
-    def load(self, payloads: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        from training.wav2lip_job import load_state
-
-        return load_state(self.state, payloads)
-
-    def step(self, batch: dict[str, torch.Tensor], state: dict[str, Any]) -> float:
-        from training.wav2lip_job import train_step
-
-        weight = state.get("sync_weight", 0.0)
-        with divergence_guard(lambda: self.finite_on(batch)):
-            losses = train_step(self.state, batch, self.device, self.amp, self.cfg, weight)
-        return check_finite(losses)["train_loss"]
-
-    @torch.no_grad()
-    def finite_on(self, batch: dict[str, torch.Tensor]) -> bool:
-        """Whether the weights and the frames generated for `batch` are finite."""
-        from training.common import images
-
-        gen = self.state["gen"].eval()
-        frames = gen(batch["indiv_mels"].to(self.device), images(batch["x"], self.device))
-        return finite(gen, self.state["disc"], frames)
-
-    @torch.no_grad()
-    def evaluate(self, batches: list[dict[str, torch.Tensor]], state: dict[str, Any]) -> dict[str, float]:
-        from training.wav2lip_job import generator_losses
-
-        gen = self.state["gen"].eval()
-        disc = self.state["disc"].eval() if self.state["disc"] is not None else None
-        l1 = sync = n = 0.0
-        for batch in batches:
-            with divergence_guard(lambda b=batch: self.finite_on(b)):
-                _, losses = generator_losses(gen, disc, self.state["expert"], batch, self.device, self.amp)
-            k = len(batch["x"])
-            l1, sync, n = l1 + float(losses["l1"]) * k, sync + float(losses["sync"]) * k, n + k
-        metrics = check_finite({"val_l1": l1 / n, "val_sync": sync / n})
-        if metrics["val_sync"] < self.cfg.sync_threshold:  # the reference's switch, as in the recipe
-            state["sync_weight"] = self.cfg.target_sync_weight
-        return metrics | {"val_loss": wav2lip_val_loss(metrics), "sync_weight": state.get("sync_weight", 0.0)}
-
-    def payloads(self, step: int, metrics: dict[str, float], state: dict[str, Any]) -> dict[str, dict]:
-        from training.wav2lip_job import payloads_of
-
-        return payloads_of(self.state, self.cfg, step, metrics, state)
+def evaluate(recipe: Recipe, validation: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """The recipe's validation metrics (+ Wav2Lip's comparable val_loss, + its logged state), or Diverged."""
+    with divergence_guard(lambda: all(recipe.finite_on(b) for b in validation)):
+        metrics = check_finite(recipe.evaluate(validation))
+    if recipe.name == "wav2lip":
+        metrics["val_loss"] = wav2lip_val_loss(metrics)
+    return metrics | recipe.logged()
 
 
 def wav2lip_val_loss(metrics: dict[str, float]) -> float:
     """One comparable Wav2Lip validation loss from val_l1 and val_sync."""
     return (1 - WAV2LIP_SYNC_SHARE) * metrics["val_l1"] + WAV2LIP_SYNC_SHARE * metrics["val_sync"]
-
-
-STEPS = {"syncnet": SyncNetSteps, "wav2lip": Wav2LipSteps}
 
 
 # ---------------------------------------------------------------- in-process trials
@@ -361,15 +155,6 @@ STEPS = {"syncnet": SyncNetSteps, "wav2lip": Wav2LipSteps}
 def trial_device(gpus: float) -> torch.device:
     """The GPU Ray gave this trial (CUDA_VISIBLE_DEVICES), else the CPU."""
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
-def save_payloads(directory: str, payloads: dict[str, dict[str, Any]]) -> None:
-    """model.pt in the shared checkpoint format, other payloads (disc.pt) beside it."""
-    for name, payload in payloads.items():
-        if name == MODEL_FILE:
-            save_checkpoint(directory, payload)
-        else:
-            torch.save(payload, os.path.join(directory, name))
 
 
 def restored() -> dict[str, dict[str, Any]] | None:
@@ -384,37 +169,31 @@ def restored() -> dict[str, dict[str, Any]] | None:
 
 
 def in_process_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """A Tune function trainable: train, validate, report and checkpoint in this process."""
+    """A Tune function trainable: the recipe trained, validated, reported and checkpointed in this process."""
     cfg = trial_config(setup, config)
     torch.set_num_threads(max(1, int(setup.cpus)))
-    steps = STEPS[setup.target](cfg, trial_device(setup.gpus), setup.syncnet)
-    step, state = resume(steps)
+    payloads = restored()
+    recipe = recipe_class(setup.target)(cfg, trial_device(setup.gpus), resume=payloads, expert=setup.syncnet)
+    step = int(payloads[MODEL_FILE]["step"]) if payloads is not None else 0
     if step >= cfg.steps:
         return  # it finished before the driver recorded it
+    state = recipe.train_state
     state["starts"] = [*state.get("starts", []), step]
     train, val = trial_splits(setup, cfg)
     position = state.get("stream", {})
     stream = BatchStream(
         shard_rows(train), cfg, setup.target, position.get("epoch", 0), position.get("index", 0)
     )
-    train_and_report(steps, stream, val_batches(shard_rows(val), cfg, setup.target), state, step, setup)
-
-
-def resume(steps: Any) -> tuple[int, dict[str, Any]]:
-    """(step, train state) of the checkpoint Tune restarts this trial from, loaded into `steps`."""
-    payloads = restored()
-    if payloads is None:
-        return 0, {}
-    return int(payloads[MODEL_FILE]["step"]), steps.load(payloads)
+    train_and_report(recipe, stream, val_batches(shard_rows(val), cfg, setup.target), step, setup)
 
 
 def train_and_report(
-    steps: Any, stream: BatchStream, validation: list[dict], state: dict, step: int, setup: TrialSetup
+    recipe: Recipe, stream: BatchStream, validation: list[dict], step: int, setup: TrialSetup
 ) -> None:
     """The loop: a step, and every `report_every` steps validation, a report and maybe a checkpoint."""
     from ray import tune
 
-    cfg = steps.cfg
+    cfg = recipe.cfg
     run = {"start_step": step, "run_started_at": time.time()}
     losses: list[float] = []
     diverged = False
@@ -423,32 +202,32 @@ def train_and_report(
         beat(f"trial {trial} training a step", step)
         if not diverged:
             try:
-                losses.append(steps.step(next(stream), state))
+                losses.append(train_step(recipe, next(stream)))
             except Diverged:
                 diverged = True
         step += 1
         if step % setup.report_every and step < cfg.steps:
             continue
-        metrics = report_metrics(steps, validation, state, losses, diverged) | run | {"step": step}
+        metrics = report_metrics(recipe, validation, losses, diverged) | run | {"step": step}
         diverged, losses = bool(metrics["diverged"]), []
         checkpoint = None
         if not diverged and (step % setup.checkpoint_every == 0 or step == cfg.steps):
-            state["stream"] = stream.position()
-            checkpoint = steps.payloads(step, metrics, state)
+            recipe.train_state["stream"] = stream.position()
+            checkpoint = recipe.payloads(step, metrics)
         report(metrics, checkpoint, tune)
 
 
 def report_metrics(
-    steps: Any, validation: list[dict], state: dict[str, Any], losses: list[float], diverged: bool
+    recipe: Recipe, validation: list[dict], losses: list[float], diverged: bool
 ) -> dict[str, float]:
     """Validation metrics and mean train loss since the last report (the penalty once diverged)."""
     if not diverged:
         try:
-            metrics = steps.evaluate(validation, state) if validation else {}
+            metrics = evaluate(recipe, validation) if validation else {}
             return metrics | {"train_loss": sum(losses) / len(losses) if losses else math.nan, "diverged": 0}
         except Diverged:
             pass
-    return steps.penalty | {"train_loss": DIVERGED_LOSS, "diverged": 1}
+    return PENALTY[recipe.name] | {"train_loss": DIVERGED_LOSS, "diverged": 1}
 
 
 def report(metrics: dict[str, float], payloads: dict[str, dict] | None, tune: Any) -> None:
@@ -457,7 +236,7 @@ def report(metrics: dict[str, float], payloads: dict[str, dict] | None, tune: An
         tune.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        save_payloads(tmp, payloads)
+        write_payloads(tmp, payloads)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -469,8 +248,6 @@ def train_run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from training.common import datasets, latest_checkpoint, storage_root, torch_config
 
     cfg = trial_config(setup, config)
     target = setup.target

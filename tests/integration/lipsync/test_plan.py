@@ -138,7 +138,7 @@ def test_train_asked_for_more_than_the_cluster_exits_2_fast(
 def test_train_with_two_workers_left_to_default_cpus_is_fitted(
     preprocessed_corpus: Path, ray_session
 ) -> None:  # noqa: ANN001
-    from training.common import plan_resources
+    from training.driver import plan_resources
     from training.syncnet_job import SyncNetConfig
 
     cfg = plan_resources(SyncNetConfig(workers=2), "train syncnet")

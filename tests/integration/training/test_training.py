@@ -22,15 +22,8 @@ from models.frames import SYNC_FRAMES
 from models.registry import build_model
 from models.syncnet import SYNC_FRAMES as MODEL_SYNC_FRAMES
 from pipeline.shards import encode_jpegs
-from training.common import (
-    amp_settings,
-    build_optimizer,
-    latest_checkpoint,
-    metric_history,
-    select_splits,
-    validate,
-    window_passes,
-)
+from training.checkpoints import latest_checkpoint
+from training.config import validate
 from training.data import (
     DataSelection,
     WindowConfig,
@@ -42,6 +35,10 @@ from training.data import (
     wav2lip_samples,
     windows_dataset,
 )
+from training.devices import amp_settings
+from training.metrics import metric_history
+from training.optim import build_optimizer
+from training.streams import select_splits, window_passes
 from training.syncnet_job import SyncNetConfig
 from training.syncnet_job import run as run_syncnet
 from training.wav2lip_job import DISC_FILE, Wav2LipConfig
@@ -187,7 +184,7 @@ def test_optimizer_is_adam_with_the_betas_or_sgd_and_unknown_names_are_refused()
 
 GLOBAL_BN_SCRIPT = """
 import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
-from training.common import GlobalBatchNorm2d
+from training.distributed import GlobalBatchNorm2d
 
 def worker(rank, out):
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -22,7 +22,7 @@ DDP_SCRIPT = """
 import json, sys
 import ray
 from ray.cluster_utils import Cluster
-from training.common import metric_history
+from training.metrics import metric_history
 from training.data import WindowConfig
 from training.syncnet_job import SyncNetConfig, run
 
@@ -143,7 +143,7 @@ def checkpoint_weights(run_out: str, step: int) -> dict[str, torch.Tensor]:
     """The float tensors of a run's checkpoint after `step` (step 0: the seeded initial weights)."""
     if step == 0:
         from models.registry import build_model
-        from training.common import seed_everything
+        from training.devices import seed_everything
 
         seed_everything(0)
         state = build_model("syncnet", 96).state_dict()

@@ -26,10 +26,11 @@ import yaml
 from core.config import from_dict, load_config
 from core.errors import BadInput
 from lipsync.cli import main
+from training.streams import BatchStream, shard_rows
 from training.syncnet_job import SyncNetConfig
 from tuning.space import apply, max_value, normalise, to_tune, validate_space
 from tuning.sweep import SweepConfig, TrialResources, concurrency, effective, run, validate
-from tuning.trial import BatchStream, TrialSetup, shard_rows, trial_config, trial_splits
+from tuning.trial import TrialSetup, trial_config, trial_splits
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_BASE = {
