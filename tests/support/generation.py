@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import numpy as np
-
-
-def ffmpeg_cli(*args: str) -> None:
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

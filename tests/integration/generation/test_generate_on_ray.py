@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from support.generation import ffmpeg_cli, psnr
-from support.tools import require_tool
+from support.generation import psnr
+from support.tools import ffmpeg_cli, require_tool
 
 from core.config import config_hash, load_config
 from core.errors import BadInput

@@ -2,8 +2,7 @@
 out, and `lipsync offset` on real clips whose audio is shifted by a known number of frames.
 
 Everything is real: ffmpeg makes the bad files, mediapipe finds the faces, Ray runs the actors (the
-session's local Ray in-process, or the CLI's own embedded Ray in a subprocess), moto serves S3 on 127.0.0.1.
-"""
+session's local Ray in-process, or the CLI's own embedded Ray in a subprocess), moto serves S3 on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -30,7 +29,11 @@ from pipeline.preprocess_config import STATE_DIR, PreprocessConfig
 from pipeline.shards import decode_crops, decode_landmarks, decode_mel
 
 LIPSYNC = [sys.executable, "-m", "lipsync.cli"]
+
+
 CLIP_SECONDS = 2.0
+
+
 N_CLIPS = 8  # the shared corpus: 2 languages x 2 speakers x 2 clips
 
 
@@ -47,7 +50,6 @@ def read_rows(path: Path | str) -> list[dict[str, Any]]:
     return pq.read_table(str(path)).to_pylist()
 
 
-# --- processes (/proc; no psutil) ---------------------------------------------------------------------
 def _stat(pid: int) -> tuple[str, int, int, int, int] | None:
     """(state, ppid, pgid, session id, start time) of a process, None when gone."""
     try:
@@ -135,7 +137,6 @@ def clip_preprocessor_pids(session: int | None = None) -> list[int]:
     return sorted(found)
 
 
-# --- corpora ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 short synth clips (en, es; 2 speakers x 2 clips of 2 s) with their manifest.csv."""
@@ -166,6 +167,8 @@ GOOD = {  # file -> (source fps, source width, source height)
     "stereo8k.mp4": (25.0, 256, 256),
     "rotated.mp4": (25.0, 256, 384),  # stored 384x256, displayed portrait 256x384
 }
+
+
 BAD = {  # file -> the exact reason code it must be rejected with
     "truncated.mp4": "truncated",
     "empty.mp4": "unreadable",
@@ -220,7 +223,6 @@ def make_bad_corpus(corpus: Path, out: Path) -> Path:
     return out
 
 
-# --- 1. bad inputs ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_bad_inputs_rejected_with_their_reason_good_ones_normalised(
     corpus: Path, ray_session, tmp_path: Path
@@ -274,7 +276,6 @@ def test_bad_inputs_rejected_with_their_reason_good_ones_normalised(
     assert result["rejected"] == len(BAD)
 
 
-# --- 2. the driver killed mid-run ---------------------------------------------------------------------
 def _cli_env() -> dict[str, str]:
     """The CLI starts its own embedded Ray: "local" stops ray.init() from joining a cluster that a
     `ray start` elsewhere on the machine registered in /tmp/ray/ray_current_cluster."""
@@ -329,7 +330,6 @@ def test_killed_driver_resumes_with_the_same_clips(
     assert shard_ids == {c["clip_id"] for c in baseline}
 
 
-# --- 3. a Ray worker killed mid-run -------------------------------------------------------------------
 @pytest.mark.slow
 def test_killed_worker_loses_no_clip(
     corpus: Path, baseline: list[dict[str, Any]], ray_session, tmp_path: Path
@@ -365,7 +365,6 @@ def test_killed_worker_loses_no_clip(
     assert len(clips) == N_CLIPS
 
 
-# --- 4. S3 in and out (moto) --------------------------------------------------------------------------
 @pytest.fixture
 def s3_server(monkeypatch: pytest.MonkeyPatch):
     """A moto S3 server on 127.0.0.1 (free port) and the AWS_* environment pointing at it."""
@@ -459,126 +458,3 @@ def test_s3_corpus_to_s3_output_gives_the_same_clips(
         io.BytesIO(s3.get_object(Bucket="lipsync", Key=shards[0])["Body"].read())
     ).to_pylist()[0]
     assert decode_crops(shard).shape[1:] == (96, 96, 3)
-
-
-# --- 5. lipsync offset on real clips with shifted audio -----------------------------------------------
-SHIFTS = (-6, -3, 3, 6)
-
-
-def shifted_copy(video: Path, k: int, out: Path) -> Path:
-    """`video` with its audio delayed (k > 0) or advanced (k < 0) by k frames of 25 fps; video copied.
-
-    k == 0 re-encodes the audio the same way, so the reference went through the same codec."""
-    ms = abs(k) * 40
-    if k > 0:
-        audio_filter = f"adelay={ms}:all=1"
-    elif k < 0:
-        audio_filter = f"atrim=start={ms / 1000},asetpts=PTS-STARTPTS"
-    else:
-        audio_filter = "anull"
-    ffmpeg(
-        "-i", str(video), "-map", "0:v:0", "-map", "0:a:0", "-c:v", "copy",
-        "-af", audio_filter, "-c:a", "aac", "-b:a", "128k", str(out),
-    )  # fmt: skip
-    return out
-
-
-class SameVideoTracker:
-    """The real FaceMesh tracker, run once per distinct video: the shifted copies keep the video stream
-    bit for bit (-c:v copy), so their decoded frames hash the same and reuse that track. Everything else
-    in `offset_of_video` (probe, decode, audio, estimate) runs for every copy."""
-
-    def __init__(self) -> None:
-        from pipeline.landmarks import FaceMeshTracker
-
-        self.tracker = FaceMeshTracker(max_faces=1)
-        self.tracks: dict[str, Any] = {}
-        self.runs = 0
-
-    def track(self, frames: np.ndarray, fps: float = 25.0):  # noqa: ANN201
-        import hashlib
-
-        sample = np.ascontiguousarray(frames[:, ::4, ::4])
-        key = f"{frames.shape}:{hashlib.sha1(sample.tobytes()).hexdigest()}"
-        if key not in self.tracks:
-            self.runs += 1
-            self.tracks[key] = self.tracker.track(frames, fps=fps)
-        return self.tracks[key]
-
-
-@pytest.mark.slow
-@pytest.mark.media
-def test_offset_moves_with_shifted_audio_on_real_clips(shared_media: Path, tmp_path: Path) -> None:
-    from pipeline.offset import offset_of_video
-
-    tracker = SameVideoTracker()
-    videos = sorted(shared_media.glob("*.mp4"))
-    assert videos
-    table: dict[str, dict[int, tuple[int, float]]] = {}
-    failures = []
-    for video in videos:
-        row = table.setdefault(video.name, {})
-        for k in (0, *SHIFTS):
-            path = shifted_copy(video, k, tmp_path / f"{video.stem}_{k:+d}.mp4")
-            est = offset_of_video(str(path), tracker=tracker)
-            row[k] = (est.offset_frames, round(est.confidence, 3))
-            path.unlink()
-        base = row[0][0]
-        for k in SHIFTS:
-            if abs(row[k][0] - base - k) > 1:
-                failures.append(f"{video.name} K={k:+d}: {row[k][0]} - {base} = {row[k][0] - base}")
-    assert tracker.runs == len(videos), "a shifted copy changed the video frames"
-    print(json.dumps(table, indent=1))
-    assert not failures, "estimate does not move by K +- 1:\n" + "\n".join(failures) + f"\n{table}"
-
-
-def _ffprobe_killed_first(tmp_path: Path, kills: int) -> Path:
-    """A directory whose `ffprobe` SIGKILLs itself on its first `kills` runs, then is the real one.
-
-    Each run appends a line to `calls`: how many times the input was probed."""
-    real = shutil.which("ffprobe")
-    assert real, "ffprobe is needed"
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "calls"
-    script = bin_dir / "ffprobe"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'echo run >> "{calls}"\n'
-        f'if [ "$(wc -l < "{calls}")" -le {kills} ]; then kill -9 $$; fi\n'
-        f'exec "{real}" "$@"\n'
-    )
-    script.chmod(0o755)
-    return bin_dir
-
-
-@pytest.mark.parametrize(("kills", "accepted"), [(1, True), (3, False)])
-def test_an_input_whose_ffprobe_was_killed_is_run_again(
-    synth_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kills: int, accepted: bool
-) -> None:
-    """A killed tool says nothing about the input: it is retried (twice), and only then rejected, and that
-    reject does not count as done: the next run processes the input again."""
-    from core.storage import Store
-    from pipeline.clip_preprocessor import ClipPreprocessor, output_hash
-    from pipeline.corpus import discover
-    from pipeline.media import TOOL_KILLED
-    from pipeline.preprocess import to_process
-    from pipeline.preprocess_config import TOOL_RETRIES
-
-    row = discover(str(synth_corpus))[0]
-    monkeypatch.setenv("PATH", f"{_ffprobe_killed_first(tmp_path, kills)}{os.pathsep}{os.environ['PATH']}")
-    cfg, out = PreprocessConfig(), str(tmp_path / "out")
-    preprocessor = ClipPreprocessor(cfg, out)
-    preprocessor({k: np.array([v]) for k, v in row.items()})  # writes the completion record, as a worker does
-    record = json.loads((tmp_path / "out" / STATE_DIR / f"{row['input_id']}.json").read_text())
-    probes = len((tmp_path / "calls").read_text().splitlines())
-    pending, done = to_process(Store(out), output_hash(cfg), [row])
-    if accepted:
-        assert probes == kills + 1 and len(record["clips"]) == 1 and not record["rejects"]
-        assert not pending and list(done) == [row["input_id"]]
-    else:
-        assert probes == TOOL_RETRIES + 1 and not record["clips"]
-        assert [r["reason"] for r in record["rejects"]] == [TOOL_KILLED]
-        assert pending == [row] and not done
-        preprocessor({k: np.array([v]) for k, v in row.items()})  # the next run: ffprobe is no longer killed
-        assert not to_process(Store(out), output_hash(cfg), [row])[0]

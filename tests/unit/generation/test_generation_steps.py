@@ -14,7 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from support.generation import ffmpeg_cli, psnr
+from support.generation import psnr
+from support.tools import ffmpeg_cli
 
 from core.config import load_config
 from core.errors import BadInput

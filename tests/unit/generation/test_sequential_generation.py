@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from support.generation import ffmpeg_cli
+from support.tools import ffmpeg_cli
 
 from core.stage import run_sequential
 from generation.config import GenerateConfig, PostprocessConfig
