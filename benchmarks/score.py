@@ -50,7 +50,8 @@ def random_syncnet(root: Path) -> str:
 
 def score(manifest: Path, out: Path, workers: int, syncnet: str | None) -> tuple[dict, float]:
     """Run the job on the already started Ray; returns (its result, wall seconds)."""
-    from evaluation.score import ScoreConfig, run
+    from evaluation.score import run
+    from evaluation.score_config import ScoreConfig
     from pipeline.preprocess_config import PoolConfig
 
     cfg = replace(ScoreConfig(), resources=replace(PoolConfig(), workers=workers))

@@ -24,7 +24,7 @@ import pandas as pd
 from core.config import code_version, load_config
 from core.errors import BadInput
 from core.storage import Store
-from evaluation.score import summarise
+from evaluation.summary import summarise
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -170,7 +170,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 
 def _score(args: argparse.Namespace) -> dict[str, Any]:
     from core.config import load_config
-    from evaluation.score import ScoreConfig, run
+    from evaluation.score import run
+    from evaluation.score_config import ScoreConfig
 
     overrides = {
         "resources.workers": args.workers,

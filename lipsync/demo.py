@@ -98,8 +98,8 @@ def run(out: str, config_path: str | None = None, address: str | None = None) ->
     """Run every stage in order into `out`; returns the paths written (the report last)."""
     from core.ray import ensure_ray
     from evaluation.report import run as report
-    from evaluation.score import ScoreConfig
     from evaluation.score import run as score
+    from evaluation.score_config import ScoreConfig
     from generation.config import GenerateConfig
     from generation.run import run as generate
     from pipeline.preprocess import run as preprocess

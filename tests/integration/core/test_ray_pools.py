@@ -157,7 +157,8 @@ FIRST_INPUT = textwrap.dedent(
         def work():
             return len(actor.process(row)["clips"])
     else:
-        from evaluation.score import ClipScorer, ScoreConfig
+        from evaluation.clip_scorer import ClipScorer
+        from evaluation.score_config import ScoreConfig
 
         at_import = loaded()
         actor = ClipScorer(ScoreConfig())

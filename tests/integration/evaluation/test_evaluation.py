@@ -16,7 +16,9 @@ import torch
 
 from core.errors import BadInput
 from evaluation import quality
-from evaluation.score import ClipScorer, ScoreConfig, discover_inputs
+from evaluation.clip_scorer import ClipScorer
+from evaluation.inputs import discover_inputs
+from evaluation.score_config import ScoreConfig
 from evaluation.sync import align_transcript, landmark_sync, timeline_from_document, viseme_agreement
 from models.syncnet_v2 import SyncNetV2, load_syncnet_v2, mfcc, mfcc_windows
 from pipeline import phonemes as ph

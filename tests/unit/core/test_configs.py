@@ -57,8 +57,8 @@ def test_unknown_key_names_the_key(tmp_path: Path) -> None:
     "bad", [{"workers": 0}, {"cpus_per_worker": 0.0}, {"poll_seconds": 0.0}, {"poll_seconds": 6.0}]
 )
 def test_preprocess_and_score_refuse_the_same_bad_resources(bad: dict) -> None:
-    from evaluation.score import ScoreConfig
     from evaluation.score import _validate as validate_score
+    from evaluation.score_config import ScoreConfig
     from pipeline.preprocess import _validate as validate_preprocess
     from pipeline.preprocess_config import PoolConfig, PreprocessConfig, ResourcesConfig
 
@@ -74,7 +74,7 @@ def test_preprocess_and_score_refuse_the_same_bad_resources(bad: dict) -> None:
 def test_score_config_refuses_preprocessing_s_inputs_per_worker(tmp_path: Path) -> None:
     """Scoring takes one video per call, so preprocessing's `resources.inputs_per_worker` is an unknown key
     in a score config, named in the error, not a setting silently ignored."""
-    from evaluation.score import ScoreConfig
+    from evaluation.score_config import ScoreConfig
     from pipeline.preprocess_config import PreprocessConfig
 
     path = tmp_path / "resources.yaml"
