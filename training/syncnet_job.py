@@ -117,7 +117,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device, amp = worker_device(), worker_amp(cfg.gpu)
     use_worker_threads(cfg)
     seed_everything(cfg.seed)
-    model = build_model(NAME, cfg.img_size).to(device)  # before the optimiser, so its state lands there too
+    model = build_model(NAME, cfg.img_size, cfg.width).to(device)  # before the optimiser (its state follows)
     optimizer = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr)
     scaler = amp.grad_scaler()
     step, resumed_from = 0, []

@@ -196,8 +196,8 @@ def evaluate(
 def build_state(cfg: Wav2LipConfig, expert_uri: str, device: torch.device, amp: Amp) -> dict[str, Any]:
     """Generator, discriminator (with the GAN), frozen expert, optimisers and loss scalers."""
     seed_everything(cfg.seed)
-    gen = build_model(NAME, cfg.img_size).to(device)  # before the optimisers, so their state lands there too
-    disc = build_model("disc", cfg.img_size).to(device) if cfg.gan else None
+    gen = build_model(NAME, cfg.img_size, cfg.width).to(device)  # before the optimisers (their state follows)
+    disc = build_model("disc", cfg.img_size, cfg.width).to(device) if cfg.gan else None
     expert = load_model(expert_uri, expected_kind="syncnet", device=device).model
     for p in expert.parameters():
         p.requires_grad_(False)

@@ -234,7 +234,7 @@ class SyncNetSteps:
 
         self.cfg, self.device, self.amp = cfg, device, worker_amp(device.type == "cuda")
         seed_everything(cfg.seed)
-        self.model = build_model("syncnet", cfg.img_size).to(device)
+        self.model = build_model("syncnet", cfg.img_size, cfg.width).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.scaler = self.amp.grad_scaler()
 
