@@ -20,6 +20,7 @@ from core.watchdog import Beats
 from models.checkpoint import MODEL_FILE, checkpoint_payload, read_payload
 from models.registry import build_model, sync_loss
 from models.syncnet import sync_probability
+from training import expert_health
 from training.common import (
     WAITING_FOR_WINDOWS,
     Amp,
@@ -58,6 +59,7 @@ class SyncNetConfig(TrainConfig):
     batch_size: int = 64
     lr: float = 1e-4
     eval_at_start: bool = False  # a validation pass before the first step (the untrained baseline)
+    stuck_after_steps: int | None = 5000  # warn if val loss is still >= 0.68 from this step (None: never)
 
 
 # ---------------------------------------------------------------- one step, one evaluation
@@ -138,6 +140,7 @@ def train_loop(config: dict[str, Any]) -> None:
     train_batches = batches("train", cfg.batch_size // world_size, device, cfg)
     has_val = config.get("has_val", False)
     beat = Beats(config.get("progress"), rank == 0)  # the driver's watchdog (core.watchdog)
+    health = expert_health.Health(config.get("health"), cfg, rank)  # offset ranks, stuck warning
     if has_val and cfg.eval_at_start and step == 0:
         metrics_log.log(0, evaluate(model, cfg, device, amp, world_size))
 
@@ -158,6 +161,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if has_val and (step % cfg.eval_every == 0 or last):
                 beat("evaluating", step)
                 metrics.update(evaluate(model, cfg, device, amp, world_size))
+                metrics.update(health.evaluate(model, step, metrics))
             metrics_log.log(step, {**metrics, "step": step})
 
         # -- checkpoint: model + optimiser + step + config (+ the resume trail)
@@ -181,4 +185,7 @@ def run(
 ) -> dict:
     """Train (or resume, or do nothing if finished) and return {checkpoint, step, metrics}."""
     validate(cfg)
-    return fit_job(NAME, train_loop, cfg, data, out, address=address, init_from=init_from)
+    health = expert_health.job_setup(data, cfg)
+    result = fit_job(NAME, train_loop, cfg, data, out, address=address, init_from=init_from,
+                     loop_config={"health": health})  # fmt: skip
+    return {**result, "health": expert_health.job_summary(result, cfg, health)}

@@ -26,6 +26,7 @@ from core.watchdog import Beats
 from models.checkpoint import MODEL_FILE, checkpoint_payload, load_model, read_payload
 from models.registry import build_model, sync_loss
 from models.syncnet import SYNC_FRAMES
+from training import expert_health
 from training.common import (
     WAITING_FOR_WINDOWS,
     Amp,
@@ -72,6 +73,7 @@ class Wav2LipConfig(TrainConfig):
     disc_weight: float = 0.07
     sync_weight: float | None = None  # None: 0.03 with the GAN, 0.01 without (the reference's values)
     sync_threshold: float = 0.75  # the sync loss is switched on once the expert's val loss is below this
+    expert_max_val_loss: float | None = 0.75  # refuse an expert whose val loss is above this (None: any)
     eval_clips: int | None = 8
     shuffle_buffer: int = 64
     windows: WindowConfig = field(default_factory=lambda: WindowConfig(windows_per_clip=16))
@@ -321,13 +323,15 @@ def read_checkpoint_files(uri: str) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------- the driver
 
 
-def check_expert(uri: str | None, img_size: int) -> str:
-    """--syncnet must be a SyncNet checkpoint of this img_size; returns its model.pt."""
+def check_expert(uri: str | None, img_size: int, max_val_loss: float | None = None) -> str:
+    """--syncnet must be a SyncNet checkpoint of this img_size (whose val loss is at most `max_val_loss`);
+    returns its model.pt."""
     if not uri:
         raise BadInput("train wav2lip needs --syncnet CKPT (an expert SyncNet checkpoint)")
     loaded = load_model(uri, expected_kind="syncnet")
     if loaded.img_size != img_size:
         raise BadInput(f"--syncnet {uri} is a {loaded.img_size}px SyncNet, the config trains {img_size}px")
+    expert_health.gate_expert(loaded.metrics, uri, max_val_loss)
     return loaded.uri
 
 
@@ -341,7 +345,7 @@ def run(
 ) -> dict:
     """Train (or resume, or do nothing if finished) and return {checkpoint, step, metrics}."""
     validate(cfg)
-    expert = check_expert(syncnet, cfg.img_size)
+    expert = check_expert(syncnet, cfg.img_size, cfg.expert_max_val_loss)
     return fit_job(
         NAME,
         train_loop,
