@@ -37,7 +37,7 @@ from core.malloc import reuse_freed_memory
 from core.manifest import MANIFEST_EXTENSIONS, read_table
 from core.ray import WORKER_DIED, ensure_ray, import_deferred, run_on_actor_pool
 from core.storage import Store, is_remote, join_uri, manifest_path, manifest_text
-from evaluation import quality
+from evaluation import baseline, quality
 from evaluation.calibration import Calibration, calibration_from_offsets, load_calibration, save_calibration
 from evaluation.sync import (
     CLOSED_BELOW,
@@ -85,6 +85,7 @@ class ScoreConfig:
     calibration_min_confidence: float | None = None  # None: the meter's own threshold
     calibration_min_clips: int = 3  # languages / speakers with fewer validation clips get no entry
     calibration_used: str = ""  # the calibration the scored videos were generated with (default: none)
+    baseline: bool = True  # generation outputs: also score the "do nothing" video (source + new audio)
     # one video per call: an actor holds a whole decoded video (up to max_seconds), so calls do not overlap
     resources: PoolConfig = field(default_factory=PoolConfig)
 
@@ -181,6 +182,20 @@ def discover_inputs(source: str, system: str = "") -> list[dict[str, Any]]:
     if not rows:
         raise BadInput(f"input {source} holds no videos to score")
     return rows
+
+
+def baseline_inputs(source: str, out: str) -> list[dict[str, Any]]:
+    """The "do nothing" videos of a generation outputs table, muxed into OUT/baseline/ (evaluation.baseline)."""
+    manifest = _manifest_of(source)
+    if manifest is None:
+        return []
+    frame = read_table(manifest)
+    if "output" not in frame.columns or "video" not in frame.columns or "audio" not in frame.columns:
+        return []
+    base = _base_of(manifest)
+    return [
+        _input_row(r, base, baseline.BASELINE_SYSTEM) for r in baseline.baseline_records(frame, base, out)
+    ]
 
 
 def attach_references(rows: list[dict[str, Any]], manifest: str) -> None:
@@ -352,6 +367,10 @@ class ClipScorer:
             scores[f"{embedder.name}_curve"] = [round(d, 5) for d in lse.mean_distances]
         scores.update(self._quality(row, frames, track.landmarks, smooth))
         scores["openness_trace"] = _trace(openness, cfg.trace_frames)
+        scores["envelope_trace"] = baseline.envelope_trace(
+            pcm, cfg.sample_rate, len(frames), cfg.fps, cfg.trace_frames
+        )
+        scores.update(baseline.mouth_strip(frames, smooth))
         scores["landmark_correlations"] = [round(c, 5) for c in est.correlations]
         return scores
 
@@ -606,6 +625,8 @@ def run(
     _validate(cfg)
     started = time.perf_counter()
     rows = discover_inputs(source, cfg.system)
+    if cfg.baseline:
+        rows += baseline_inputs(source, out)
     if reference:
         attach_references(rows, reference)
     _check_models(syncnet, syncnet_v2)
