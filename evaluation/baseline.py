@@ -218,3 +218,42 @@ def strip_figure(frame: pd.DataFrame, max_pairs: int = 6) -> Figure | None:
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------- the sync bar (issue 27's "done")
+
+BAR = {"abs_offset": 1.0, "openness_envelope_correlation": 0.5, "viseme_agreement": 0.8}
+"""A generated video passes when its landmark AV offset is within ±1 frame with a confident meter, its
+openness-envelope correlation is at least 0.5 and its viseme agreement at least 0.8 (and, per language, the
+baseline is worse on each)."""
+
+
+def passes_bar(row: dict[str, Any]) -> bool:
+    """One scored row against BAR (the meter must not have abstained)."""
+    offset, r, viseme = (_value(row, k) for k in COMPARED)
+    confident = str(row.get("landmark_abstained")).lower() in ("false", "0")
+    return bool(
+        confident
+        and offset is not None
+        and abs(offset) <= BAR["abs_offset"]
+        and r is not None
+        and r >= BAR["openness_envelope_correlation"]
+        and viseme is not None
+        and viseme >= BAR["viseme_agreement"]
+    )
+
+
+def sync_bar(frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per language: every generated video passes BAR and the baseline is worse on each metric."""
+    by_language: dict[str, dict[str, Any]] = {}
+    compared = {(c["system"], c["language"]): c for c in comparison(frame)}
+    for gen, _ in pairs(frame):
+        language = str(gen.get("language"))
+        entry = by_language.setdefault(language, {"videos": 0, "passed": 0})
+        entry["videos"] += 1
+        entry["passed"] += int(passes_bar(gen))
+        c = compared.get((str(gen.get("system")), language), {})
+        entry["baseline_worse_on_each"] = all(c.get(k, {}).get("generated_better") is True for k in BAR)
+    for entry in by_language.values():
+        entry["pass"] = entry["passed"] == entry["videos"] and entry["baseline_worse_on_each"]
+    return by_language

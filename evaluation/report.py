@@ -453,6 +453,7 @@ def build_document(
             "systems": _summary_record(frame, ["system"]),
         },
         "baseline_comparison": baseline.comparison(frame),
+        "sync_bar": baseline.sync_bar(frame),
         "worst_clips": [_clip_summary(r) for r in _records(worst)],
         "not_scored": [
             {k: _plain(r.get(k)) for k in ("id", "video", "status", "reason", "message")}

@@ -71,6 +71,7 @@ def test_report_shows_baseline_table_and_strips(tmp_path: Path) -> None:
     html = Path(written["report_html"]).read_text()
     assert '"do nothing" baseline' in html and "(not better)" in html and "(better)" in html
     assert "mouth crops over time, generated vs baseline" in html
+    assert "<b>en</b> fails" in html  # the meter's confidence is not recorded in these rows: no pass
     assert {"demo", "baseline"} <= set(written["systems"])
 
 
@@ -109,3 +110,14 @@ def test_mouth_strip_crops_the_mouth(synth_corpus: Path) -> None:
     image = np.asarray(Image.open(io.BytesIO(base64.b64decode(strip["mouth_strip"]))))
     assert image.shape == (baseline.CROP_H, 8 * baseline.CROP_W, 3) and len(strip["mouth_strip_frames"]) == 8
     assert (image != 128).any(axis=2).mean() > 0.9  # crops, not the grey of a frame without a face
+
+
+def test_sync_bar_needs_a_confident_meter_and_a_worse_baseline() -> None:
+    rows = [dict(r, landmark_abstained=False) for r in SCORES]
+    bar = baseline.sync_bar(pd.DataFrame(rows))
+    assert bar["en"]["pass"] is True  # offset 0, r 0.7, viseme 0.9; baseline worse on each
+    assert bar["hi"]["pass"] is False and bar["hi"]["baseline_worse_on_each"] is False
+    rows[0]["landmark_abstained"] = True
+    assert baseline.sync_bar(pd.DataFrame(rows))["en"]["pass"] is False  # an abstaining meter proves nothing
+    rows[0].update(landmark_abstained=False, viseme_agreement=0.79)
+    assert baseline.sync_bar(pd.DataFrame(rows))["en"]["pass"] is False
