@@ -29,6 +29,9 @@ STUCK_LOSS = 0.68
 """Val BCE at or above this is "stuck at chance" (ln 2 = 0.693)."""
 EXPERT_GATE = 0.75
 """The reference's sync threshold: an expert above it does not know sync well enough to teach it."""
+RECENT = 3
+"""Evaluations averaged for the stuck test (`val_loss_recent`): one evaluation of a few val clips moves by
+a few hundredths, enough to cross 0.68 either way by chance."""
 SHIFTS = tuple(range(-5, 6))
 """Mel shifts (video frames) the true offset is ranked among."""
 MAX_OFFSET_OK = 1
@@ -97,7 +100,8 @@ def causes(card: dict[str, Any]) -> list[str]:
 
 
 def stuck_warning(step: int, val_loss: float | None, after: int | None, card: dict[str, Any]) -> str | None:
-    """The warning text when val loss is still >= STUCK_LOSS at or after step `after` (None: never)."""
+    """The warning text when val loss (the mean of the last RECENT evaluations) is still >= STUCK_LOSS at or
+    after step `after` (None: never)."""
     if after is None or val_loss is None or step < after or val_loss < STUCK_LOSS:
         return None
     return (
@@ -183,6 +187,7 @@ class Health:
         self.setup, self.cfg, self.enabled = setup or {}, cfg, rank == 0 and bool(setup)
         self._rows: list[dict[str, Any]] | None = None
         self.warned = False
+        self.losses: list[float] = []
 
     def rows(self) -> list[dict[str, Any]]:
         if self._rows is None:
@@ -207,7 +212,11 @@ class Health:
 
         module = unwrap(model).eval()
         out = rank_metrics(offset_ranks(module, self.rows(), self.cfg.windows.correct_offset))
-        warning = stuck_warning(step, metrics.get("val_loss"), self.cfg.stuck_after_steps, self.setup["card"])
+        if metrics.get("val_loss") is not None:
+            self.losses.append(float(metrics["val_loss"]))
+            out["val_loss_recent"] = float(np.mean(self.losses[-RECENT:]))
+        recent = out.get("val_loss_recent")
+        warning = stuck_warning(step, recent, self.cfg.stuck_after_steps, self.setup["card"])
         if warning and not self.warned:
             self.warned = True
             log.warning(warning)
@@ -227,11 +236,14 @@ def job_summary(result: dict[str, Any], cfg: Any, setup: dict[str, Any]) -> dict
     """The `health` entry of the SyncNet command's result: final val figures, the data card, the warning."""
     metrics = result.get("metrics", {})
     warning = stuck_warning(
-        int(result.get("step", 0)), metrics.get("val_loss"), cfg.stuck_after_steps, setup["card"]
+        int(result.get("step", 0)),
+        metrics.get("val_loss_recent", metrics.get("val_loss")),
+        cfg.stuck_after_steps,
+        setup["card"],
     )
     if warning:
         log.warning(warning)
-    keys = ("val_loss", "val_accuracy", "offset_rank_mean", "offset_first_share")
+    keys = ("val_loss", "val_loss_recent", "val_accuracy", "offset_rank_mean", "offset_first_share")
     return {
         **{k: metrics[k] for k in keys if k in metrics},
         "stuck_after_steps": cfg.stuck_after_steps,
