@@ -163,10 +163,9 @@ def test_stuck_expert_warning_on_a_shifted_corpus_only(
         {"val_loss", "val_loss_recent", "offset_rank_mean", "offset_first_share"} <= set(e)
         for e in evaluations
     )
-    print(evaluations)
     if offset:
         assert setup["card"]["offset_share"] == 1.0  # the meter saw the 8 frames in every clip
-        assert summary["val_loss_recent"] >= eh.STUCK_LOSS
+        assert summary["val_loss_recent"] >= eh.STUCK_LOSS, evaluations  # measured: 0.700 (clean: 0.596)
         assert summary["warning"] and "100% of clips have |offset| > 1 frame" in summary["warning"]
         assert any("expert SyncNet is stuck" in r.getMessage() for r in caplog.records)
     else:
