@@ -18,7 +18,7 @@ from core.config import code_version, config_hash
 from core.errors import BadInput, ItemFailure
 from core.malloc import reuse_freed_memory
 from core.ray import WORKER_DIED, import_deferred
-from evaluation import quality
+from evaluation import baseline, quality
 from evaluation.score_config import MIN_FRAMES, NO_FACE, OK_STATUSES, TOO_SHORT, ScoreConfig
 from evaluation.sync import (
     align_transcript,
@@ -174,6 +174,10 @@ class ClipScorer:
             scores[f"{embedder.name}_curve"] = [round(d, 5) for d in lse.mean_distances]
         scores.update(self._quality(row, frames, track.landmarks, smooth))
         scores["openness_trace"] = _trace(openness, cfg.trace_frames)
+        scores["envelope_trace"] = baseline.envelope_trace(
+            pcm, cfg.sample_rate, len(frames), cfg.fps, cfg.trace_frames
+        )
+        scores.update(baseline.mouth_strip(frames, smooth))
         scores["landmark_correlations"] = [round(c, 5) for c in est.correlations]
         return scores
 

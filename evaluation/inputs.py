@@ -14,6 +14,7 @@ import pandas as pd
 from core.errors import BadInput
 from core.manifest import MANIFEST_EXTENSIONS, read_table
 from core.storage import is_remote, join_uri, manifest_path, manifest_text
+from evaluation import baseline
 from evaluation.score_config import OK_STATUSES
 from pipeline.corpus import VIDEO_EXTENSIONS, discover, input_id
 
@@ -109,6 +110,20 @@ def discover_inputs(source: str, system: str = "") -> list[dict[str, Any]]:
     if not rows:
         raise BadInput(f"input {source} holds no videos to score")
     return rows
+
+
+def baseline_inputs(source: str, out: str) -> list[dict[str, Any]]:
+    """The "do nothing" videos of a generation outputs table, muxed into OUT/baseline/ (evaluation.baseline)."""
+    manifest = _manifest_of(source)
+    if manifest is None:
+        return []
+    frame = read_table(manifest)
+    if "output" not in frame.columns or "video" not in frame.columns or "audio" not in frame.columns:
+        return []
+    base = _base_of(manifest)
+    return [
+        _input_row(r, base, baseline.BASELINE_SYSTEM) for r in baseline.baseline_records(frame, base, out)
+    ]
 
 
 def attach_references(rows: list[dict[str, Any]], manifest: str) -> None:

@@ -24,6 +24,7 @@ import pandas as pd
 from core.config import code_version, load_config
 from core.errors import BadInput
 from core.storage import Store
+from evaluation import baseline
 from evaluation.summary import summarise
 
 if TYPE_CHECKING:
@@ -371,11 +372,18 @@ def figures(frame: pd.DataFrame, scores: dict[str, dict[str, Any]], worst: pd.Da
     for name, make in (
         ("distributions", lambda: distribution_figure(frame)),
         ("worst_traces", lambda: traces_figure(worst)),
+        ("baseline_strips", lambda: baseline_strips_figure(frame)),
     ):
         png = make()
         if png:
             out[name] = png
     return out
+
+
+def baseline_strips_figure(frame: pd.DataFrame) -> str | None:
+    """Mouth strips over time, generated vs the do-nothing baseline, with the audio envelope under them."""
+    fig = baseline.strip_figure(frame)
+    return _png(fig) if fig is not None else None
 
 
 # --- rendering ------------------------------------------------------------------------------------------
@@ -444,6 +452,8 @@ def build_document(
             "languages": _summary_record(frame, ["language"]),
             "systems": _summary_record(frame, ["system"]),
         },
+        "baseline_comparison": baseline.comparison(frame),
+        "sync_bar": baseline.sync_bar(frame),
         "worst_clips": [_clip_summary(r) for r in _records(worst)],
         "not_scored": [
             {k: _plain(r.get(k)) for k in ("id", "video", "status", "reason", "message")}

@@ -25,7 +25,7 @@ from core.errors import BadInput
 from core.ray import ensure_ray, run_on_actor_pool
 from core.storage import Store
 from evaluation.clip_scorer import ClipScorer
-from evaluation.inputs import attach_references, discover_inputs
+from evaluation.inputs import attach_references, baseline_inputs, discover_inputs
 from evaluation.score_config import ScoreConfig
 from evaluation.summary import calibration_from_scores, scores_table, summary_document
 from generation.calibration import save_calibration
@@ -94,6 +94,8 @@ def run(
     _validate(cfg)
     started = time.perf_counter()
     rows = discover_inputs(source, cfg.system)
+    if cfg.baseline:
+        rows += baseline_inputs(source, out)
     if reference:
         attach_references(rows, reference)
     _check_models(syncnet, syncnet_v2)

@@ -8,6 +8,7 @@ With --json the last line on stdout is one JSON object; progress and human outpu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -102,6 +103,8 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     from training.wav2lip_job import run as run_wav2lip
 
     cfg = load_config(Wav2LipConfig, args.config, overrides)
+    if args.allow_weak_expert:
+        cfg = dataclasses.replace(cfg, expert_max_val_loss=None)
     return run_wav2lip(cfg, args.data, args.out, args.syncnet, address=args.address, init_from=args.init_from)
 
 
@@ -115,6 +118,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         if model == "wav2lip":
             p.add_argument(
                 "--syncnet", required=True, help="expert SyncNet checkpoint (dir, model.pt or OUT)"
+            )
+            p.add_argument(
+                "--allow-weak-expert",
+                action="store_true",
+                help="use an expert whose val loss is above expert_max_val_loss (0.75, the reference's gate)",
             )
         p.add_argument("--workers", type=int, help="data-parallel workers (global batch is split over them)")
         p.add_argument("--cpus-per-worker", type=float, help="CPUs each worker reserves (default: fitted)")

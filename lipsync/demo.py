@@ -165,6 +165,7 @@ def run(out: str, config_path: str | None = None, address: str | None = None) ->
         "corpus": str(corpus / "manifest.csv"),
         "preprocessed": str(data),
         "syncnet": expert["checkpoint"],
+        "syncnet_health": expert.get("health"),
         "wav2lip": generator["checkpoint"],
         "tune": sweep.get("best", str(root / "tune")),
         "generated": generated.get("outputs", str(root / "generated")),

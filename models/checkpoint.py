@@ -1,7 +1,8 @@
 """The checkpoint format that training writes and generation/scoring load by path alone.
 
 A checkpoint is a directory (Ray Train's unit) holding `model.pt`: a torch-saved dict with
-`format` (this module's version), `kind` ("syncnet" | "wav2lip" | "disc"), `img_size`, `state_dict`,
+`format` (this module's version), `kind` ("syncnet" | "wav2lip" | "disc"), `img_size`, `width` (the
+channel multiplier; absent in older files: 1.0), `state_dict`,
 `optimizer` (or None), `step`, `config` (the training config as a plain dict), `metrics`, `code_version`.
 `load_model` accepts the directory, the `model.pt` file itself, or a training OUT directory (its newest
 checkpoint), local or any fsspec URI.
@@ -52,12 +53,13 @@ def checkpoint_payload(
     metrics: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, Any]:
-    """The dict saved as model.pt (unwraps DDP)."""
+    """The dict saved as model.pt (unwraps DDP); the model's `width` is read from it."""
     module = model.module if hasattr(model, "module") else model
     return {
         "format": FORMAT,
         "kind": kind,
         "img_size": int(img_size),
+        "width": float(getattr(module, "width", 1.0)),
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "step": int(step),
@@ -126,7 +128,7 @@ def load_model(
     kind = payload["kind"]
     if expected_kind and kind != expected_kind:
         raise BadInput(f"checkpoint {target} holds a {kind} model, expected {expected_kind}")
-    model = build_model(kind, payload["img_size"])
+    model = build_model(kind, payload["img_size"], payload.get("width", 1.0))
     model.load_state_dict(payload["state_dict"])
     model.to(device).eval()
     return LoadedCheckpoint(

@@ -21,6 +21,11 @@ BOTTLENECK_MAX = 4
 """Face encoders halve until the feature map is at most this big, then one valid conv takes it to 1×1."""
 
 
+def scaled(channels: int, width: float) -> int:
+    """A reference channel count times the width multiplier (at least 1; width 1.0 is the reference)."""
+    return max(1, round(channels * width))
+
+
 class Conv2d(nn.Module):
     """Conv → BatchNorm → ReLU; with ``residual`` the input is added before the ReLU."""
 
@@ -86,22 +91,24 @@ def res_block(channels: int) -> Conv2d:
     return Conv2d(channels, channels, kernel_size=3, stride=1, padding=1, residual=True)
 
 
-def audio_encoder(last_stage_residuals: int = 1) -> nn.Sequential:
-    """Mel window (N, 1, 80, 16) → (N, 512, 1, 1): the generator's (1 residual at 256) and SyncNet's (2)."""
+def audio_encoder(last_stage_residuals: int = 1, width: float = 1.0) -> nn.Sequential:
+    """Mel window (N, 1, 80, 16) → (N, 512·width, 1, 1): the generator's (1 residual at 256) and SyncNet's
+    (2); `width` scales every channel count."""
+    c32, c64, c128, c256, c512 = (scaled(c, width) for c in (32, 64, 128, 256, 512))
     return nn.Sequential(
-        Conv2d(1, 32, kernel_size=3, stride=1, padding=1),
-        res_block(32),
-        res_block(32),
-        Conv2d(32, 64, kernel_size=3, stride=(3, 1), padding=1),  # 27×16
-        res_block(64),
-        res_block(64),
-        Conv2d(64, 128, kernel_size=3, stride=3, padding=1),  # 9×6
-        res_block(128),
-        res_block(128),
-        Conv2d(128, 256, kernel_size=3, stride=(3, 2), padding=1),  # 3×3
-        *[res_block(256) for _ in range(last_stage_residuals)],
-        Conv2d(256, 512, kernel_size=3, stride=1, padding=0),  # 1×1
-        Conv2d(512, 512, kernel_size=1, stride=1, padding=0),
+        Conv2d(1, c32, kernel_size=3, stride=1, padding=1),
+        res_block(c32),
+        res_block(c32),
+        Conv2d(c32, c64, kernel_size=3, stride=(3, 1), padding=1),  # 27×16
+        res_block(c64),
+        res_block(c64),
+        Conv2d(c64, c128, kernel_size=3, stride=3, padding=1),  # 9×6
+        res_block(c128),
+        res_block(c128),
+        Conv2d(c128, c256, kernel_size=3, stride=(3, 2), padding=1),  # 3×3
+        *[res_block(c256) for _ in range(last_stage_residuals)],
+        Conv2d(c256, c512, kernel_size=3, stride=1, padding=0),  # 1×1
+        Conv2d(c512, c512, kernel_size=1, stride=1, padding=0),
     )
 
 

@@ -21,13 +21,14 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(kind: str, img_size: int = 96) -> nn.Module:
-    """A fresh model by name: ``wav2lip``/``generator``, ``syncnet`` or ``disc``/``discriminator``."""
+def build_model(kind: str, img_size: int = 96, width: float = 1.0) -> nn.Module:
+    """A fresh model by name: ``wav2lip``/``generator``, ``syncnet`` or ``disc``/``discriminator``; ``width``
+    scales its channel counts (1.0: the reference)."""
     try:
         cls = MODELS[kind.lower()]
     except KeyError:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(MODELS)}") from None
-    return cls(img_size=img_size)
+    return cls(img_size=img_size, width=width)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

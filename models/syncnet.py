@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.frames import SYNC_FRAMES
-from models.layers import Conv2d, audio_encoder, conv_out, extra_stages, res_block
+from models.layers import Conv2d, audio_encoder, conv_out, extra_stages, res_block, scaled
 
 """Frames per SyncNet window (the face input stacks their RGB channels: 15)."""
 
@@ -20,12 +20,14 @@ EMBEDDING_DIM = 512
 
 
 class SyncNet(nn.Module):
-    """Faces (B, 15, H/2, W) + mels (B, 1, 80, 16) → (audio, face) embeddings, each (B, 512) and unit-norm."""
+    """Faces (B, 15, H/2, W) + mels (B, 1, 80, 16) → (audio, face) embeddings, each (B, 512·width) and
+    unit-norm. `width` scales every channel count (1.0: the reference)."""
 
-    def __init__(self, img_size: int = 96) -> None:
+    def __init__(self, img_size: int = 96, width: float = 1.0) -> None:
         super().__init__()
-        self.img_size = img_size
+        self.img_size, self.width = img_size, width
         extra = extra_stages(img_size)
+        c32, c64, c128, c256, c512 = (scaled(c, width) for c in (32, 64, 128, 256, EMBEDDING_DIM))
 
         # Follow the spatial size of the lower-half input so the last valid conv lands on 1×1.
         h, w = img_size // 2, img_size
@@ -38,29 +40,33 @@ class SyncNet(nn.Module):
         extra_layers = [
             layer
             for _ in range(extra)
-            for layer in (Conv2d(32, 32, kernel_size=3, stride=2, padding=1), res_block(32), res_block(32))
+            for layer in (
+                Conv2d(c32, c32, kernel_size=3, stride=2, padding=1),
+                res_block(c32),
+                res_block(c32),
+            )
         ]
         self.face_encoder = nn.Sequential(
-            Conv2d(SYNC_FRAMES * 3, 32, kernel_size=7, stride=1, padding=3),
+            Conv2d(SYNC_FRAMES * 3, c32, kernel_size=7, stride=1, padding=3),
             *extra_layers,
-            Conv2d(32, 64, kernel_size=5, stride=(1, 2), padding=1),  # 46×47 at 96
-            res_block(64),
-            res_block(64),
-            Conv2d(64, 128, kernel_size=3, stride=2, padding=1),  # 23×24
-            res_block(128),
-            res_block(128),
-            res_block(128),
-            Conv2d(128, 256, kernel_size=3, stride=2, padding=1),  # 12×12
-            res_block(256),
-            res_block(256),
-            Conv2d(256, 512, kernel_size=3, stride=2, padding=1),  # 6×6
-            res_block(512),
-            res_block(512),
-            Conv2d(512, 512, kernel_size=3, stride=2, padding=1),  # 3×3
-            Conv2d(512, 512, kernel_size=(h, w), stride=1, padding=0),  # 1×1
-            Conv2d(512, EMBEDDING_DIM, kernel_size=1, stride=1, padding=0),
+            Conv2d(c32, c64, kernel_size=5, stride=(1, 2), padding=1),  # 46×47 at 96
+            res_block(c64),
+            res_block(c64),
+            Conv2d(c64, c128, kernel_size=3, stride=2, padding=1),  # 23×24
+            res_block(c128),
+            res_block(c128),
+            res_block(c128),
+            Conv2d(c128, c256, kernel_size=3, stride=2, padding=1),  # 12×12
+            res_block(c256),
+            res_block(c256),
+            Conv2d(c256, c512, kernel_size=3, stride=2, padding=1),  # 6×6
+            res_block(c512),
+            res_block(c512),
+            Conv2d(c512, c512, kernel_size=3, stride=2, padding=1),  # 3×3
+            Conv2d(c512, c512, kernel_size=(h, w), stride=1, padding=0),  # 1×1
+            Conv2d(c512, c512, kernel_size=1, stride=1, padding=0),
         )
-        self.audio_encoder = audio_encoder(last_stage_residuals=2)
+        self.audio_encoder = audio_encoder(last_stage_residuals=2, width=width)
 
     def forward(
         self, audio_sequences: torch.Tensor, face_sequences: torch.Tensor

@@ -46,6 +46,7 @@ class TrainConfig:
     lr: float = 1e-4
     optimizer: str = "adam"  # "adam" (the reference) or "sgd" (momentum 0.9)
     img_size: int = 96
+    width: float = 1.0  # channel multiplier of the trained model(s) (1.0: the reference; 0.25: a quarter)
     workers: int = 1
     gpu: bool = False
     cpus_per_worker: float | None = None  # None: fitted to the cluster, at most DEFAULT_CPUS
@@ -91,6 +92,8 @@ def validate(cfg: TrainConfig) -> None:
         raise BadInput("steps, workers and batch_size must be >= 1")
     if cfg.batch_size % cfg.workers:
         raise BadInput(f"batch_size {cfg.batch_size} is not divisible by workers {cfg.workers}")
+    if cfg.width <= 0:
+        raise BadInput(f"width must be > 0, not {cfg.width}")
     if cfg.img_size < 96 or cfg.img_size % 2:
         raise BadInput(f"img_size must be an even number >= 96, not {cfg.img_size}")
     if cfg.threads_per_worker is not None and cfg.threads_per_worker < 1:

@@ -56,6 +56,7 @@ def train_loop(recipe_cls: type[Recipe], config: dict[str, Any]) -> None:
     beat = Beats(config.get("progress"), rank == 0)  # the driver's watchdog (core.watchdog)
     beat("setting up the worker", 0)
     recipe, step = set_up(recipe_cls, config, rank, world_size)
+    recipe.watch(config.get("health"), rank)
     cfg, device = recipe.cfg, recipe.device
     metrics_log = MetricsLog(config.get("mlflow_uri"), config.get("mlflow_run_id"), rank == 0)
     train_batches = batches("train", cfg.batch_size // world_size, device, cfg)
@@ -84,6 +85,7 @@ def train_loop(recipe_cls: type[Recipe], config: dict[str, Any]) -> None:
             if has_val and (step % cfg.eval_every == 0 or last):
                 beat("evaluating", step)
                 metrics.update(recipe.evaluate(validation()))
+                metrics.update(recipe.after_evaluation(step, metrics))
             metrics.update(recipe.logged())
             metrics_log.log(step, {**metrics, "step": step})
 

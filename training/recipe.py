@@ -83,6 +83,13 @@ class Recipe:
         """Validation metrics over `batches` and every other worker's (a single process: its own)."""
         raise NotImplementedError
 
+    def watch(self, setup: dict[str, Any] | None, rank: int) -> None:
+        """Take the driver's monitoring set-up (e.g. the expert's health checks); most recipes need none."""
+
+    def after_evaluation(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics derived after each evaluation (e.g. the expert's offset ranks); most recipes add none."""
+        return {}
+
     def logged(self) -> dict[str, float]:
         """Recipe state logged beside the metrics at every log step."""
         return {}

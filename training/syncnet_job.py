@@ -19,6 +19,7 @@ from torch import nn
 from models.checkpoint import MODEL_FILE, read_payload
 from models.registry import build_model, sync_loss
 from models.syncnet import sync_probability
+from training import expert_health
 from training.config import TrainConfig, validate
 from training.devices import Amp, images
 from training.distributed import global_sum, unwrap
@@ -36,6 +37,7 @@ class SyncNetConfig(TrainConfig):
     batch_size: int = 64
     lr: float = 1e-4
     eval_at_start: bool = False  # a validation pass before the first step (the untrained baseline)
+    stuck_after_steps: int | None = 5000  # warn if val loss is still >= 0.68 from this step (None: never)
 
 
 def sync_batch_loss(
@@ -54,7 +56,7 @@ class SyncNetRecipe(Recipe):
     config = SyncNetConfig
 
     def build(self, expert: str | None) -> None:
-        self.model = build_model(NAME, self.cfg.img_size).to(self.device)
+        self.model = build_model(NAME, self.cfg.img_size, self.cfg.width).to(self.device)
         self.optimizer = build_optimizer(self.model.parameters(), self.cfg.optimizer, self.cfg.lr)
         self.scaler = self.amp.grad_scaler()
 
@@ -66,6 +68,13 @@ class SyncNetRecipe(Recipe):
 
     def parallelize(self, wrap: Any) -> None:
         self.model = wrap(self.model)
+
+    def watch(self, setup: dict[str, Any] | None, rank: int) -> None:
+        self.health = expert_health.Health(setup, self.cfg, rank)  # offset ranks, the stuck warning
+
+    def after_evaluation(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        health = getattr(self, "health", None)
+        return health.evaluate(self.model, step, metrics) if health is not None else {}
 
     def step(self, batch: Batch) -> dict[str, float]:
         """One optimiser step; this worker's loss."""
@@ -115,4 +124,7 @@ def run(
 ) -> dict:
     """Train (or resume, or do nothing if finished) and return {checkpoint, step, metrics}."""
     validate(cfg)
-    return fit_job(NAME, train_loop, cfg, data, out, address=address, init_from=init_from)
+    health = expert_health.job_setup(data, cfg)
+    result = fit_job(NAME, train_loop, cfg, data, out, address=address, init_from=init_from,
+                     loop_config={"health": health})  # fmt: skip
+    return {**result, "health": expert_health.job_summary(result, cfg, health)}

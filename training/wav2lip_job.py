@@ -24,6 +24,7 @@ from core.errors import BadInput
 from models.checkpoint import MODEL_FILE, load_model, read_payload
 from models.registry import build_model, sync_loss
 from models.syncnet import SYNC_FRAMES
+from training import expert_health
 from training.checkpoints import storage_root
 from training.config import TrainConfig, validate
 from training.data import WindowConfig
@@ -49,6 +50,7 @@ class Wav2LipConfig(TrainConfig):
     disc_weight: float = 0.07
     sync_weight: float | None = None  # None: 0.03 with the GAN, 0.01 without (the reference's values)
     sync_threshold: float = 0.75  # the sync loss is switched on once the expert's val loss is below this
+    expert_max_val_loss: float | None = 0.75  # refuse an expert whose val loss is above this (None: any)
     eval_clips: int | None = 8
     shuffle_buffer: int = 64
     windows: WindowConfig = field(default_factory=lambda: WindowConfig(windows_per_clip=16))
@@ -138,10 +140,10 @@ class Wav2LipRecipe(Recipe):
         if not expert:
             raise ValueError("a Wav2Lip recipe needs the expert SyncNet checkpoint")
         cfg, device = self.cfg, self.device
-        self.gen = build_model(NAME, cfg.img_size).to(
+        self.gen = build_model(NAME, cfg.img_size, cfg.width).to(
             device
         )  # before the optimisers: their state lands there
-        self.disc = build_model("disc", cfg.img_size).to(device) if cfg.gan else None
+        self.disc = build_model("disc", cfg.img_size, cfg.width).to(device) if cfg.gan else None
         self.expert = load_model(expert, expected_kind="syncnet", device=device).model.eval()
         for p in self.expert.parameters():
             p.requires_grad_(False)
@@ -252,13 +254,15 @@ def read_checkpoint_files(uri: str) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------- the driver
 
 
-def check_expert(uri: str | None, img_size: int) -> str:
-    """--syncnet must be a SyncNet checkpoint of this img_size; returns its model.pt."""
+def check_expert(uri: str | None, img_size: int, max_val_loss: float | None = None) -> str:
+    """--syncnet must be a SyncNet checkpoint of this img_size (whose val loss is at most `max_val_loss`);
+    returns its model.pt."""
     if not uri:
         raise BadInput("train wav2lip needs --syncnet CKPT (an expert SyncNet checkpoint)")
     loaded = load_model(uri, expected_kind="syncnet")
     if loaded.img_size != img_size:
         raise BadInput(f"--syncnet {uri} is a {loaded.img_size}px SyncNet, the config trains {img_size}px")
+    expert_health.gate_expert(loaded.metrics, uri, max_val_loss)
     return loaded.uri
 
 
@@ -272,7 +276,7 @@ def run(
 ) -> dict:
     """Train (or resume, or do nothing if finished) and return {checkpoint, step, metrics}."""
     validate(cfg)
-    expert = check_expert(syncnet, cfg.img_size)
+    expert = check_expert(syncnet, cfg.img_size, cfg.expert_max_val_loss)
     return fit_job(
         NAME,
         train_loop,

@@ -33,6 +33,7 @@ from pipeline.media.decoding import shift_audio as shift_audio
 from pipeline.media.encoding import STABILISERS as STABILISERS
 from pipeline.media.encoding import mux_output as mux_output
 from pipeline.media.encoding import resolve_stabiliser as resolve_stabiliser
+from pipeline.media.encoding import video_with_new_audio as video_with_new_audio
 from pipeline.media.encoding import write_i420 as write_i420
 from pipeline.media.encoding import write_video as write_video
 from pipeline.media.probing import ProbeInfo as ProbeInfo

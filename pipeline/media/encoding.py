@@ -255,3 +255,19 @@ def mux_output(
         ).overwrite_output()
         run_ffmpeg(graph, out_uri, "encode_failed")
     return out_uri
+
+
+def video_with_new_audio(
+    video: str, audio: str, out_uri: str, crf: int = 18, preset: str = "veryfast"
+) -> str:
+    """`video`'s frames (looped as long as needed) with `audio` as the sound track, cut to the audio: the
+    "do nothing" baseline of a lip-sync output. H.264 + AAC mp4; returns out_uri."""
+    with contextlib.ExitStack() as stack:
+        video_local = stack.enter_context(local_path(video))
+        audio_local = stack.enter_context(local_path(audio))
+        out = stack.enter_context(_output_path(out_uri))
+        frames = ffmpeg.input(video_local, stream_loop=-1).video
+        sound = ffmpeg.input(audio_local).audio
+        graph = ffmpeg.output(frames, sound, out, shortest=None, acodec="aac", **x264_mp4(crf, preset, 2))
+        run_ffmpeg(graph.overwrite_output(), out_uri, "encode_failed")
+    return out_uri

@@ -31,6 +31,7 @@ def tiny_demo_config(path: Path) -> Path:
     doc["synth"] |= {"clips_per_speaker": 1, "seconds": 3.0}
     doc["syncnet"] |= {"steps": 2, "batch_size": 4, "checkpoint_every": 2, "eval_every": 2, "log_every": 1}
     doc["wav2lip"] |= {"steps": 1, "batch_size": 2, "checkpoint_every": 1, "eval_every": 1, "log_every": 1}
+    doc["wav2lip"]["expert_max_val_loss"] = None  # a 2-step expert: the generator's gate would refuse it
     doc["tune"] |= {"steps": 2, "grace_period": 1, "report_every": 1, "checkpoint_every": 1}
     doc["tune"]["space"]["batch_size"] = {"choice": [2, 4]}
     path.write_text(yaml.safe_dump(doc))

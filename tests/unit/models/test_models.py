@@ -219,3 +219,34 @@ def test_sync_loss_behaviour() -> None:
     a, f = emb.clone().requires_grad_(), emb.clone().requires_grad_()
     sync_loss(a, f, zeros).backward()  # the worst case (cosine exactly 1, label 0) still has finite gradients
     assert torch.isfinite(a.grad).all() and torch.isfinite(f.grad).all()
+
+
+@pytest.mark.parametrize("kind", ["wav2lip", "syncnet", "disc"])
+def test_width_one_is_the_reference_and_narrower_is_smaller(kind: str) -> None:
+    """width 1.0 is today's model key for key; 0.25 keeps the keys with about a sixteenth of the weights."""
+    ref = {k: tuple(v.shape) for k, v in build_model(kind).state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in build_model(kind, 96, 1.0).state_dict().items()} == ref
+    narrow = build_model(kind, 96, 0.25)
+    assert set(narrow.state_dict()) == set(ref)
+    ratio = count_parameters(narrow) / count_parameters(build_model(kind))
+    assert 0.04 < ratio < 0.09
+
+
+def test_narrow_models_run() -> None:
+    w = 0.25
+    with torch.no_grad():
+        audio, face = SyncNet(96, w).eval()(torch.randn(2, 1, 80, 16), torch.rand(2, 15, 48, 96))
+        assert audio.shape == face.shape == (2, 128)
+        out = Wav2Lip(96, w).eval()(torch.randn(2, 2, 1, 80, 16), torch.rand(2, 6, 2, 96, 96))
+        assert out.shape == (2, 3, 2, 96, 96)
+        assert QualityDiscriminator(96, w)(torch.rand(1, 3, 96, 96)).shape == (1, 1)
+
+
+def test_checkpoint_records_width(tmp_path) -> None:
+    from models.checkpoint import checkpoint_payload, load_model, save_checkpoint
+
+    model = build_model("syncnet", 96, 0.25)
+    path = save_checkpoint(str(tmp_path / "c"), checkpoint_payload(model, "syncnet", 96, 0))
+    loaded = load_model(path, expected_kind="syncnet")
+    assert loaded.model.width == 0.25
+    assert count_parameters(loaded.model) == count_parameters(model)
