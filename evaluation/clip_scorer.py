@@ -19,6 +19,7 @@ from core.errors import BadInput, ItemFailure
 from core.malloc import reuse_freed_memory
 from core.ray import WORKER_DIED, import_deferred
 from evaluation import baseline, quality
+from evaluation.expression import expression_consistency, expression_summary
 from evaluation.score_config import MIN_FRAMES, NO_FACE, OK_STATUSES, TOO_SHORT, ScoreConfig
 from evaluation.sync import (
     align_transcript,
@@ -173,6 +174,7 @@ class ClipScorer:
             scores.update(lse.to_dict(embedder.name))
             scores[f"{embedder.name}_curve"] = [round(d, 5) for d in lse.mean_distances]
         scores.update(self._quality(row, frames, track.landmarks, smooth))
+        scores.update(expression_summary(smooth))
         scores["openness_trace"] = _trace(openness, cfg.trace_frames)
         scores["envelope_trace"] = baseline.envelope_trace(
             pcm, cfg.sample_rate, len(frames), cfg.fps, cfg.trace_frames
@@ -233,7 +235,8 @@ class ClipScorer:
     def _against_source(
         self, source: str, frames: np.ndarray, smooth: np.ndarray, mouth_sharpness: float
     ) -> dict[str, Any]:
-        """Mouth sharpness ratio and upper-face consistency against the source face video."""
+        """Mouth sharpness ratio, upper-face and expression consistency against the source face video (its
+        landmarks are tracked once and serve all three)."""
         src_frames, _ = decode(source, self.cfg, (frames.shape[2], frames.shape[1]))
         track = self.tracker.track(src_frames, fps=self.cfg.fps)
         if not track.found.any():
@@ -241,4 +244,8 @@ class ClipScorer:
         src_smooth = smooth_landmarks(track.landmarks, track.found)
         src_sharp = quality.sharpness(src_frames, src_smooth, self.cfg.quality_frames)["mouth_sharpness"]
         ratio = mouth_sharpness / src_sharp if src_sharp and np.isfinite(src_sharp) else float("nan")
-        return {"mouth_sharpness_ratio": ratio, **quality.upper_face_consistency(smooth, src_smooth)}
+        return {
+            "mouth_sharpness_ratio": ratio,
+            **quality.upper_face_consistency(smooth, src_smooth),
+            **expression_consistency(smooth, src_smooth),
+        }

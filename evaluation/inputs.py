@@ -47,6 +47,7 @@ def _input_row(record: dict[str, Any], base: str, system: str) -> dict[str, Any]
         "audio": path_of("audio"),
         "language": manifest_text(record.get("language")) or "und",
         "speaker": manifest_text(record.get("speaker")),
+        "emotion": manifest_text(record.get("emotion")),
         "system": manifest_text(record.get("system")) or system,
         "split": manifest_text(record.get("split")),
         "transcript": manifest_text(record.get("transcript")),

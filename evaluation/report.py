@@ -3,13 +3,10 @@
 The page has per-system and per-language tables, AV offset histograms, metric distributions, the
 openness-vs-timeline traces of the worst clips and the "overall lip-sync score", whose formula is written
 on the page (`FORMULA`) and can fold in MOS results from `lipsync mos results` (`MOS_FORMAT`). Plots are
-matplotlib PNGs embedded as base64, so the file opens anywhere, offline.
-"""
+matplotlib PNGs embedded as base64, so the file opens anywhere, offline."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 import time
@@ -28,10 +25,15 @@ from evaluation import baseline
 from evaluation.summary import summarise
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+    pass
+
+from evaluation.report_figures import _finite, _numeric, _records, figures
 
 TEMPLATE = Path(__file__).with_name("report_template.html")
+
+
 MOS_CRITERIA = ("sync", "realism", "naturalness")
+
 
 FORMULA = """overall = 100 x [(1 - w) x objective + w x mos]      (w = mos_weight, 0.5; w = 0 without MOS results)
 objective = coverage x mean of the available components, each in [0, 1]:
@@ -44,11 +46,13 @@ objective = coverage x mean of the available components, each in [0, 1]:
 coverage = scored videos / all videos of the system (a video that could not be scored counts as a failure)
 mos = mean over the criteria present (sync, realism, naturalness) of (MOS - 1) / 4, from the MOS results"""
 
+
 MOS_FORMAT = """{"systems": {"<system>": {"sync": {"mos": 3.9, "ci95": [3.7, 4.1], "n": 120},
                          "realism": {"mos": 3.5, "ci95": [3.3, 3.7], "n": 120},
                          "naturalness": {"mos": 3.6, "ci95": [3.4, 3.8], "n": 120}}}}
 <system> matches the `system` column of the scores; MOS is on the 1-5 scale; missing criteria are skipped;
 other keys (per-language breakdowns, rater agreement) are allowed and ignored by the score."""
+
 
 GLOSSARY = {
     "landmark offset": "Model-free AV offset in frames from mouth openness vs the audio (> 0: audio lags).",
@@ -65,6 +69,7 @@ GLOSSARY = {
     "mouth flicker": "Mean absolute second temporal difference of the aligned mouth region (/255).",
     "upper-face motion ratio": "Brow and eye movement range of the output over the source's (< 1: flattened).",
 }
+
 
 TABLE_METRICS = (
     ("offset_within_1", "|offset|<=1"),
@@ -83,19 +88,13 @@ TABLE_METRICS = (
     ("mouth_flicker", "flicker"),
     ("upper_face_motion_ratio", "upper-face motion"),
 )
-
-DISTRIBUTIONS = (
-    ("landmark_offset_frames", "landmark AV offset (frames)"),
-    ("landmark_confidence", "landmark sync confidence"),
-    ("openness_envelope_correlation", "openness-envelope correlation"),
-    ("viseme_agreement", "viseme agreement"),
-    ("lse_c", "LSE-C (our SyncNet)"),
-    ("lse_v2_c", "LSE-C (syncnet_v2)"),
-    ("mouth_to_face_sharpness", "mouth / face sharpness"),
-    ("mouth_sharpness_ratio", "mouth sharpness vs source"),
-    ("landmark_jitter", "landmark jitter"),
-    ("mouth_flicker", "mouth flicker"),
-    ("ssim", "SSIM"),
+EMOTION_METRICS = (
+    ("expr_smile", "smile (corner angle)"),
+    ("expr_smile_correlation", "smile r vs source"),
+    ("expr_smile_mad", "smile |diff| vs source"),
+    ("expr_lower_lost", "lower-face class lost"),
+    ("expr_brow_mad", "brow |diff| vs source"),
+    ("expr_upper_lost", "upper-face class lost (control)"),
 )
 
 
@@ -111,7 +110,6 @@ class ReportConfig:
     note: str = ""  # shown under the title (e.g. the demo's "these are demo-sized models")
 
 
-# --- inputs ---------------------------------------------------------------------------------------------
 def load_scores(uri: str) -> pd.DataFrame:
     """scores.parquet, given the file or the `lipsync score` OUT directory holding it."""
     target = uri if uri.endswith(".parquet") else uri.rstrip("/") + "/scores.parquet"
@@ -144,14 +142,6 @@ def load_mos(uri: str) -> dict[str, dict[str, Any]]:
             if value is not None and not 1.0 <= float(value.get("mos", float("nan"))) <= 5.0:
                 raise BadInput(f"MOS results {uri}: systems.{name}.{criterion}.mos must be within 1-5")
     return systems
-
-
-# --- the overall score ----------------------------------------------------------------------------------
-def _finite(series: pd.Series | None) -> np.ndarray:
-    if series is None:
-        return np.zeros(0)
-    values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float)
-    return values[np.isfinite(values)]
 
 
 def objective_components(frame: pd.DataFrame, cfg: ReportConfig) -> dict[str, float]:
@@ -210,15 +200,12 @@ def system_scores(
     return out
 
 
-# --- tables ---------------------------------------------------------------------------------------------
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return frame.to_dict(orient="records")
-
-
-def metric_table(groups: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """{"columns": [...], "rows": [{"name", "values"}]}: counts and means of the table metrics per group."""
+def metric_table(
+    groups: dict[str, list[dict[str, Any]]], metrics: tuple[tuple[str, str], ...] = TABLE_METRICS
+) -> dict[str, Any]:
+    """{"columns": [...], "rows": [{"name", "values"}]}: counts and means of `metrics` per group."""
     summaries = {name: summarise(rows) for name, rows in groups.items()}
-    present = [(k, label) for k, label in TABLE_METRICS if any(k in s for s in summaries.values())]
+    present = [(k, label) for k, label in metrics if any(k in s for s in summaries.values())]
     columns = ["videos", "scored", *[label for _, label in present]]
     rows = []
     for name, s in summaries.items():
@@ -241,13 +228,6 @@ def _summary_record(frame: pd.DataFrame, keys: list[str]) -> dict[str, Any]:
     return {name: summarise(rows) for name, rows in _groups(frame, keys).items()}
 
 
-def _numeric(frame: pd.DataFrame, column: str) -> pd.Series:
-    """A column as numbers (NaN where it is missing or not a number)."""
-    if column not in frame.columns:
-        return pd.Series(np.nan, index=frame.index)
-    return pd.to_numeric(frame[column], errors="coerce")
-
-
 def worst_clips(frame: pd.DataFrame, n: int) -> pd.DataFrame:
     """Scored clips with the largest |landmark offset|, then the lowest viseme agreement and correlation."""
     ok = frame[frame["status"] == "ok"].copy()
@@ -260,133 +240,6 @@ def worst_clips(frame: pd.DataFrame, n: int) -> pd.DataFrame:
     return ranked.head(n).drop(columns=["_abs_offset", "_agreement", "_corr"])
 
 
-# --- figures --------------------------------------------------------------------------------------------
-def _png(fig: Figure) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def overall_figure(scores: dict[str, dict[str, Any]]) -> str:
-    """Bar chart of the overall score per system."""
-    import matplotlib.pyplot as plt
-
-    names = list(scores)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 3.0))
-    bars = ax.bar(names, [scores[n]["overall"] for n in names], color="#4a7bb7")
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("overall lip-sync score")
-    return _png(fig)
-
-
-def offset_figure(frame: pd.DataFrame) -> str:
-    """Histograms of the landmark (and SyncNet) AV offsets per system."""
-    import matplotlib.pyplot as plt
-
-    ok = frame[frame["status"] == "ok"]
-    columns = [c for c in ("landmark_offset_frames", "lse_offset_frames", "lse_v2_offset_frames") if c in ok]
-    fig, axes = plt.subplots(1, len(columns), figsize=(5.0 * len(columns), 3.2), squeeze=False)
-    bins = np.arange(-15.5, 16.5, 1.0)
-    for ax, column in zip(axes[0], columns, strict=True):
-        for name, group in ok.groupby("system", sort=True):
-            values = _finite(group[column])
-            if len(values):
-                ax.hist(values, bins=bins, alpha=0.6, label=str(name))
-        ax.set_title(column.replace("_", " "))
-        ax.set_xlabel("frames (> 0: audio lags)")
-        ax.set_ylabel("clips")
-        ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def distribution_figure(frame: pd.DataFrame) -> str | None:
-    """Box plots per language of every metric present."""
-    import matplotlib.pyplot as plt
-
-    ok = frame[frame["status"] == "ok"]
-    metrics = [(c, label) for c, label in DISTRIBUTIONS if c in ok and len(_finite(ok[c]))]
-    if not metrics:
-        return None
-    cols = 3
-    rows = math.ceil(len(metrics) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, 2.8 * rows), squeeze=False)
-    languages = sorted(ok["language"].astype(str).unique())
-    for ax, (column, label) in zip(axes.flat, metrics, strict=False):
-        data = [_finite(ok[ok["language"] == lang][column]) for lang in languages]
-        keep = [(lang, d) for lang, d in zip(languages, data, strict=True) if len(d)]
-        ax.boxplot([d for _, d in keep], tick_labels=[lang for lang, _ in keep])
-        ax.set_title(label, fontsize=10)
-    for ax in list(axes.flat)[len(metrics) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _zscore(values: np.ndarray) -> np.ndarray:
-    finite = values[np.isfinite(values)]
-    if len(finite) < 2 or finite.std() < 1e-9:
-        return values * 0
-    return (values - finite.mean()) / finite.std()
-
-
-def traces_figure(worst: pd.DataFrame, fps: float = 25.0) -> str | None:
-    """Measured mouth openness against the timeline's target openness for each of the worst clips."""
-    import matplotlib.pyplot as plt
-
-    clips = [r for r in _records(worst) if r.get("openness_trace") is not None and len(r["openness_trace"])]
-    if not clips:
-        return None
-    fig, axes = plt.subplots(len(clips), 1, figsize=(11.0, 2.1 * len(clips)), squeeze=False)
-    for ax, clip in zip(axes[:, 0], clips, strict=True):
-        measured = np.array([np.nan if v is None else v for v in clip["openness_trace"]], float)
-        t = np.arange(len(measured)) / fps
-        ax.plot(t, _zscore(measured), label="mouth openness (landmarks)", color="#c0392b")
-        timeline = clip.get("timeline_trace")
-        if timeline is not None and len(timeline):
-            target = np.array([np.nan if v is None else v for v in timeline], float)
-            ax.plot(np.arange(len(target)) / fps, _zscore(target), label="timeline target", color="#2c7fb8")
-        agreement = clip.get("viseme_agreement")
-        title = f"{clip['id']} · {clip['system']} · {clip['language']} · offset {clip.get('landmark_offset_frames')}"
-        if agreement is not None and np.isfinite(agreement):
-            title += f" · viseme agreement {agreement:.2f}"
-        ax.set_title(title, fontsize=9)
-        ax.set_ylabel("z-score")
-        ax.legend(fontsize=7, loc="upper right")
-    axes[-1, 0].set_xlabel("seconds")
-    fig.tight_layout()
-    return _png(fig)
-
-
-def figures(frame: pd.DataFrame, scores: dict[str, dict[str, Any]], worst: pd.DataFrame) -> dict[str, str]:
-    """Every plot of the report as base64 PNG, by name (plots without data are left out)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    out = {"overall_scores": overall_figure(scores)}
-    if (frame["status"] == "ok").any():
-        out["offset_histograms"] = offset_figure(frame)
-    for name, make in (
-        ("distributions", lambda: distribution_figure(frame)),
-        ("worst_traces", lambda: traces_figure(worst)),
-        ("baseline_strips", lambda: baseline_strips_figure(frame)),
-    ):
-        png = make()
-        if png:
-            out[name] = png
-    return out
-
-
-def baseline_strips_figure(frame: pd.DataFrame) -> str | None:
-    """Mouth strips over time, generated vs the do-nothing baseline, with the audio envelope under them."""
-    fig = baseline.strip_figure(frame)
-    return _png(fig) if fig is not None else None
-
-
-# --- rendering ------------------------------------------------------------------------------------------
 def fmt(value: Any) -> str:
     """A table cell: 3 significant decimals for floats, blank for missing."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -422,6 +275,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def emotion_table(frame: pd.DataFrame) -> dict[str, Any] | None:
+    """Expression consistency per system and emotion tag (evaluation.expression); None without the columns."""
+    if "expr_smile" not in frame.columns:
+        return None
+    emotion = frame["emotion"].fillna("") if "emotion" in frame.columns else pd.Series("", index=frame.index)
+    tagged = frame.assign(emotion=emotion.replace("", "untagged"))
+    return metric_table(_groups(tagged, ["system", "emotion"]), EMOTION_METRICS)
+
+
 def build_document(
     frame: pd.DataFrame,
     scores_uri: str,
@@ -448,6 +310,7 @@ def build_document(
         "system_table": metric_table(_groups(frame, ["system"])),
         "language_table": metric_table(_groups(frame, ["language"])),
         "system_language_table": metric_table(_groups(frame, ["system", "language"])),
+        "emotion_table": emotion_table(frame),
         "summary": {
             "languages": _summary_record(frame, ["language"]),
             "systems": _summary_record(frame, ["system"]),

@@ -43,6 +43,12 @@ SUMMARY_METRICS = (
     "mouth_flicker",
     "upper_face_shape_distance",
     "upper_face_motion_ratio",
+    "expr_smile",
+    "expr_smile_correlation",
+    "expr_smile_mad",
+    "expr_lower_lost",
+    "expr_brow_mad",
+    "expr_upper_lost",
 )
 
 
@@ -84,11 +90,14 @@ def _grouped(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
 
 
 def summary_document(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """summary.json: overall, per language, per system and per system x language."""
+    """summary.json: overall, per language, per system and per system x language (and per emotion tag
+    when the inputs carry one)."""
     systems = defaultdict(list)
     for r in rows:
         systems[r["system"]].append(r)
+    emotions = {"emotions": _grouped(rows, "emotion")} if any(r.get("emotion") for r in rows) else {}
     return {
+        **emotions,
         "overall": summarise(rows),
         "languages": _grouped(rows, "language"),
         "systems": {

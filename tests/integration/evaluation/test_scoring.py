@@ -199,6 +199,9 @@ def test_score_on_an_actor_pool_then_report(synth_corpus: Path, tmp_path: Path, 
     for row in rows:
         row["video"] = str(synth_corpus / row["video"])
         row["timeline"] = str(synth_corpus / row["timeline"])
+    for row in rows:
+        row["source"], row["emotion"] = "", ""
+    rows[0]["source"], rows[0]["emotion"] = rows[0]["video"], "neutral"  # scored against itself
     rows.append({**rows[0], "video": str(_faceless_video(tmp_path / "faceless.mp4")), "timeline": ""})
     corpus.mkdir()
     with (corpus / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
@@ -219,6 +222,10 @@ def test_score_on_an_actor_pool_then_report(synth_corpus: Path, tmp_path: Path, 
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["languages"]) == {"en", "es", "hi"} and summary["overall"]["videos"] == 7
     assert summary["systems"]["corpus"]["not_scored_by_reason"] == {"no_face": 1}
+    assert ok["expr_smile"].notna().all() and ok["expr_class"].ne("").all()  # every face has an expression
+    itself = ok[ok["source"].ne("")]
+    assert len(itself) == 1 and itself["expr_smile_mad"].iloc[0] < 0.5  # degrees: the same face, unchanged
+    assert summary["emotions"]["neutral"]["scored"] == 1
     calibration = json.loads((out / "calibration.json").read_text())
     assert set(calibration["languages"]) == {"en", "es", "hi"}
     assert all(abs(e["offset_frames"]) <= 1 for e in calibration["languages"].values())
@@ -231,6 +238,8 @@ def test_score_on_an_actor_pool_then_report(synth_corpus: Path, tmp_path: Path, 
     objective = system["coverage"] * np.mean(list(system["components"].values()))
     assert system["overall"] == pytest.approx(100 * (0.5 * objective + 0.5 * 0.75), abs=0.02)
     assert written["systems"] == {"corpus": system["overall"]}
+    assert [r["name"] for r in doc["emotion_table"]["rows"]] == ["corpus / neutral", "corpus / untagged"]
+    assert "Facial expression" in (tmp_path / "report" / "report.html").read_text()
     _check_report_in_chromium(tmp_path / "report" / "report.html", tmp_path / "report" / "screenshot.png")
 
 

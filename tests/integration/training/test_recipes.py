@@ -106,10 +106,10 @@ def test_a_one_worker_trial_trains_with_the_base_configs_optimizer(
 PLAIN_LOOP = """
 import json, sys, tempfile
 import torch
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests/integration/training"]
 from models.checkpoint import checkpoint_payload, save_checkpoint
 from models.registry import build_model
-from tests.test_recipes import TINY, shard_row
+from test_recipes import TINY, shard_row
 from core.config import from_dict
 from training.checkpoints import write_payloads
 from training.recipe import recipe_class
