@@ -262,6 +262,10 @@ def _mos_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="host in the printed links")
     p.add_argument("--port", type=int, default=8000, help="port in the printed links")
     p.add_argument("--base-url", help="link prefix instead of http://HOST:PORT (e.g. behind a proxy)")
+    p.add_argument(
+        "--criteria",
+        help="questions per video: sync,realism,naturalness (default), plus the optional emotion",
+    )
     _common(p)
     p = actions.add_parser("serve", help="serve the rating page (binds loopback unless told otherwise)")
     p.add_argument("study_dir")

@@ -22,7 +22,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.templating import Jinja2Templates
 
 from evaluation.mos.db import RatingStore
-from evaluation.mos.study import CRITERIA, MEDIA_TYPES, Rater, Study
+from evaluation.mos.study import MEDIA_TYPES, Rater, Study
 
 log = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).with_name("templates")
@@ -31,6 +31,7 @@ QUESTIONS = {
     "realism": ("Realism", "Does the face look like a real person on video?"),
     "sync": ("Lip sync", "Do the lip movements match the speech you hear?"),
     "naturalness": ("Naturalness", "Do the face and mouth move naturally (no jitter, blur or artefacts)?"),
+    "emotion": ("Emotion", "Does the face keep the speaker's expression?"),
 }
 SCALE = {1: "Bad", 2: "Poor", 3: "Fair", 4: "Good", 5: "Excellent"}  # ITU-T P.800 ACR labels
 SECURITY_HEADERS = {
@@ -52,7 +53,7 @@ class Refused(Exception):
 def create_app(study_dir: str | Path) -> FastAPI:
     """The rating app of one study directory."""
     study = Study(study_dir)
-    store = RatingStore(study.db_path, study.study_id)
+    store = RatingStore(study.db_path, study.study_id, study.criteria)
     templates = Jinja2Templates(directory=str(TEMPLATES))
     languages: dict[str, str] = study.doc["rater_languages"]
     app = FastAPI(title="MOS study", docs_url=None, redoc_url=None, openapi_url=None)
@@ -117,7 +118,7 @@ def create_app(study_dir: str | Path) -> FastAPI:
             "total": total,
             "rated": len(done),
             "media_type": MEDIA_TYPES.get(Path(study.stimuli[clip]["file"]).suffix, "video/mp4"),
-            "criteria": [(c, *QUESTIONS[c], previous.get(c)) for c in CRITERIA],
+            "criteria": [(c, *QUESTIONS[c], previous.get(c)) for c in study.criteria],
             "scale": SCALE,
             "languages": languages,
             "language": store.language(rater.rater),
@@ -134,7 +135,7 @@ def create_app(study_dir: str | Path) -> FastAPI:
         if clip not in rater.clips:
             raise Refused(404, "This clip is not part of your study.")
         scores: dict[str, int] = {}
-        for criterion in CRITERIA:
+        for criterion in study.criteria:
             raw = str(form.get(criterion, "")).strip()
             if not raw.isdigit() or not 1 <= int(raw) <= 5:
                 raise Refused(422, f"Please give {QUESTIONS[criterion][0]} a score from 1 to 5.")

@@ -3,7 +3,8 @@
 Every write is its own transaction committed with `synchronous=FULL`, so a rating acknowledged to the
 browser survives the server being killed. A connection is opened per call (cheap for SQLite) so the store
 is safe to use from the server's thread pool. The study id is recorded in `meta`, so a database is never
-mixed up with another study's.
+mixed up with another study's. Optional criteria (`emotion`) are nullable columns, NULL in studies that do
+not ask them; a database made before a column existed gets it (NULL) when it is next opened.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ CREATE TABLE IF NOT EXISTS ratings (
     realism INTEGER NOT NULL CHECK (realism BETWEEN 1 AND 5),
     sync INTEGER NOT NULL CHECK (sync BETWEEN 1 AND 5),
     naturalness INTEGER NOT NULL CHECK (naturalness BETWEEN 1 AND 5),
+    emotion INTEGER CHECK (emotion BETWEEN 1 AND 5),
     comment TEXT NOT NULL DEFAULT '',
     rater_language TEXT NOT NULL DEFAULT '',
     watched_s REAL,
@@ -40,13 +42,16 @@ CREATE TABLE IF NOT EXISTS raters (
 );
 """
 
+REQUIRED = ("realism", "sync", "naturalness")
+OPTIONAL = ("emotion",)
 UPSERT = """
-INSERT INTO ratings (rater, clip, realism, sync, naturalness, comment, rater_language, watched_s,
+INSERT INTO ratings (rater, clip, realism, sync, naturalness, emotion, comment, rater_language, watched_s,
                      created_at, updated_at)
-VALUES (:rater, :clip, :realism, :sync, :naturalness, :comment, :rater_language, :watched_s, :now, :now)
+VALUES (:rater, :clip, :realism, :sync, :naturalness, :emotion, :comment, :rater_language, :watched_s, :now,
+        :now)
 ON CONFLICT (rater, clip) DO UPDATE SET
     realism = excluded.realism, sync = excluded.sync, naturalness = excluded.naturalness,
-    comment = excluded.comment, rater_language = excluded.rater_language,
+    emotion = excluded.emotion, comment = excluded.comment, rater_language = excluded.rater_language,
     watched_s = coalesce(max(ratings.watched_s, excluded.watched_s), ratings.watched_s, excluded.watched_s),
     updated_at = excluded.updated_at, submissions = ratings.submissions + 1
 """
@@ -55,11 +60,18 @@ ON CONFLICT (rater, clip) DO UPDATE SET
 class RatingStore:
     """The study's ratings database (STUDY_DIR/ratings.sqlite)."""
 
-    def __init__(self, path: str | Path, study_id: str) -> None:
+    def __init__(self, path: str | Path, study_id: str, criteria: tuple[str, ...] = REQUIRED) -> None:
         self.path = Path(path)
+        self.criteria = criteria
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
+            columns = {row["name"] for row in con.execute("PRAGMA table_info(ratings)")}
+            for name in OPTIONAL:
+                if name not in columns:
+                    con.execute(
+                        f"ALTER TABLE ratings ADD COLUMN {name} INTEGER CHECK ({name} BETWEEN 1 AND 5)"
+                    )
             con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('study_id', ?)", (study_id,))
             (stored,) = con.execute("SELECT value FROM meta WHERE key = 'study_id'").fetchone()
         if stored != study_id:
@@ -91,7 +103,8 @@ class RatingStore:
                 {
                     "rater": rater,
                     "clip": clip,
-                    **{c: int(scores[c]) for c in ("realism", "sync", "naturalness")},
+                    **{c: int(scores[c]) for c in REQUIRED},
+                    **{c: int(scores[c]) if c in self.criteria else None for c in OPTIONAL},
                     "comment": comment,
                     "rater_language": rater_language,
                     "watched_s": watched_s,

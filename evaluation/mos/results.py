@@ -10,6 +10,9 @@ ratings allowed (each rater sees a subset): `alpha` uses the ordinal metric (the
 categories), `alpha_interval` the interval metric; 1 is perfect agreement, 0 chance level; null when fewer
 than two clips have two ratings or the ratings do not vary.
 
+A study that asks the optional "emotion" criterion (`mos create --criteria ...,emotion`) has it as a fourth
+cell per system, language and agreement, and in `mean_of_criteria`; other studies' results are unchanged.
+
 Output (STUDY_DIR/mos_results.json, the shape `lipsync report --mos` folds into the overall score):
     {"systems": {NAME: {"sync": {"mos", "ci95": [lo, hi], "n", "std"}, "realism": {...}, "naturalness": {...},
                         "languages": {LANG: {CRITERION: {...}}}, "rater_languages": {LANG: {CRITERION: {...}}},
@@ -36,7 +39,7 @@ from scipy import stats
 from evaluation.mos.db import RatingStore
 from evaluation.mos.study import Study
 
-CRITERIA = ("sync", "realism", "naturalness")  # report.py's MOS_CRITERIA
+CRITERIA = ("sync", "realism", "naturalness")  # report.py's MOS_CRITERIA; a study may add "emotion"
 RESULTS_FILE = "mos_results.json"
 METHOD = {
     "mos": "mean of the 1-5 ratings of the cell",
@@ -88,14 +91,15 @@ def krippendorff_alpha(units: Iterable[Sequence[float]], level: str = "ordinal")
     return float(alpha) if np.isfinite(alpha) else None
 
 
-def _cells(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return {c: mos([r[c] for r in rows]) for c in CRITERIA} if rows else {}
+def _cells(rows: list[dict[str, Any]], criteria: Sequence[str]) -> dict[str, Any]:
+    return {c: mos([r[c] for r in rows]) for c in criteria} if rows else {}
 
 
 def compute(study_dir: str | Path) -> dict[str, Any]:
     """The results document of a study (see the module doc)."""
     study = Study(study_dir)
-    ratings = RatingStore(study.db_path, study.study_id).ratings()
+    criteria = [c for c in CRITERIA if c in study.criteria] + [c for c in study.criteria if c not in CRITERIA]
+    ratings = RatingStore(study.db_path, study.study_id, study.criteria).ratings()
     rows = []
     for rating in ratings:
         stimulus = study.stimuli.get(rating["clip"])
@@ -110,12 +114,12 @@ def compute(study_dir: str | Path) -> dict[str, Any]:
         for r in mine:
             by_lang[r["language"]].append(r)
             by_rater_lang[r["rater_language"] or "unspecified"].append(r)
-        cells = _cells(mine)
+        cells = _cells(mine, criteria)
         systems[name] = {
             **cells,
-            "languages": {lang: _cells(v) for lang, v in sorted(by_lang.items())},
-            "rater_languages": {lang: _cells(v) for lang, v in sorted(by_rater_lang.items())},
-            "mean_of_criteria": _round(np.mean([cells[c]["mos"] for c in CRITERIA])) if cells else None,
+            "languages": {lang: _cells(v, criteria) for lang, v in sorted(by_lang.items())},
+            "rater_languages": {lang: _cells(v, criteria) for lang, v in sorted(by_rater_lang.items())},
+            "mean_of_criteria": _round(np.mean([cells[c]["mos"] for c in criteria])) if cells else None,
             "n_ratings": len(mine),
             "n_raters": len({r["rater"] for r in mine}),
             "n_clips": len({r["clip"] for r in mine}),
@@ -124,7 +128,7 @@ def compute(study_dir: str | Path) -> dict[str, Any]:
         }
 
     agreement: dict[str, Any] = {"method": "krippendorff_alpha_ordinal"}
-    for criterion in CRITERIA:
+    for criterion in criteria:
         units: dict[str, list[float]] = defaultdict(list)
         for r in rows:
             units[r["clip"]].append(r[criterion])
@@ -141,7 +145,7 @@ def compute(study_dir: str | Path) -> dict[str, Any]:
         "study_id": study.study_id,
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "scale": [1, 5],
-        "criteria": list(CRITERIA),
+        "criteria": criteria,
         "systems": systems,
         "raters": len({r["rater"] for r in rows}),
         "raters_invited": len(study.raters),

@@ -30,6 +30,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ STUDY_FILE = "study.json"
 DB_FILE = "ratings.sqlite"
 MEDIA_DIR = "media"
 LINKS_FILE = "links.txt"
-CRITERIA = ("realism", "sync", "naturalness")  # the order of the questions on the page
+CRITERIA = ("realism", "sync", "naturalness")  # every study asks these, in this order on the page
+OPTIONAL_CRITERIA = ("emotion",)  # asked after them where the study enables them (`--criteria`)
 MEDIA_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/mp4", ".webm": "video/webm"}
 TABLE_EXTENSIONS = (".parquet", ".csv", ".jsonl", ".json")
 # The rater's own language: BCP-47 code and its name in that language; study languages are added.
@@ -233,6 +235,22 @@ def assign(
     return best
 
 
+def parse_criteria(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The study's criteria in page order from `sync,realism,naturalness[,emotion]` (any order; None: the
+    three every study asks). The three are required, so every study's MOS compares with every other's."""
+    if spec is None:
+        return CRITERIA
+    names = [c.strip() for c in (spec.split(",") if isinstance(spec, str) else spec) if c.strip()]
+    known = CRITERIA + OPTIONAL_CRITERIA
+    unknown = [c for c in names if c not in known]
+    if unknown:
+        raise BadInput(f"--criteria: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+    missing = [c for c in CRITERIA if c not in names]
+    if missing:
+        raise BadInput(f"--criteria must include {', '.join(CRITERIA)} (missing {', '.join(missing)})")
+    return tuple(c for c in known if c in names)
+
+
 def _copy(src: str, dest: Path) -> None:
     if "://" not in src:
         shutil.copyfile(src, dest)
@@ -257,10 +275,13 @@ def create(
     clips_per_rater: int | None = None,
     seed: int = 0,
     base_url: str = "http://127.0.0.1:8000",
+    criteria: str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Build STUDY_DIR (see the module doc); returns paths, links and balance figures."""
+    """Build STUDY_DIR (see the module doc); returns paths, links and balance figures. `criteria`: see
+    `parse_criteria` (an optional criterion such as "emotion" is asked only in studies that enable it)."""
     from evaluation.mos.db import RatingStore
 
+    asked = parse_criteria(criteria)
     root = Path(study_dir)
     if (root / STUDY_FILE).exists():
         raise BadInput(f"{study_dir} already holds a study ({STUDY_FILE}); use a new directory")
@@ -329,7 +350,7 @@ def create(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seed": seed,
         "clips_per_rater": k,
-        "criteria": list(CRITERIA),
+        "criteria": list(asked),
         "languages": languages,
         "rater_languages": rater_languages,
         "systems": systems,
@@ -337,7 +358,7 @@ def create(
         "raters": rater_docs,
     }
     _write_private(root / STUDY_FILE, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    RatingStore(root / DB_FILE, doc["study_id"])
+    RatingStore(root / DB_FILE, doc["study_id"], asked)
     links = [f"{base_url.rstrip('/')}/rate/{r['token']}" for r in rater_docs]
     lines = [f"{r['rater']}\t{link}\n" for r, link in zip(rater_docs, links, strict=True)]
     _write_private(root / LINKS_FILE, "".join(lines))
@@ -350,6 +371,7 @@ def create(
         "study_json": str(root / STUDY_FILE),
         "links_file": str(root / LINKS_FILE),
         "links": links,
+        "criteria": list(asked),
         "raters": raters,
         "clips_per_rater": k,
         "videos": total,
@@ -370,6 +392,7 @@ def run_create(args: Any) -> dict[str, Any]:
         clips_per_rater=args.clips_per_rater,
         seed=args.seed,
         base_url=args.base_url or f"http://{args.host}:{args.port}",
+        criteria=getattr(args, "criteria", None),
     )
     for i, link in enumerate(result["links"]):
         print(f"rater r{i + 1:02d}: {link}", file=sys.stderr)
@@ -393,6 +416,7 @@ class Study:
         if not isinstance(self.doc, dict) or self.doc.get("format") != FORMAT:
             raise BadInput(f"{path} is not a format-{FORMAT} MOS study")
         self.study_id: str = self.doc["study_id"]
+        self.criteria: tuple[str, ...] = parse_criteria(self.doc.get("criteria") or list(CRITERIA))
         self.stimuli: dict[str, dict[str, Any]] = self.doc["stimuli"]
         self.raters = [Rater(r["rater"], r["token"], tuple(r["clips"])) for r in self.doc["raters"]]
         self._by_token = {r.token: r for r in self.raters}

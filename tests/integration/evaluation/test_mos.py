@@ -88,6 +88,15 @@ def study(systems: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
     return path
 
 
+@pytest.fixture(scope="module")
+def study4(systems: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """As `study`, with the optional fourth criterion (emotion) enabled."""
+    path = tmp_path_factory.mktemp("study4") / "s4"
+    doc = create_study(systems, path, raters=3, k=3, extra=("--criteria", "sync,realism,naturalness,emotion"))
+    assert doc["criteria"] == ["realism", "sync", "naturalness", "emotion"]  # the page's order
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -168,13 +177,16 @@ def db_rows(study_dir: Path, rater: str) -> list[sqlite3.Row]:
 
 
 # --- (1) a rater in headless Chromium ----------------------------------------------------------------------
-def test_rater_watches_and_rates_three_clips_in_chromium(study: Path, tmp_path: Path) -> None:
+def test_rater_watches_and_rates_three_clips_in_chromium(study4: Path, tmp_path: Path) -> None:
+    """Four criteria: the study enables the optional emotion question after the three."""
     from playwright.sync_api import sync_playwright
 
+    study = study4
     doc = json.loads((study / "study.json").read_text())
     rater = doc["raters"][0]
     assert {doc["stimuli"][c]["system"] for c in rater["clips"]} == {"A", "B", "reference"}  # balanced
-    wanted = [(4, 2, 5), (3, 3, 1), (5, 4, 4)]  # realism, sync, naturalness per clip, in the page's order
+    criteria = ("realism", "sync", "naturalness", "emotion")  # the page's order
+    wanted = [(4, 2, 5, 3), (3, 3, 1, 2), (5, 4, 4, 5)]  # per clip, in the page's order
     with thread_server(study) as base, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 900, "height": 1100})
@@ -182,7 +194,10 @@ def test_rater_watches_and_rates_three_clips_in_chromium(study: Path, tmp_path: 
         html = page.content()
         for name in doc["systems"]:  # blind: no system name and no source path on the page
             assert f">{name}<" not in html and "sysA" not in html and "corpus" not in html
-        for i, (realism, sync, natural) in enumerate(wanted):
+        legends = page.eval_on_selector_all("fieldset.scale legend", "ls => ls.map(l => l.textContent)")
+        assert legends == ["1. Realism", "2. Lip sync", "3. Naturalness", "4. Emotion"]
+        assert "keep the speaker's expression" in page.text_content("#d-emotion")
+        for i, scores in enumerate(wanted):
             ready = "() => { const v = document.getElementById('clip'); return v.readyState >= 2 && v.duration > 0; }"
             page.wait_for_function(ready, timeout=20_000)
             assert page.text_content("#progress") == f"{i + 1} / 3"
@@ -194,7 +209,7 @@ def test_rater_watches_and_rates_three_clips_in_chromium(study: Path, tmp_path: 
                     "() => document.getElementById('clip').currentTime > 0.3", timeout=20_000
                 )
                 page.keyboard.press("p")
-                for key in (realism, sync, natural):
+                for key in scores:
                     page.keyboard.press(str(key))
                 assert page.evaluate("document.activeElement.id") == "submit"
                 page.select_option("#language", "es")
@@ -204,9 +219,7 @@ def test_rater_watches_and_rates_three_clips_in_chromium(study: Path, tmp_path: 
                     page.keyboard.press("Enter")
             else:  # mouse: click the labels; the language is remembered
                 assert page.input_value("#language") == "es"
-                for name, value in zip(
-                    ("realism", "sync", "naturalness"), (realism, sync, natural), strict=True
-                ):
+                for name, value in zip(criteria, scores, strict=True):
                     page.click(f"label[for={name}-{value}]")
                 with page.expect_navigation():
                     page.click("#submit")
@@ -215,7 +228,7 @@ def test_rater_watches_and_rates_three_clips_in_chromium(study: Path, tmp_path: 
         browser.close()
     rows = db_rows(study, rater["rater"])
     assert [r["clip"] for r in rows] == rater["clips"]
-    assert [(r["realism"], r["sync"], r["naturalness"]) for r in rows] == wanted
+    assert [tuple(r[c] for c in criteria) for r in rows] == wanted
     assert [r["rater_language"] for r in rows] == ["es"] * 3
     assert rows[0]["comment"] == "mouth a bit blurry" and rows[0]["watched_s"] > 0.3
     print(f"screenshot: {tmp_path / 'mos_page.png'}")
@@ -239,10 +252,11 @@ def test_restart_loses_nothing_and_double_submit_leaves_one_row(study: Path) -> 
         (clips[0], 4, 5, 3),
         (clips[1], 1, 1, 1),
     ]
-    assert rows[0]["submissions"] == 2
+    assert rows[0]["submissions"] == 2 and rows[0]["emotion"] is None
     with server(study) as (base, _):
         status, body, _ = request(base, "GET", f"/rate/{token}")
         assert status == 200 and b"3 / 3" in body  # the next unrated clip is the third
+        assert b"Emotion" not in body and b'name="emotion"' not in body  # not asked: the study has three
         status, body, _ = request(base, "GET", f"/rate/{token}?pos=1")
         assert re.search(rb'id="sync-5" name="sync" value="5" required\s+checked', body)  # shown for review
     assert len(db_rows(study, rater["rater"])) == 2
@@ -347,6 +361,41 @@ def test_results_match_mos_and_t_intervals_computed_by_hand(
     assert main(["mos", "results", str(tmp_path / "nowhere")]) == 2
 
 
+def test_emotion_criterion_in_results_and_overall_only_where_enabled(
+    systems: dict[str, Path], study4: Path, tmp_path: Path
+) -> None:
+    doc = json.loads((study4 / "study.json").read_text())
+    store = RatingStore(study4 / "ratings.sqlite", doc["study_id"], tuple(doc["criteria"]))
+    for rater in doc["raters"]:
+        for clip in rater["clips"]:
+            store.upsert(rater["rater"], clip, {"realism": 4, "sync": 4, "naturalness": 4, "emotion": 1})
+    with thread_server(study4) as base:  # the page refuses a rating without the fourth score
+        form = {"clip": doc["raters"][0]["clips"][0], "realism": 3, "sync": 3, "naturalness": 3}
+        status, body, _ = request(base, "POST", f"/rate/{doc['raters'][0]['token']}", form)
+        assert status == 422 and b"Emotion" in body
+    assert main(["mos", "results", str(study4), "--json"]) == 0
+    saved = json.loads((study4 / "mos_results.json").read_text())
+    assert saved["criteria"] == ["sync", "realism", "naturalness", "emotion"]
+    for entry in saved["systems"].values():
+        assert (
+            entry["emotion"]["mos"] == 1.0 and entry["languages"]["en"]["emotion"]["n"] == entry["n_ratings"]
+        )
+        assert entry["mean_of_criteria"] == pytest.approx((4 + 4 + 4 + 1) / 4)  # the overall MOS counts it
+    assert "emotion" in saved["agreement"]
+
+    plain = tmp_path / "plain"  # a study without it: results as before
+    doc = create_study(systems, plain, raters=1, k=3)
+    assert doc["criteria"] == ["realism", "sync", "naturalness"]
+    store = RatingStore(plain / "ratings.sqlite", doc["study_id"])
+    for clip in doc["raters"][0]["clips"]:
+        store.upsert("r01", clip, {"realism": 4, "sync": 4, "naturalness": 1})
+    assert main(["mos", "results", str(plain), "--json"]) == 0
+    saved = json.loads((plain / "mos_results.json").read_text())
+    assert saved["criteria"] == ["sync", "realism", "naturalness"] and "emotion" not in saved["agreement"]
+    for entry in saved["systems"].values():
+        assert "emotion" not in entry and entry["mean_of_criteria"] == pytest.approx(3.0)
+
+
 def test_krippendorff_alpha_matches_the_published_example() -> None:
     """Krippendorff (2011), 4 coders x 12 units with missing values: ordinal 0.815, interval 0.849."""
     coders = [
@@ -392,5 +441,7 @@ def test_create_refuses_bad_input(systems: dict[str, Path], tmp_path: Path) -> N
     assert main([*base, str(tmp_path / "x"), "--from", str(systems["A"]), "--raters", "0"]) == 2
     assert main([*base, str(tmp_path / "y"), "--from", str(systems["A"])]) == 0
     assert main([*base, str(tmp_path / "y"), "--from", str(systems["A"])]) == 2  # never overwrite a study
+    for criteria in ("sync,realism,naturalness,joy", "sync,emotion"):  # unknown; the three are required
+        assert main([*base, str(tmp_path / "x"), "--from", str(systems["A"]), "--criteria", criteria]) == 2
     assert main(["mos", "serve", str(tmp_path / "x")]) == 2
     assert not os.path.exists(tmp_path / "x")

@@ -31,7 +31,7 @@ def faces() -> dict[str, np.ndarray]:
 
 def test_unchanged_copy_is_consistent(faces) -> None:
     happy = track(faces["happy"], 0)
-    same = expression_consistency(track(faces["happy"], 1), happy)  # same face, other jitter
+    same = expression_consistency(track(faces["happy"], 1), happy, mode="absolute")  # other jitter
     assert same["expr_lower_lost"] == 0.0 and same["expr_upper_lost"] != same["expr_upper_lost"]  # NaN
     assert same["expr_smile_mad"] < 1.0 and same["expr_source_class"] == "smile"
 
@@ -40,8 +40,10 @@ def test_flattened_smile_is_lost_but_the_upper_face_is_not(faces) -> None:
     happy, neutral = track(faces["happy"], 0), track(faces["neutral"], 1)
     flattened = happy.copy()
     flattened[:, list(LOWER)] = neutral[:, list(LOWER)]  # the mouth of the neutral face pasted in
-    result = expression_consistency(flattened, happy)
-    assert result["expr_lower_lost"] > 0.9, result
+    result = expression_consistency(flattened, happy, mode="absolute")
+    # the rig's neutral mouth sits 1-4 degrees, below the smile threshold (4) but within this track's
+    # unsmoothed jitter of it (the rounding term adds ~1.5 degrees of it): most, not all, frames flip
+    assert result["expr_lower_lost"] > 0.8 and result["expr_lower_changed"] > 0.8, result
     assert result["expr_smile_mad"] > 3.0, result
     assert result["expr_brow_mad"] < 0.005, result
     assert result["expr_output_class"] != "smile"
@@ -50,5 +52,5 @@ def test_flattened_smile_is_lost_but_the_upper_face_is_not(faces) -> None:
 def test_surprise_lost_is_the_upper_face(faces) -> None:
     surprised, neutral = track(faces["surprised"], 0), track(faces["neutral"], 1)
     assert expression_summary(surprised)["expr_class"] == "surprise"
-    result = expression_consistency(neutral, surprised)
+    result = expression_consistency(neutral, surprised, mode="absolute")
     assert result["expr_upper_lost"] > 0.9 and result["expr_brow_mad"] > 0.02, result
