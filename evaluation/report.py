@@ -32,7 +32,7 @@ from evaluation.report_figures import _finite, _numeric, _records, figures
 TEMPLATE = Path(__file__).with_name("report_template.html")
 
 
-MOS_CRITERIA = ("sync", "realism", "naturalness")
+MOS_CRITERIA = ("sync", "realism", "naturalness", "emotion")  # emotion: only in studies that ask it
 
 
 FORMULA = """overall = 100 x [(1 - w) x objective + w x mos]      (w = mos_weight, 0.5; w = 0 without MOS results)
@@ -44,7 +44,8 @@ objective = coverage x mean of the available components, each in [0, 1]:
                       (real LRS2 videos, Wav2Lip paper), our SyncNet only when own_lse_c_reference is set
   syncnet_offset      share of clips whose SyncNet AV offset is within +-tolerance frames
 coverage = scored videos / all videos of the system (a video that could not be scored counts as a failure)
-mos = mean over the criteria present (sync, realism, naturalness) of (MOS - 1) / 4, from the MOS results"""
+mos = mean over the criteria present (sync, realism, naturalness, emotion if the study asked it) of
+      (MOS - 1) / 4, from the MOS results"""
 
 
 MOS_FORMAT = """{"systems": {"<system>": {"sync": {"mos": 3.9, "ci95": [3.7, 4.1], "n": 120},
