@@ -39,7 +39,11 @@ from scipy import stats
 from evaluation.mos.db import RatingStore
 from evaluation.mos.study import Study
 
-CRITERIA = ("sync", "realism", "naturalness")  # a study may add "emotion" (report.py's MOS_CRITERIA has all four)
+CRITERIA = (
+    "sync",
+    "realism",
+    "naturalness",
+)  # a study may add "emotion" (report.py's MOS_CRITERIA has all four)
 RESULTS_FILE = "mos_results.json"
 METHOD = {
     "mos": "mean of the 1-5 ratings of the cell",
