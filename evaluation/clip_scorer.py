@@ -109,6 +109,8 @@ class ClipScorer:
         """The columns every row of `row` has, before its scores."""
         return {
             **{k: row[k] for k in ("id", "video", "language", "speaker", "system", "split")},
+            "emotion": row.get("emotion", ""),
+            "source": row.get("source", ""),
             "injected_offset_frames": int(row["injected_offset_frames"])
             if row["injected_offset_frames"]
             else None,
