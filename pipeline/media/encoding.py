@@ -266,8 +266,9 @@ def video_with_new_audio(
         video_local = stack.enter_context(local_path(video))
         audio_local = stack.enter_context(local_path(audio))
         out = stack.enter_context(_output_path(out_uri))
+        seconds = probe(audio_local, require_video=False).duration_s  # an explicit length, not -shortest
         frames = ffmpeg.input(video_local, stream_loop=-1).video
         sound = ffmpeg.input(audio_local).audio
-        graph = ffmpeg.output(frames, sound, out, shortest=None, acodec="aac", **x264_mp4(crf, preset, 2))
+        graph = ffmpeg.output(frames, sound, out, t=seconds, acodec="aac", **x264_mp4(crf, preset, 2))
         run_ffmpeg(graph.overwrite_output(), out_uri, "encode_failed")
     return out_uri
