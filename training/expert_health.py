@@ -122,49 +122,67 @@ def true_shift(row: dict[str, Any], correct_offset: bool) -> int:
     return int(row.get("av_offset_frames") or 0) if correct_offset else 0
 
 
-def clip_shift_scores(model: Any, row: dict[str, Any], windows: int = RANK_WINDOWS) -> np.ndarray:
-    """Mean in-sync probability of `windows` evenly spaced windows of a clip for each mel shift in SHIFTS."""
+def clip_windows(
+    row: dict[str, Any], img_size: int, windows: int = RANK_WINDOWS
+) -> tuple[Any, list[Any]] | None:
+    """(face windows, mel windows per shift in SHIFTS) of `windows` evenly spaced windows of a clip, as
+    tensors; None when the clip is too short for every shift. Decoded once per clip and kept by `Health`."""
     import torch
 
     from models.frames import SYNC_FRAMES, sync_faces, to_model_frames
-    from models.syncnet import sync_probability
     from pipeline.audio import mel_window
     from pipeline.shards import decode_crops, decode_mel
     from training.data import valid_starts
 
-    frames = to_model_frames(decode_crops(row), model.img_size)
-    mel = decode_mel(row)
+    frames = to_model_frames(decode_crops(row), img_size)
+    mel, fps = decode_mel(row), float(row.get("fps") or 25.0)
     starts = valid_starts(int(row["n_frames"]), int(row["mel_frames"]))
     lo, hi = max(SHIFTS), int(starts.max()) - max(SHIFTS) if len(starts) else 0
     starts = starts[(starts >= lo) & (starts <= hi)]
-    starts = (
-        starts[np.unique(np.linspace(0, len(starts) - 1, windows).round().astype(int))]
-        if len(starts)
-        else starts
-    )
     if not len(starts):
-        return np.full(len(SHIFTS), np.nan)
+        return None
+    starts = starts[np.unique(np.linspace(0, len(starts) - 1, windows).round().astype(int))]
     faces = (
         torch.from_numpy(np.stack([sync_faces(frames[s : s + SYNC_FRAMES]) for s in starts])).float() / 255
     )
+    mels = [torch.from_numpy(np.stack([mel_window(mel, s + k, fps)[None] for s in starts])) for k in SHIFTS]
+    return faces, mels
+
+
+def clip_shift_scores(
+    model: Any, row: dict[str, Any], windows: int = RANK_WINDOWS, cached: Any = None
+) -> np.ndarray:
+    """Mean in-sync probability of `windows` evenly spaced windows of a clip for each mel shift in SHIFTS."""
+    import torch
+
+    from models.syncnet import sync_probability
+
+    inputs = cached if cached is not None else clip_windows(row, model.img_size, windows)
+    if inputs is None:
+        return np.full(len(SHIFTS), np.nan)
     param = next(model.parameters())
-    faces = faces.to(param.device)
+    faces = inputs[0].to(param.device)
     scores = []
     with torch.no_grad():
-        for k in SHIFTS:
-            mels = torch.from_numpy(np.stack([mel_window(mel, s + k)[None] for s in starts])).to(param.device)
-            audio, face = model(mels, faces)
+        for mels in inputs[1]:
+            audio, face = model(mels.to(param.device), faces)
             scores.append(float(sync_probability(audio.float(), face.float()).mean()))
     return np.array(scores)
 
 
-def offset_ranks(model: Any, rows: Iterable[dict[str, Any]], correct_offset: bool = False) -> list[int]:
+def offset_ranks(
+    model: Any, rows: Iterable[dict[str, Any]], correct_offset: bool = False, cache: dict | None = None
+) -> list[int]:
     """Per clip, the rank (1 = best) of the true shift among SHIFTS by mean in-sync probability; clips too
     short for every shift, or whose true shift lies outside SHIFTS, are left out."""
     ranks = []
     for row in rows:
         truth = true_shift(row, correct_offset)
-        scores = clip_shift_scores(model, row)
+        if cache is not None and row["clip_id"] not in cache:
+            cache[row["clip_id"]] = clip_windows(row, model.img_size)
+        scores = clip_shift_scores(
+            model, row, cached=cache.get(row["clip_id"]) if cache is not None else None
+        )
         if truth not in SHIFTS or np.isnan(scores).any():
             continue
         ranks.append(1 + int((scores > scores[SHIFTS.index(truth)]).sum()))
@@ -192,6 +210,7 @@ class Health:
         self._rows: list[dict[str, Any]] | None = None
         self.warned = False
         self.losses: list[float] = []
+        self.windows: dict[str, Any] = {}  # clip_id -> its decoded windows (decoded once, not per evaluation)
 
     def rows(self) -> list[dict[str, Any]]:
         if self._rows is None:
@@ -215,7 +234,7 @@ class Health:
         from training.distributed import unwrap
 
         module = unwrap(model).eval()
-        out = rank_metrics(offset_ranks(module, self.rows(), self.cfg.windows.correct_offset))
+        out = rank_metrics(offset_ranks(module, self.rows(), self.cfg.windows.correct_offset, self.windows))
         if metrics.get("val_loss") is not None:
             self.losses.append(float(metrics["val_loss"]))
             out["val_loss_recent"] = float(np.mean(self.losses[-RECENT:]))
