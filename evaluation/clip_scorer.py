@@ -27,6 +27,7 @@ from evaluation.sync import (
     timeline_from_document,
     timeline_openness,
     viseme_agreement,
+    warm_up_alignment,
 )
 from pipeline import phonemes as ph
 from pipeline.landmarks import FaceMeshTracker, fill_gaps, mouth_openness, smooth_landmarks
@@ -76,6 +77,7 @@ class ClipScorer:
     def __init__(self, cfg: ScoreConfig, syncnet: str | None = None, syncnet_v2: str | None = None) -> None:
         reuse_freed_memory()
         import_deferred()
+        warm_up_alignment()
         self.cfg = cfg
         self.tracker = FaceMeshTracker(max_faces=1)
         self.embedders: list[Any] = []  # torch is imported only when a SyncNet is used
