@@ -12,6 +12,8 @@ from typing import Any
 
 from core.config import to_dict
 from core.errors import BadInput
+from training.augment import AugmentConfig
+from training.balance import FocusConfig, check_balance
 from training.data import DataSelection, WindowConfig
 from training.optim import OPTIMIZERS
 
@@ -68,6 +70,10 @@ class TrainConfig:
     mlflow_tracking_uri: str | None = None  # default: a file store under OUT (local OUT only)
     data: DataSelection = field(default_factory=DataSelection)
     windows: WindowConfig = field(default_factory=WindowConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # train windows only
+    balance: dict[str, Any] = field(default_factory=dict)  # e.g. {language: uniform} (training.balance)
+    balance_strength: float = 1.0  # 0: the corpus's own mix ... 1: the configured one
+    focus: FocusConfig = field(default_factory=FocusConfig)  # up-weight a `lipsync select` manifest's clips
 
 
 def cadence(steps: int) -> int:
@@ -106,6 +112,9 @@ def validate(cfg: TrainConfig) -> None:
         raise BadInput(f"stall_seconds must be >= 0 (0: never), not {cfg.stall_seconds}")
     if cfg.windows.passes is not None and cfg.windows.passes < 1:
         raise BadInput(f"windows.passes must be >= 1, not {cfg.windows.passes}")
+    if cfg.augment.strength < 0:
+        raise BadInput(f"augment.strength must be >= 0, not {cfg.augment.strength}")
+    check_balance(cfg.balance, cfg.balance_strength, cfg.focus)
     if cfg.optimizer not in OPTIMIZERS:
         raise BadInput(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
 

@@ -42,10 +42,14 @@ from core.errors import BadInput
 from core.storage import join_uri
 from models.frames import SYNC_FRAMES, masked_window, sync_faces, to_model_frames
 from pipeline.audio import MEL_STEP_SIZE, mel_start_indices, mel_window
-from pipeline.shards import decode_crops, decode_mel
+from pipeline.shards import decode_crops, decode_mel, decode_pcm
+from training.augment import AugmentConfig, PixelChange, augmented_mel, draw_pixel_change
+from training.balance import window_counts
 
 SHARD_COLUMNS = ["clip_id", "crops", "mel", "mel_frames", "n_frames", "fps", "av_offset_frames"]
-"""Shard columns the window makers read (landmarks and PCM stay on disk)."""
+"""Shard columns the window makers read (landmarks stay on disk; PCM is read only to augment audio)."""
+WEIGHT = "window_weight"
+"""A shard row's window multiplier (training.balance), set on the row by whoever reads it for training."""
 
 SYNC_KEYS = ("faces", "mel", "label")
 WAV2LIP_KEYS = ("x", "y", "mel", "indiv_mels")
@@ -84,6 +88,7 @@ class Selected:
     clip_ids: tuple[str, ...]
     shard_files: tuple[str, ...]
     frames: int
+    weights: tuple[float, ...] = ()  # window multiplier of each of clip_ids (training.balance); () all 1
 
 
 # ---------------------------------------------------------------- selection
@@ -197,6 +202,17 @@ def _row_offset(row: dict[str, Any], cfg: WindowConfig) -> int:
     return int(row.get("av_offset_frames") or 0) if cfg.correct_offset else 0
 
 
+def window_count(row: dict[str, Any], cfg: WindowConfig) -> int:
+    """The row's windows this pass: `windows_per_clip` x its WEIGHT (exactly, unweighted), rounded at random
+    by its own seeded generator (the windows' draws stay those of the unweighted clip)."""
+    weight = float(row.get(WEIGHT, 1.0))
+    if weight == 1.0:
+        return cfg.windows_per_clip
+    return int(
+        window_counts(np.array([weight]), cfg.windows_per_clip, clip_rng(cfg.seed, f"{row['clip_id']}#n"))[0]
+    )
+
+
 def _decode(row: dict[str, Any], needed: set[int], img_size: int) -> dict[int, np.ndarray]:
     """Only the frames a sample uses, decoded once each."""
     lo, hi = min(needed), max(needed) + 1
@@ -228,16 +244,18 @@ def cut_windows(
     rng: np.random.Generator,
     partner: Callable[[int, np.ndarray], int | None],
     partner_frames: bool,
+    mel: np.ndarray | None = None,
 ) -> Cut | None:
-    """`windows_per_clip` starts drawn from the row's valid ones, each with `partner(start, starts)` (an
+    """`window_count` starts drawn from the row's valid ones (mel: the row's own unless given), each with `partner(start, starts)` (an
     off-sync mel or a reference window), and the frames decoded once (the partners' too when
     `partner_frames`); None when the clip has fewer than two valid starts."""
     fps, offset = float(row["fps"]), _row_offset(row, cfg)
-    mel = decode_mel(row)
+    mel = mel if mel is not None else decode_mel(row)
     starts = valid_starts(int(row["n_frames"]), int(row["mel_frames"]), fps, offset)
-    if len(starts) < 2:
+    count = window_count(row, cfg)
+    if len(starts) < 2 or count < 1:
         return None
-    chosen = rng.choice(starts, size=cfg.windows_per_clip, replace=len(starts) < cfg.windows_per_clip)
+    chosen = rng.choice(starts, size=count, replace=len(starts) < count)
     pairs = [(int(s), partner(int(s), starts)) for s in chosen]
     used = [p for pair in pairs for p in (pair if partner_frames else pair[:1]) if p is not None]
     needed = {s + i for s in used for i in range(SYNC_FRAMES)}
@@ -245,17 +263,25 @@ def cut_windows(
 
 
 def sync_samples(
-    row: dict[str, Any], cfg: WindowConfig, img_size: int, rng: np.random.Generator
+    row: dict[str, Any],
+    cfg: WindowConfig,
+    img_size: int,
+    rng: np.random.Generator,
+    aug: Augmenter | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """SyncNet samples of one shard row: for each drawn start, an in-sync positive and an off-sync negative."""
+    """SyncNet samples of one shard row: for each drawn start, an in-sync positive and an off-sync negative
+    (the same faces, changed alike by `aug` when given)."""
 
     def negative(start: int, starts: np.ndarray) -> int | None:
         return off_sync_start(rng, start, starts, cfg.negative_min_shift, cfg.negative_max_shift)
 
-    cut = cut_windows(row, cfg, img_size, rng, negative, partner_frames=False)
+    cut = cut_windows(
+        row, cfg, img_size, rng, negative, partner_frames=False, mel=aug.mel(row) if aug else None
+    )
     out = []
     for start, wrong in cut.pairs if cut else []:
-        faces = sync_faces(cut.window(start))
+        window = cut.window(start)
+        faces = sync_faces(aug.pixels(img_size).apply(window) if aug else window)
         out += [
             {
                 "faces": faces,
@@ -271,24 +297,36 @@ def sync_samples(
 
 
 def wav2lip_samples(
-    row: dict[str, Any], cfg: WindowConfig, img_size: int, rng: np.random.Generator
+    row: dict[str, Any],
+    cfg: WindowConfig,
+    img_size: int,
+    rng: np.random.Generator,
+    aug: Augmenter | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Generator samples of one shard row: masked target + reference window, per-frame mels, ground truth."""
+    """Generator samples of one shard row: masked target + reference window, per-frame mels, ground truth
+    (target and reference changed alike by `aug` when given)."""
 
     def reference(start: int, starts: np.ndarray) -> int | None:
         ref = off_sync_start(rng, start, starts, cfg.reference_min_distance, None)
         return ref if ref is not None else off_sync_start(rng, start, starts, 1, None)
 
-    cut = cut_windows(row, cfg, img_size, rng, reference, partner_frames=True)
-    return [generator_sample(cut, start, ref) for start, ref in (cut.pairs if cut else [])]
+    cut = cut_windows(
+        row, cfg, img_size, rng, reference, partner_frames=True, mel=aug.mel(row) if aug else None
+    )
+    pairs = cut.pairs if cut else []
+    return [generator_sample(cut, start, ref, aug.pixels(img_size) if aug else None) for start, ref in pairs]
 
 
-def generator_sample(cut: Cut, start: int, ref: int) -> dict[str, np.ndarray]:
+def generator_sample(
+    cut: Cut, start: int, ref: int, change: PixelChange | None = None
+) -> dict[str, np.ndarray]:
     """One Wav2Lip sample: target window `start` masked + reference window `ref`, mels, ground truth."""
-    target = cut.window(start)
+    target, reference = cut.window(start), cut.window(ref)
+    if change is not None:
+        target, reference = change.apply(target), change.apply(reference)
     indiv = np.stack([cut.mel_at(start + i) for i in range(SYNC_FRAMES)])
     return {
-        "x": np.concatenate([masked_window(target), cut.window(ref).transpose(3, 0, 1, 2)]),
+        "x": np.concatenate([masked_window(target), reference.transpose(3, 0, 1, 2)]),
         "y": np.ascontiguousarray(target.transpose(3, 0, 1, 2)),
         "mel": cut.mel_at(start)[None].astype(np.float32),
         "indiv_mels": indiv[:, None].astype(np.float32),
@@ -297,29 +335,63 @@ def generator_sample(cut: Cut, start: int, ref: int) -> dict[str, np.ndarray]:
     }
 
 
-class WindowMaker:
-    """`flat_map` function: a shard row → its samples, seeded per clip (deterministic across workers)."""
+class Augmenter:
+    """A clip's augmentation draws, from their own generator: the windows drawn are those of the clean clip."""
 
-    def __init__(self, kind: str, cfg: WindowConfig, img_size: int) -> None:
+    def __init__(self, cfg: AugmentConfig, seed: int, clip_id: str) -> None:
+        self.cfg, self.rng = cfg, clip_rng(seed, f"{clip_id}#augment")
+
+    def mel(self, row: dict[str, Any]) -> np.ndarray | None:
+        """The mel of the row's augmented audio (None: the audio is not augmented, or the row has no PCM)."""
+        if not self.cfg.changes_audio or "pcm" not in row:
+            return None
+        return augmented_mel(decode_pcm(row), int(row["mel_frames"]), self.cfg, self.rng)
+
+    def pixels(self, size: int) -> PixelChange:
+        return draw_pixel_change(self.cfg, self.rng, size)
+
+
+class WindowMaker:
+    """`flat_map` function: a shard row → its samples, seeded per clip (deterministic across workers).
+
+    `augment` (train windows only) changes pixels and audio; rows carrying WEIGHT give that many times
+    `windows_per_clip` windows.
+    """
+
+    def __init__(
+        self, kind: str, cfg: WindowConfig, img_size: int, augment: AugmentConfig | None = None
+    ) -> None:
         if kind not in ("syncnet", "wav2lip"):
             raise ValueError(f"unknown window kind {kind!r}")
         self.kind, self.cfg, self.img_size = kind, cfg, img_size
+        self.augment = augment if augment is not None and augment.active else None
+
+    @property
+    def columns(self) -> list[str]:
+        """The shard columns this maker reads."""
+        return SHARD_COLUMNS + (["pcm"] if self.augment and self.augment.changes_audio else [])
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, np.ndarray]]:
         rng = clip_rng(self.cfg.seed, str(row["clip_id"]))
+        aug = Augmenter(self.augment, self.cfg.seed, str(row["clip_id"])) if self.augment else None
         make = sync_samples if self.kind == "syncnet" else wav2lip_samples
         keys = SYNC_KEYS if self.kind == "syncnet" else WAV2LIP_KEYS
-        return [{k: s[k] for k in keys} for s in make(row, self.cfg, self.img_size, rng)]
+        return [{k: s[k] for k in keys} for s in make(row, self.cfg, self.img_size, rng, aug)]
 
 
 # ---------------------------------------------------------------- Ray Data
 
 
-def read_shard_clips(uri: str, clip_ids: list[str] | tuple[str, ...]) -> pa.Table:
-    """The SHARD_COLUMNS of one shard file's rows for `clip_ids` (filter pushed down to pyarrow)."""
+def read_shard_clips(
+    uri: str, clip_ids: list[str] | tuple[str, ...], columns: list[str] | None = None
+) -> pa.Table:
+    """The `columns` (default SHARD_COLUMNS) of one shard file's rows for `clip_ids` (filter pushed down)."""
     fs, path = fsspec.core.url_to_fs(uri)
     return pq.read_table(
-        path, columns=list(SHARD_COLUMNS), filters=[("clip_id", "in", list(clip_ids))], filesystem=fs
+        path,
+        columns=list(columns or SHARD_COLUMNS),
+        filters=[("clip_id", "in", list(clip_ids))],
+        filesystem=fs,
     )
 
 
@@ -329,24 +401,41 @@ def for_pass(cfg: WindowConfig, index: int) -> WindowConfig:
 
 
 def windows_dataset(
-    selected: Selected, kind: str, cfg: WindowConfig, img_size: int, num_cpus: float = 1.0, passes: int = 1
+    selected: Selected,
+    kind: str,
+    cfg: WindowConfig,
+    img_size: int,
+    num_cpus: float = 1.0,
+    passes: int = 1,
+    augment: AugmentConfig | None = None,
 ) -> Any:
     """A streaming Ray Dataset of `kind` samples from the selected clips' shards (`num_cpus` per task).
 
     With `passes` > 1 it is that many passes over the clips, each cutting its own windows (WindowConfig seed
     + pass, as the in-memory tuning trials do per epoch), so an epoch of training is `passes` epochs of
-    distinct windows rather than the same windows again.
+    distinct windows rather than the same windows again. `augment`: train windows only; the selection's
+    weights (Selected.weights) set each clip's share of windows.
     """
-    parts = [_windows_pass(selected, kind, for_pass(cfg, i), img_size, num_cpus) for i in range(passes)]
+    parts = [
+        _windows_pass(selected, kind, for_pass(cfg, i), img_size, num_cpus, augment) for i in range(passes)
+    ]
     return parts[0].union(*parts[1:]) if passes > 1 else parts[0]
 
 
-def _windows_pass(selected: Selected, kind: str, cfg: WindowConfig, img_size: int, num_cpus: float) -> Any:
+def _windows_pass(
+    selected: Selected,
+    kind: str,
+    cfg: WindowConfig,
+    img_size: int,
+    num_cpus: float,
+    augment: AugmentConfig | None,
+) -> Any:
     import ray.data
 
     shards = [{"shard": uri} for uri in selected.shard_files]
     ds = ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
-    return ds.flat_map(ShardWindows(selected.clip_ids, kind, cfg, img_size), num_cpus=num_cpus)
+    maker = WindowMaker(kind, cfg, img_size, augment)
+    return ds.flat_map(ShardWindows(selected.clip_ids, maker, selected.weights), num_cpus=num_cpus)
 
 
 class ShardWindows:
@@ -357,11 +446,15 @@ class ShardWindows:
     would wait for them forever, where these tasks take `data_cpus_per_task`.
     """
 
-    def __init__(self, clip_ids: tuple[str, ...], kind: str, cfg: WindowConfig, img_size: int) -> None:
-        self.clip_ids, self.maker = list(clip_ids), WindowMaker(kind, cfg, img_size)
+    def __init__(
+        self, clip_ids: tuple[str, ...], maker: WindowMaker, weights: tuple[float, ...] = ()
+    ) -> None:
+        self.clip_ids, self.maker = list(clip_ids), maker
+        self.weights = dict(zip(clip_ids, weights, strict=True)) if weights else {}
 
     def __call__(self, item: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
         """The selected clips' samples, clip after clip: only one clip's windows are in memory at a time."""
-        table = read_shard_clips(item["shard"], self.clip_ids)
+        table = read_shard_clips(item["shard"], self.clip_ids, self.maker.columns)
         for i in range(table.num_rows):
-            yield from self.maker(table.slice(i, 1).to_pylist()[0])
+            row = table.slice(i, 1).to_pylist()[0]
+            yield from self.maker({**row, WEIGHT: self.weights.get(row["clip_id"], 1.0)})

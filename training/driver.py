@@ -13,8 +13,8 @@ from core.errors import BadInput
 from training.checkpoints import checkpoint_summary, finished, latest_checkpoint, storage_root
 from training.config import DEFAULT_CPUS, TrainConfig, with_defaults
 from training.distributed import torch_config
-from training.metrics import Follower, open_mlflow_run, tracking_uri
-from training.streams import WAITING_FOR_WINDOWS, datasets, select_splits
+from training.metrics import Follower, mlflow_client, open_mlflow_run, tracking_uri
+from training.streams import WAITING_FOR_WINDOWS, datasets, select_splits, train_mix
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,11 @@ def fit_job(
     cfg = plan_resources(cfg, f"train {name}")
     uri = tracking_uri(cfg, out)
     run_id = open_mlflow_run(uri, out, name, cfg)
+    mix = train_mix(data, train)
+    mlflow_client(uri).log_dict(run_id, mix, "data_mix.json")
+    log.info(
+        "%s: windows by language %s", name, {k: v["window_share"] for k, v in mix.get("language", {}).items()}
+    )
     log.info(
         "%s: %d train clips (%d frames), %d val clips",
         name,
@@ -159,4 +164,4 @@ def fit_job(
     final = latest_checkpoint(out, name)
     if final is None:
         raise RuntimeError(f"training finished without a checkpoint under {out}")
-    return checkpoint_summary(final[0], mlflow_run_id=run_id, mlflow_tracking_uri=uri)
+    return checkpoint_summary(final[0], mlflow_run_id=run_id, mlflow_tracking_uri=uri, data_mix=mix)

@@ -14,10 +14,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from core.errors import BadInput
+from training.balance import clip_weights, mix_card
 from training.data import (
+    SHARD_COLUMNS,
+    WEIGHT,
     Selected,
     WindowMaker,
     describe_empty,
@@ -38,7 +42,27 @@ def select_splits(data: str, cfg: TrainConfig) -> tuple[Selected, Selected]:
     train = select(data, cfg.data, "train", clips)
     if not train.clip_ids:
         raise BadInput(f"{data}: {describe_empty(clips, cfg.data)} in the train split")
-    return train, select(data, cfg.data, "val", clips, max_clips=cfg.eval_clips, seed=cfg.seed)
+    return weigh(train, clips, cfg), select(
+        data, cfg.data, "val", clips, max_clips=cfg.eval_clips, seed=cfg.seed
+    )
+
+
+def train_mix(data: str, train: Selected) -> dict[str, Any]:
+    """The run's data card of its mix: per language (speaker, emotion) the train clips and their share of
+    windows in the corpus and in this run (after balance and focus)."""
+    clips = read_clips(data)
+    rows = clips.set_index("clip_id").loc[list(train.clip_ids)].reset_index()
+    weights = pd.Series(train.weights or (1.0,) * len(train.clip_ids), index=list(train.clip_ids))
+    return mix_card(rows, weights, ("language", "speaker", "emotion"))
+
+
+def weigh(train: Selected, clips: pd.DataFrame, cfg: TrainConfig) -> Selected:
+    """`train` with each clip's window multiplier from cfg.balance and cfg.focus (unchanged without them)."""
+    if not cfg.balance and not cfg.focus.manifest:
+        return train
+    rows = clips.set_index("clip_id").loc[list(train.clip_ids)].reset_index()
+    weights = clip_weights(rows, cfg.balance, cfg.balance_strength, cfg.focus)
+    return dataclasses.replace(train, weights=tuple(float(weights[c]) for c in train.clip_ids))
 
 
 MAX_WINDOW_PASSES = 8
@@ -65,7 +89,7 @@ def datasets(train: Selected, val: Selected, kind: str, cfg: TrainConfig) -> dic
 
     cpus = cfg.data_cpus_per_task
     passes = window_passes(cfg, kind, len(train.clip_ids))
-    out = {"train": windows_dataset(train, kind, cfg.windows, cfg.img_size, cpus, passes)}
+    out = {"train": windows_dataset(train, kind, cfg.windows, cfg.img_size, cpus, passes, cfg.augment)}
     out["train"].context.execution_no_progress_timeout_s = -1
     if val.clip_ids:
         val_windows = dataclasses.replace(cfg.windows, windows_per_clip=cfg.eval_windows_per_clip)
@@ -135,10 +159,15 @@ def one_pass(name: str, batch_size: int, device: torch.device) -> Iterator[dict[
 # ---------------------------------------------------------------- batches cut in this process
 
 
-def shard_rows(selected: Selected) -> list[dict[str, Any]]:
-    """The selected clips' shard rows (the columns windows are cut from), read into this process."""
+def shard_rows(selected: Selected, with_pcm: bool = False) -> list[dict[str, Any]]:
+    """The selected clips' shard rows (the columns windows are cut from, PCM too when asked), read into this
+    process, each with its window multiplier (WEIGHT)."""
+    columns = SHARD_COLUMNS + (["pcm"] if with_pcm else [])
+    weights = dict(zip(selected.clip_ids, selected.weights, strict=True)) if selected.weights else {}
     rows = [
-        row for uri in selected.shard_files for row in read_shard_clips(uri, selected.clip_ids).to_pylist()
+        {**row, WEIGHT: weights.get(row["clip_id"], 1.0)}
+        for uri in selected.shard_files
+        for row in read_shard_clips(uri, selected.clip_ids, columns).to_pylist()
     ]
     return sorted(rows, key=lambda row: row["clip_id"])
 
@@ -182,7 +211,7 @@ class BatchStream:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, epoch])
         windows = for_pass(cfg.windows, epoch)
-        maker = WindowMaker(self.kind, windows, cfg.img_size)
+        maker = WindowMaker(self.kind, windows, cfg.img_size, cfg.augment)
         size = max(cfg.shuffle_buffer, cfg.batch_size)
         buffer: list[dict[str, np.ndarray]] = []
         n = 0

@@ -8,6 +8,8 @@ Each entry names a tunable parameter (`PARAMS`) and gives either a fixed value o
     min_offset_confidence: {uniform: [0.0, 0.5]}
     max_abs_offset: {grid: [null, 1, 3]}    # every value, in every sample (random search only)
     min_face_size: 64                       # fixed
+    augment_strength: {uniform: [0.0, 1.5]} # base: {augment: {enabled: true}}
+    balance_strength: {grid: [0.0, 1.0]}    # corpus mix .. base's `balance:` mix (e.g. {language: uniform})
 
 Data-selection thresholds act on clips.parquet columns when a trial picks its training clips, so they
 are tuned without re-preprocessing. A trial's values are written into the training config dataclass
@@ -54,6 +56,8 @@ PARAMS: dict[str, Param] = {
     "max_abs_offset": Param("data.max_abs_offset", int, 0, nullable=True),
     "min_offset_confidence": Param("data.min_offset_confidence", float, 0.0, 1.0),
     "min_face_size": Param("data.min_face_size", float, 0.0),
+    "augment_strength": Param("augment.strength", float, 0.0),  # with base `augment: {enabled: true}`
+    "balance_strength": Param("balance_strength", float, 0.0, 1.0),  # with a base `balance:` mix
 }
 
 

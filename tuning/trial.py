@@ -37,7 +37,7 @@ from training.config import TrainConfig, validate
 from training.data import Selected, read_clips, select
 from training.distributed import torch_config
 from training.recipe import Recipe, config_class, recipe_class
-from training.streams import BatchStream, datasets, shard_rows, val_batches
+from training.streams import BatchStream, datasets, shard_rows, val_batches, weigh
 from tuning.space import apply
 
 DIVERGED_LOSS = 1000.0
@@ -105,7 +105,9 @@ def trial_splits(setup: TrialSetup, cfg: TrainConfig) -> tuple[Selected, Selecte
     if not train.clip_ids:
         raise ValueError(f"the trial's data selection {cfg.data} leaves no training clips")
     base = base_config(setup)
-    return train, select(setup.data, base.data, "val", clips, max_clips=base.eval_clips, seed=base.seed)
+    return weigh(train, clips, cfg), select(
+        setup.data, base.data, "val", clips, max_clips=base.eval_clips, seed=base.seed
+    )
 
 
 # ---------------------------------------------------------------- divergence
@@ -182,7 +184,11 @@ def in_process_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     train, val = trial_splits(setup, cfg)
     position = state.get("stream", {})
     stream = BatchStream(
-        shard_rows(train), cfg, setup.target, position.get("epoch", 0), position.get("index", 0)
+        shard_rows(train, cfg.augment.changes_audio),
+        cfg,
+        setup.target,
+        position.get("epoch", 0),
+        position.get("index", 0),
     )
     train_and_report(recipe, stream, val_batches(shard_rows(val), cfg, setup.target), step, setup)
 
