@@ -117,8 +117,12 @@ def load_scores(uri: str) -> pd.DataFrame:
     fs, path = fsspec.core.url_to_fs(target)
     if not fs.exists(path):
         raise BadInput(f"scores {target} do not exist (pass a `lipsync score` OUT or its scores.parquet)")
-    with fs.open(path, "rb") as fh:
-        frame = pd.read_parquet(fh)
+    try:
+        with fs.open(path, "rb") as fh:
+            frame = pd.read_parquet(fh)
+    except (OSError, ValueError) as exc:  # a directory named *.parquet, or not Parquet (ArrowInvalid)
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise BadInput(f"scores {target} are not a Parquet table: {reason}") from exc
     missing = {"id", "system", "language", "status"} - set(frame.columns)
     if missing:
         raise BadInput(f"scores {target} lack column(s) {', '.join(sorted(missing))}")
