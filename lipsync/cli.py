@@ -205,6 +205,53 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
     return run(args.scores, args.out, mos=args.mos, config_path=args.config)
 
 
+def _select(args: argparse.Namespace) -> dict[str, Any]:
+    from core.config import load_config
+    from evaluation.select import SelectConfig, run
+
+    overrides = {
+        "metric": args.metric,
+        "worst": args.worst,
+        "languages": args.language,
+        "below": args.below,
+        "above": args.above,
+    }
+    return run(load_config(SelectConfig, args.config, overrides), args.scores, args.out)
+
+
+def _select_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "select", help="the source clips of the worst outputs, as a manifest for `lipsync train --focus`"
+    )
+    p.add_argument("scores", help="a `lipsync score` OUT directory or its scores.parquet")
+    p.add_argument("out", help="output directory: manifest.csv (one row per source video) and select.json")
+    p.add_argument(
+        "--worst",
+        help="keep the worst N%% (e.g. 20%%) or the worst N (e.g. 15) outputs by --metric "
+        "(default: 20%% unless --below/--above is given)",
+    )
+    p.add_argument(
+        "--metric",
+        help="scores column to rank and threshold by (default: landmark_offset_frames, the model-free AV "
+        "offset every scored row has and the report ranks its worst clips by; |value| for offsets)",
+    )
+    p.add_argument("--language", help="comma-separated languages to select from (default: all)")
+    p.add_argument(
+        "--below",
+        type=float,
+        metavar="X",
+        help="keep outputs whose --metric (|value| for offsets) is below X",
+    )
+    p.add_argument(
+        "--above",
+        type=float,
+        metavar="X",
+        help="keep outputs whose --metric (|value| for offsets) is above X",
+    )
+    _common(p)
+    p.set_defaults(handler=_select)
+
+
 def _evaluation_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="objective lip-sync and quality scores of many videos (Ray actor pool)")
     p.add_argument("input", help="videos directory, manifest (.csv/.jsonl/.parquet) or generation's outputs")
@@ -225,6 +272,7 @@ def _evaluation_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mos", help="MOS results JSON (`lipsync mos results`) folded into the overall score")
     _common(p)
     p.set_defaults(handler=_report)
+    _select_parser(sub)
 
 
 def _mos(args: argparse.Namespace) -> dict[str, Any]:
