@@ -82,10 +82,9 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
     return run(args.out, config_path=args.config, address=args.address)
 
 
-def _train(args: argparse.Namespace) -> dict[str, Any]:
-    from core.config import load_config
-
-    overrides = {
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys `lipsync train`'s flags set (None: not given, load_config skips it)."""
+    return {
         "workers": args.workers,
         "cpus_per_worker": args.cpus_per_worker,
         "gpu": True if args.gpu else None,
@@ -93,7 +92,14 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         "data.languages": args.languages,
         "data.speakers": args.speakers,
         "mlflow_tracking_uri": args.mlflow_uri,
+        "focus.manifest": args.focus,
     }
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    from core.config import load_config
+
+    overrides = train_overrides(args)
     if args.model == "syncnet":
         from training.syncnet_job import SyncNetConfig, run
 
@@ -131,6 +137,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--languages", help="comma-separated languages to train on (default: all)")
         p.add_argument("--speakers", help="comma-separated speakers to train on (default: all)")
         p.add_argument("--init-from", help="start from this checkpoint's weights (per-language fine-tuning)")
+        p.add_argument(
+            "--focus", metavar="MANIFEST", help="up-weight the clips of this manifest (from `lipsync select`)"
+        )
         p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: a file store under OUT)")
         _common(p, ray=True)
         p.set_defaults(handler=_train)
