@@ -234,3 +234,17 @@ def test_scores_that_are_missing_or_not_a_table_exit_2(tmp_path: Path) -> None:
         expected = message.format(target if target.suffix else f"{target}/scores.parquet")
         (line,) = done.stderr.strip().splitlines()
         assert line.startswith(f"lipsync: error: {expected}")
+
+
+def test_the_report_shows_the_next_iteration_only_when_given(scores: Path, tmp_path: Path) -> None:
+    from evaluation.report import run as report
+
+    steps = "lipsync select /runs/scores /runs/select --worst 20%\nlipsync train wav2lip D O --focus M"
+    report(str(scores), str(tmp_path / "with"), next_steps=steps)
+    html = (tmp_path / "with" / "report.html").read_text()
+    assert (
+        "<h2>Next iteration</h2>" in html and "lipsync select /runs/scores /runs/select --worst 20%" in html
+    )
+    assert json.loads((tmp_path / "with" / "report.json").read_text())["next_steps"] == steps
+    report(str(scores), str(tmp_path / "without"))
+    assert "Next iteration" not in (tmp_path / "without" / "report.html").read_text()

@@ -1,15 +1,17 @@
 """`lipsync train ... --focus MANIFEST` passes `lipsync select`'s manifest to training as `focus.manifest`,
-and the fine-tune command `lipsync select` prints is one the real parser accepts."""
+and the follow-up commands `lipsync select` and the demo print are ones the real parser accepts."""
 
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pytest
 
 from core.config import load_config
 from evaluation.select import next_command
 from lipsync.cli import build_parser, train_overrides
+from lipsync.demo import DEMO_CONFIG, DemoConfig, next_iteration
 from training.syncnet_job import SyncNetConfig
 from training.wav2lip_job import Wav2LipConfig
 
@@ -38,3 +40,20 @@ def test_the_printed_fine_tune_command_parses() -> None:
     args = build_parser().parse_args(words[1:])
     assert (args.command, args.model, args.data, args.out) == ("train", "wav2lip", "DATA", "TRAIN_OUT")
     assert (args.syncnet, args.focus, args.init_from) == ("EXPERT", manifest, "CHECKPOINT")
+
+
+def test_the_demo_names_its_next_iteration_with_its_own_paths(tmp_path: Path) -> None:
+    cfg = load_config(DemoConfig, DEMO_CONFIG)
+    select, train = next_iteration(tmp_path, cfg, "/demo/syncnet/model.pt", "/demo/wav2lip/model.pt")
+    sel = build_parser().parse_args(shlex.split(select)[1:])
+    assert (sel.command, sel.scores, sel.out) == (
+        "select",
+        str(tmp_path / "scores"),
+        str(tmp_path / "select"),
+    )
+    args = build_parser().parse_args(shlex.split(train)[1:])
+    assert (args.model, args.data) == ("wav2lip", str(tmp_path / "preprocessed"))
+    assert args.focus == str(tmp_path / "select" / "manifest.csv")  # what the select above writes
+    assert (args.syncnet, args.init_from) == ("/demo/syncnet/model.pt", "/demo/wav2lip/model.pt")
+    # the fine-tune runs with the demo's generator settings (its width: --init-from loads into the same net)
+    assert load_config(Wav2LipConfig, args.config) == cfg.wav2lip
