@@ -109,6 +109,7 @@ class ReportConfig:
     own_lse_c_reference: float = 0.0  # our SyncNet's LSE-C on real videos; 0 leaves it out of the score
     worst_clips: int = 6
     note: str = ""  # shown under the title (e.g. the demo's "these are demo-sized models")
+    next_steps: str = ""  # command lines of the next iteration (select, fine-tune), shown near the end
 
 
 def load_scores(uri: str) -> pd.DataFrame:
@@ -117,8 +118,12 @@ def load_scores(uri: str) -> pd.DataFrame:
     fs, path = fsspec.core.url_to_fs(target)
     if not fs.exists(path):
         raise BadInput(f"scores {target} do not exist (pass a `lipsync score` OUT or its scores.parquet)")
-    with fs.open(path, "rb") as fh:
-        frame = pd.read_parquet(fh)
+    try:
+        with fs.open(path, "rb") as fh:
+            frame = pd.read_parquet(fh)
+    except (OSError, ValueError) as exc:  # a directory named *.parquet, or not Parquet (ArrowInvalid)
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise BadInput(f"scores {target} are not a Parquet table: {reason}") from exc
     missing = {"id", "system", "language", "status"} - set(frame.columns)
     if missing:
         raise BadInput(f"scores {target} lack column(s) {', '.join(sorted(missing))}")
@@ -329,14 +334,21 @@ def build_document(
 
 
 def run(
-    scores: str, out: str, mos: str | None = None, config_path: str | None = None, note: str | None = None
+    scores: str,
+    out: str,
+    mos: str | None = None,
+    config_path: str | None = None,
+    note: str | None = None,
+    next_steps: str | None = None,
 ) -> dict[str, Any]:
-    """Write OUT/report.json and OUT/report.html from a `lipsync score` output."""
-    cfg = load_config(ReportConfig, config_path, {"note": note})
+    """Write OUT/report.json and OUT/report.html from a `lipsync score` output (`next_steps`: command
+    lines shown under "Next iteration")."""
+    cfg = load_config(ReportConfig, config_path, {"note": note, "next_steps": next_steps})
     frame = load_scores(scores)
     mos_systems = load_mos(mos) if mos else {}
     doc, worst = build_document(frame, scores, mos_systems, mos, cfg)
     doc["note"] = cfg.note
+    doc["next_steps"] = cfg.next_steps
     images = figures(frame, doc["systems"], worst)
     doc["figures"] = sorted(images)
     store = Store(out)

@@ -82,10 +82,9 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
     return run(args.out, config_path=args.config, address=args.address)
 
 
-def _train(args: argparse.Namespace) -> dict[str, Any]:
-    from core.config import load_config
-
-    overrides = {
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys `lipsync train`'s flags set (None: not given, load_config skips it)."""
+    return {
         "workers": args.workers,
         "cpus_per_worker": args.cpus_per_worker,
         "gpu": True if args.gpu else None,
@@ -93,7 +92,14 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         "data.languages": args.languages,
         "data.speakers": args.speakers,
         "mlflow_tracking_uri": args.mlflow_uri,
+        "focus.manifest": args.focus,
     }
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    from core.config import load_config
+
+    overrides = train_overrides(args)
     if args.model == "syncnet":
         from training.syncnet_job import SyncNetConfig, run
 
@@ -131,6 +137,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--languages", help="comma-separated languages to train on (default: all)")
         p.add_argument("--speakers", help="comma-separated speakers to train on (default: all)")
         p.add_argument("--init-from", help="start from this checkpoint's weights (per-language fine-tuning)")
+        p.add_argument(
+            "--focus", metavar="MANIFEST", help="up-weight the clips of this manifest (from `lipsync select`)"
+        )
         p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: a file store under OUT)")
         _common(p, ray=True)
         p.set_defaults(handler=_train)
@@ -205,6 +214,53 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
     return run(args.scores, args.out, mos=args.mos, config_path=args.config)
 
 
+def _select(args: argparse.Namespace) -> dict[str, Any]:
+    from core.config import load_config
+    from evaluation.select import SelectConfig, run
+
+    overrides = {
+        "metric": args.metric,
+        "worst": args.worst,
+        "languages": args.language,
+        "below": args.below,
+        "above": args.above,
+    }
+    return run(load_config(SelectConfig, args.config, overrides), args.scores, args.out)
+
+
+def _select_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "select", help="the source clips of the worst outputs, as a manifest for `lipsync train --focus`"
+    )
+    p.add_argument("scores", help="a `lipsync score` OUT directory or its scores.parquet")
+    p.add_argument("out", help="output directory: manifest.csv (one row per source video) and select.json")
+    p.add_argument(
+        "--worst",
+        help="keep the worst N%% (e.g. 20%%) or the worst N (e.g. 15) outputs by --metric "
+        "(default: 20%% unless --below/--above is given)",
+    )
+    p.add_argument(
+        "--metric",
+        help="scores column to rank and threshold by (default: landmark_offset_frames, the model-free AV "
+        "offset every scored row has and the report ranks its worst clips by; |value| for offsets)",
+    )
+    p.add_argument("--language", help="comma-separated languages to select from (default: all)")
+    p.add_argument(
+        "--below",
+        type=float,
+        metavar="X",
+        help="keep outputs whose --metric (|value| for offsets) is below X",
+    )
+    p.add_argument(
+        "--above",
+        type=float,
+        metavar="X",
+        help="keep outputs whose --metric (|value| for offsets) is above X",
+    )
+    _common(p)
+    p.set_defaults(handler=_select)
+
+
 def _evaluation_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="objective lip-sync and quality scores of many videos (Ray actor pool)")
     p.add_argument("input", help="videos directory, manifest (.csv/.jsonl/.parquet) or generation's outputs")
@@ -225,6 +281,7 @@ def _evaluation_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mos", help="MOS results JSON (`lipsync mos results`) folded into the overall score")
     _common(p)
     p.set_defaults(handler=_report)
+    _select_parser(sub)
 
 
 def _mos(args: argparse.Namespace) -> dict[str, Any]:

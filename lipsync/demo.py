@@ -2,7 +2,9 @@
 
 synth → preprocess → train SyncNet → train Wav2Lip → a 2-trial tune → generate lip-synced videos for new
 speech in each language → score → report. Each step is the same `run(config)` the individual commands
-call; the demo only chains them with demo-sized settings (configs/demo.yaml) and says where things went.
+call; the demo only chains them with demo-sized settings (configs/demo.yaml) and says where things went,
+and what the next iteration would run (`lipsync select` of its scores, then `lipsync train wav2lip --focus`
+on the selected clips), in its result and at the end of the report; it does not run them.
 The models it trains are demo-sized: minutes of CPU, not the days of GPU a real model needs.
 """
 
@@ -17,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from scipy.io import wavfile
 
-from core.config import load_config
+from core.config import load_config, to_dict
 from pipeline.preprocess_config import PreprocessConfig
 from pipeline.synth import SynthConfig
 from training.syncnet_job import SyncNetConfig
@@ -94,6 +97,28 @@ def new_speech_pairs(corpus: Path, clips_parquet: Path, out: Path, cfg: DemoConf
     return manifest
 
 
+def next_iteration(root: Path, cfg: DemoConfig, syncnet: str, wav2lip: str) -> list[str]:
+    """The next iteration's two command lines on this demo's outputs: `lipsync select` of its scores, then
+    the fine-tune of its generator on the selected clips (its demo-sized settings written to
+    ROOT/finetune_wav2lip.yaml, so that --init-from loads into a network of the same width)."""
+    from evaluation.select import next_command, select_command
+
+    settings = root / "finetune_wav2lip.yaml"
+    settings.write_text(yaml.safe_dump(to_dict(cfg.wav2lip), sort_keys=False))
+    selection = root / "select"
+    return [
+        select_command(str(root / "scores"), str(selection)),
+        next_command(
+            str(selection / "manifest.csv"),
+            data=str(root / "preprocessed"),
+            train_out=str(root / "wav2lip_focus"),
+            syncnet=syncnet,
+            init_from=wav2lip,
+            extra=("--config", str(settings)),
+        ),
+    ]
+
+
 def run(out: str, config_path: str | None = None, address: str | None = None) -> dict[str, Any]:
     """Run every stage in order into `out`; returns the paths written (the report last)."""
     from core.ray import ensure_ray
@@ -158,8 +183,21 @@ def run(out: str, config_path: str | None = None, address: str | None = None) ->
         syncnet=expert["checkpoint"],
         address=address,
     )
-    reported = _step("report", timings, report, str(root / "scores"), str(root / "report"), note=DEMO_NOTE)
+    follow = next_iteration(root, cfg, expert["checkpoint"], generator["checkpoint"])
+    reported = _step(
+        "report",
+        timings,
+        report,
+        str(root / "scores"),
+        str(root / "report"),
+        note=DEMO_NOTE,
+        next_steps="\n".join(follow),
+    )
     log.info("demo: finished in %.0f s: %s", sum(timings.values()), reported["report_html"])
+    log.info(
+        "demo: the next iteration (select the worst outputs' clips, fine-tune on them):\n  %s",
+        "\n  ".join(follow),
+    )
     print(reported["report_html"])
     return {
         "corpus": str(corpus / "manifest.csv"),
@@ -172,4 +210,5 @@ def run(out: str, config_path: str | None = None, address: str | None = None) ->
         "scores": scores.get("scores", str(root / "scores")),
         "seconds": timings,
         "report": reported["report_html"],
+        "next": follow,
     }
