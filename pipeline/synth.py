@@ -10,11 +10,12 @@ advances (K < 0) the audio against the mouth by K video frames; the manifest rec
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,9 @@ class SynthConfig:
     mouth_lead_ms: float = ph.MOUTH_LEAD_MS
     # base expressions, given to the clips in turn (pipeline.face_rig.EXPRESSIONS); "neutral" is the photo
     emotions: tuple[str, ...] = ("neutral",)
+    # every speaker's look overridden (SpeakerLook fields: hue_shift, brightness, face_fraction, background,
+    # ...): speakers that look unlike the training corpus's, for held-out tests
+    look: dict[str, Any] = field(default_factory=dict)
     ray_min_clips: int = 24  # run clips as Ray tasks from this many clips on (or when --address is given)
 
 
@@ -245,6 +249,11 @@ def validate(cfg: SynthConfig) -> None:
     unknown = [e for e in cfg.emotions if e not in EMOTIONS]
     if unknown or not cfg.emotions:
         raise BadInput(f"--emotions: unknown {', '.join(unknown) or '(empty)'}; known: {', '.join(EMOTIONS)}")
+    known = {f.name for f in dataclasses.fields(SpeakerLook)}
+    if set(cfg.look) - known:
+        raise BadInput(
+            f"look: unknown {', '.join(sorted(set(cfg.look) - known))}; known: {', '.join(sorted(known))}"
+        )
     if abs(cfg.offset_frames) > 15:
         raise BadInput("--offset-frames must be within -15..15")
 
@@ -270,9 +279,23 @@ def plan(cfg: SynthConfig, out: str) -> list[ClipJob]:
         for c in range(cfg.clips_per_speaker)
     ]
     return [
-        ClipJob(make_speaker(lang, s, cfg.seed), c, out, cfg, cfg.emotions[i % len(cfg.emotions)])
+        ClipJob(
+            with_look(make_speaker(lang, s, cfg.seed), cfg.look),
+            c,
+            out,
+            cfg,
+            cfg.emotions[i % len(cfg.emotions)],
+        )
         for i, (lang, s, c) in enumerate(keys)
     ]
+
+
+def with_look(speaker: Speaker, look: dict[str, Any]) -> Speaker:
+    """`speaker` with the SynthConfig's look overrides (tuples for the background and centre)."""
+    if not look:
+        return speaker
+    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in look.items()}
+    return dataclasses.replace(speaker, look=dataclasses.replace(speaker.look, **changes))
 
 
 def _run_on_ray(jobs: list[ClipJob], address: str | None) -> list[dict[str, Any]]:
