@@ -77,12 +77,12 @@ def train_expert(cfg: Any, data: Path, out: Path, max_steps: int, chunk: int) ->
 def sync_figures(cfg: Any, raw: Path, data: Path, checkpoint: str, expert: str, out: Path) -> dict[str, Any]:
     """Generate the demo's new-speech pairs with `checkpoint`, score them beside the baseline; per language."""
     import pandas as pd
-    from evaluation.generate import GenerateConfig
-    from evaluation.generate import run as generate
 
     from evaluation.baseline import BASELINE_SYSTEM, sync_bar
-    from evaluation.score import ScoreConfig
     from evaluation.score import run as score
+    from evaluation.score_config import ScoreConfig
+    from generation.config import GenerateConfig
+    from generation.run import run as generate
     from lipsync.demo import new_speech_pairs
 
     pairs = new_speech_pairs(raw, data / "clips.parquet", out / "new_speech", cfg)
