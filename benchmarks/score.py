@@ -4,8 +4,11 @@ Prints and writes benchmarks/results/score.json: clips/s over the whole job (Ray
 start-up included), clips/s once the actors are up (from the per-row processing times), seconds of video
 scored per wall second, per-stage cost of one clip, and the machine's load while it ran (the numbers are
 only comparable on an idle machine).
-Usage: python benchmarks/score.py [--clips 100] [--seconds 2] [--workers 2] [--syncnet]
-(--syncnet adds our SyncNet's LSE-D/LSE-C with a randomly initialised checkpoint: same cost as a trained one.)
+Usage: python benchmarks/score.py [--clips 100] [--seconds 2] [--workers 2] [--syncnet] [--compare-expression]
+(--syncnet adds our SyncNet's LSE-D/LSE-C with a randomly initialised checkpoint: same cost as a trained one.
+--compare-expression scores the same clips, each with its own video as `source`, with the expression
+columns off and on, twice in the order off-on-on-off, and prints the per-clip actor seconds of each and their
+ratio: the cost of the facial-expression features, measured in one run; writes score_expression.json.)
 """
 
 from __future__ import annotations
@@ -48,16 +51,49 @@ def random_syncnet(root: Path) -> str:
     )
 
 
-def score(manifest: Path, out: Path, workers: int, syncnet: str | None) -> tuple[dict, float]:
+def score(
+    manifest: Path, out: Path, workers: int, syncnet: str | None, expression: bool = True
+) -> tuple[dict, float]:
     """Run the job on the already started Ray; returns (its result, wall seconds)."""
     from evaluation.score import run
     from evaluation.score_config import ScoreConfig
     from pipeline.preprocess_config import PoolConfig
 
-    cfg = replace(ScoreConfig(), resources=replace(PoolConfig(), workers=workers))
+    cfg = replace(ScoreConfig(), resources=replace(PoolConfig(), workers=workers), expression=expression)
     start = time.perf_counter()
     result = run(cfg, str(manifest), str(out), syncnet=syncnet)
     return result, time.perf_counter() - start
+
+
+def with_sources(manifest: Path) -> Path:
+    """The manifest with each clip's own video as its `source` (what scoring compares expressions against)."""
+    import pandas as pd
+
+    table = pd.read_csv(manifest)
+    table["source"] = table["video"]
+    out = manifest.with_name("manifest_with_sources.csv")
+    table.to_csv(out, index=False)
+    return out
+
+
+def compare_expression(manifest: Path, root: Path, workers: int) -> dict:
+    """Per-clip actor seconds with the expression columns off and on (order off, on, on, off)."""
+    import pandas as pd
+
+    manifest = with_sources(manifest)
+    seconds: dict[str, list[float]] = {"off": [], "on": []}
+    for i, expression in enumerate((False, True, True, False)):
+        out = root / f"expr_{i}"
+        score(manifest, out, workers, None, expression)
+        table = pd.read_parquet(out / "scores.parquet")
+        assert ("expr_smile_mad" in table) == expression, "the expression switch did not switch"
+        seconds["on" if expression else "off"].append(float(table["seconds"].mean()))
+    off, on = sum(seconds["off"]) / 2, sum(seconds["on"]) / 2
+    return {
+        "seconds_per_clip_off": [round(s, 4) for s in seconds["off"]],
+        "seconds_per_clip_on": [round(s, 4) for s in seconds["on"]],
+        "cost_ratio_on_off": round(on / off, 4),
+    }
 
 
 def main() -> None:
@@ -66,7 +102,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="length of each clip")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--syncnet", action="store_true", help="also compute LSE with our SyncNet")
+    parser.add_argument("--compare-expression", action="store_true", help="cost of the expression columns")
     args = parser.parse_args()
+    if args.compare_expression:
+        main_compare_expression(args)
+        return
 
     import pandas as pd
     import ray
@@ -108,6 +148,27 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     name = "score_syncnet.json" if args.syncnet else "score.json"
     (RESULTS / name).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+def main_compare_expression(args: argparse.Namespace) -> None:
+    from core.ray import ensure_ray
+
+    with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
+        root = Path(tmp)
+        ensure_ray(num_cpus=os.cpu_count())
+        manifest = make_corpus(root / "corpus", args.clips, args.seconds)
+        load_before = os.getloadavg()[0]
+        report = compare_expression(manifest, root, args.workers)
+    report |= {
+        "clips": args.clips,
+        "clip_seconds": args.seconds,
+        "workers": args.workers,
+        "cpus": os.cpu_count(),
+        "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "score_expression.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 
 

@@ -178,7 +178,8 @@ class ClipScorer:
             scores.update(lse.to_dict(embedder.name))
             scores[f"{embedder.name}_curve"] = [round(d, 5) for d in lse.mean_distances]
         scores.update(self._quality(row, frames, track.landmarks, smooth))
-        scores.update(expression_summary(smooth))
+        if cfg.expression:
+            scores.update(expression_summary(smooth))
         scores["openness_trace"] = _trace(openness, cfg.trace_frames)
         scores["envelope_trace"] = baseline.envelope_trace(
             pcm, cfg.sample_rate, len(frames), cfg.fps, cfg.trace_frames
@@ -251,5 +252,5 @@ class ClipScorer:
         return {
             "mouth_sharpness_ratio": ratio,
             **quality.upper_face_consistency(smooth, src_smooth),
-            **expression_consistency(smooth, src_smooth),
+            **(expression_consistency(smooth, src_smooth) if self.cfg.expression else {}),
         }

@@ -44,6 +44,7 @@ class ScoreConfig:
     calibration_min_confidence: float | None = None  # None: the meter's own threshold
     calibration_min_clips: int = 3  # languages / speakers with fewer validation clips get no entry
     calibration_used: str = ""  # the calibration the scored videos were generated with (default: none)
+    expression: bool = True  # expr_* columns: the face's expression and, with a source, how well it is kept
     baseline: bool = True  # generation outputs: also score the "do nothing" video (source + new audio)
     # one video per call: an actor holds a whole decoded video (up to max_seconds), so calls do not overlap
     resources: PoolConfig = field(default_factory=PoolConfig)

@@ -115,3 +115,40 @@ def test_faithful_copies_are_consistent_within_noise(results, copy: str, mode: s
     assert r["expr_smile_mad"] < 1.0 and r["expr_corner_elevation_mad"] < 0.01, r
     assert r["expr_brow_mad"] < 0.01, r
     assert r["expr_output_class"] == r["expr_source_class"], r
+
+
+def test_scoring_without_the_expression_columns(tmp_path: Path) -> None:
+    """`expression: false` leaves the expr_* columns out and every other figure as it was (the switch the
+    scoring-cost benchmark measures the expression features with)."""
+    from evaluation.clip_scorer import ClipScorer
+    from evaluation.score_config import ScoreConfig
+
+    cfg = SynthConfig(languages=("en",), speakers=1, clips_per_speaker=1, seconds=2.0)
+    clip = make_clip(ClipJob(make_speaker("en", 0, cfg.seed), 0, str(tmp_path), cfg, "happy"))
+    video = str(tmp_path / clip["video"])
+    fields = (
+        "audio",
+        "speaker",
+        "split",
+        "timeline",
+        "phonemes",
+        "transcript",
+        "reference",
+        "input_status",
+        "input_reason",
+        "injected_offset_frames",
+    )
+    row = {
+        **dict.fromkeys(fields, ""),
+        "id": "a",
+        "system": "s",
+        "video": video,
+        "source": video,
+        "language": "en",
+    }
+    scored = {on: ClipScorer(ScoreConfig(expression=on)).score(dict(row)) for on in (True, False)}
+    expr = {k for k in scored[True] if k.startswith("expr_")}
+    assert {"expr_smile", "expr_smile_mad", "expr_lower_lost"} <= expr
+    assert not any(k.startswith("expr_") for k in scored[False])
+    same = ("landmark_offset_frames", "mouth_sharpness", "mouth_sharpness_ratio", "upper_face_motion")
+    assert {k: scored[False][k] for k in same} == {k: scored[True][k] for k in same}
