@@ -22,6 +22,7 @@ from models.frames import SYNC_FRAMES
 from models.registry import build_model
 from models.syncnet import SYNC_FRAMES as MODEL_SYNC_FRAMES
 from pipeline.shards import encode_jpegs
+from training.augment import AugmentConfig
 from training.checkpoints import latest_checkpoint
 from training.config import validate
 from training.data import (
@@ -36,7 +37,7 @@ from training.data import (
     windows_dataset,
 )
 from training.devices import amp_settings
-from training.metrics import metric_history
+from training.metrics import metric_history, mlflow_client
 from training.optim import build_optimizer
 from training.streams import select_splits, window_passes
 from training.syncnet_job import SyncNetConfig
@@ -435,13 +436,24 @@ def test_rerunning_a_finished_command_does_no_more_steps(
 
 def test_wav2lip_run_with_the_expert(syncnet_run: tuple[Path, dict], corpus: Path, tmp_path: Path) -> None:
     _, expert = syncnet_run
-    cfg = small(Wav2LipConfig, checkpoint_every=2, expert_max_val_loss=None)  # a 4-step toy expert
+    cfg = small(  # a 4-step toy expert; augmented windows (audio too) and a uniform language mix on Ray Data
+        Wav2LipConfig,
+        checkpoint_every=2,
+        expert_max_val_loss=None,
+        augment=AugmentConfig(enabled=True, reverb=1.0),
+        balance={"language": "uniform"},
+    )
     result = run_wav2lip(cfg, str(corpus), str(tmp_path), syncnet=expert["checkpoint"])
     assert result["step"] == 2 and {"train_l1", "train_sync", "train_disc", "val_l1"} <= set(
         result["metrics"]
     )
     generator = load_model(str(tmp_path), expected_kind="wav2lip")
     assert generator.step == 2 and generator.config["gan"] is True
+    assert generator.config["balance"] == {"language": "uniform"} and generator.config["augment"]["enabled"]
+    mix = result["data_mix"]["language"]  # the run's data card, also in its MLflow run
+    assert len(mix) >= 2 and all(abs(g["window_share"] - 1 / len(mix)) < 0.01 for g in mix.values())
+    artifacts = mlflow_client(result["mlflow_tracking_uri"]).list_artifacts(result["mlflow_run_id"])
+    assert "data_mix.json" in {a.path for a in artifacts}
     assert (Path(result["checkpoint"]) / DISC_FILE).is_file()
     x = torch.zeros(1, 6, 5, 96, 96)
     assert generator.model(torch.zeros(1, 5, 1, 80, 16), x).shape == (1, 3, 5, 96, 96)
