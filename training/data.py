@@ -246,9 +246,9 @@ def cut_windows(
     partner_frames: bool,
     mel: np.ndarray | None = None,
 ) -> Cut | None:
-    """`window_count` starts drawn from the row's valid ones (mel: the row's own unless given), each with `partner(start, starts)` (an
-    off-sync mel or a reference window), and the frames decoded once (the partners' too when
-    `partner_frames`); None when the clip has fewer than two valid starts."""
+    """`window_count` starts drawn from the row's valid ones, each with `partner(start, starts)` (an off-sync
+    mel or a reference window), and the frames decoded once (the partners' too when `partner_frames`); `mel`
+    replaces the row's own (augmented audio). None when the clip has fewer than two valid starts."""
     fps, offset = float(row["fps"]), _row_offset(row, cfg)
     mel = mel if mel is not None else decode_mel(row)
     starts = valid_starts(int(row["n_frames"]), int(row["mel_frames"]), fps, offset)
@@ -342,9 +342,11 @@ class Augmenter:
         self.cfg, self.rng = cfg, clip_rng(seed, f"{clip_id}#augment")
 
     def mel(self, row: dict[str, Any]) -> np.ndarray | None:
-        """The mel of the row's augmented audio (None: the audio is not augmented, or the row has no PCM)."""
-        if not self.cfg.changes_audio or "pcm" not in row:
+        """The mel of the row's augmented audio (None: the audio is not augmented)."""
+        if not self.cfg.changes_audio:
             return None
+        if "pcm" not in row:  # a reader that left PCM out (WindowMaker.columns, shard_rows(with_pcm=True))
+            raise ValueError(f"clip {row['clip_id']}: audio augmentation needs the shard's pcm column")
         return augmented_mel(decode_pcm(row), int(row["mel_frames"]), self.cfg, self.rng)
 
     def pixels(self, size: int) -> PixelChange:

@@ -11,7 +11,7 @@ from support.training import bursts, shard_row
 
 from pipeline.audio import SAMPLE_RATE, melspectrogram
 from training.augment import AugmentConfig, augment_audio, augmented_mel
-from training.data import Augmenter, WindowConfig, sync_samples, wav2lip_samples
+from training.data import Augmenter, WindowConfig, WindowMaker, sync_samples, wav2lip_samples
 from training.streams import BatchStream, val_batches
 from training.wav2lip_job import Wav2LipConfig
 
@@ -148,3 +148,14 @@ def test_validation_windows_are_never_augmented() -> None:
     train_clean = next(BatchStream(rows, base, "wav2lip"))
     train_changed = next(BatchStream(rows, strong, "wav2lip"))
     assert not np.array_equal(train_clean["y"].numpy(), train_changed["y"].numpy())
+
+
+def test_audio_augmentation_without_the_pcm_column_says_so() -> None:
+    row = {k: v for k, v in shard_row().items() if k != "pcm"}
+    maker = WindowMaker("wav2lip", WINDOWS, 96, dataclasses.replace(NOTHING, gain_db=3.0))
+    assert "pcm" in maker.columns
+    with pytest.raises(ValueError, match="clip clip: audio augmentation needs the shard's pcm column"):
+        maker(row)
+    assert WindowMaker("wav2lip", WINDOWS, 96, dataclasses.replace(NOTHING, hue=10.0))(
+        row
+    )  # pixels only: fine
