@@ -3,7 +3,7 @@
 1. Train corpus: the demo's synth corpus, preprocessed (cached; shared with benchmarks/learning.py).
 2. Held-out corpus: one new synth speaker per language whose look (darker, hue-shifted skin; a green
    background; a smaller face) is outside the range of every training speaker's (HELD_OUT_LOOK).
-3. Expert: the demo's SyncNet recipe trained in this process (`--expert-steps`), or `--expert CKPT`.
+3. Expert: the demo's SyncNet recipe trained in this process once (`--expert-steps`; cached), or `--expert CKPT`.
 4. For each seed, the demo's generator recipe trained in-process for `--steps` steps with augmentation off
    and on (training.augment defaults, reverberation on a third of the clips), two runs at a time.
 5. Each generator is measured on every window of the held-out corpus and of the train corpus's val split:
@@ -60,6 +60,18 @@ def prepared(name: str, synth_cfg: Any, preprocess_cfg: Any) -> Path:
         synth(synth_cfg, str(root / "corpus"))
         preprocess(preprocess_cfg, str(root / "corpus"), str(root / "preprocessed"))
     return root / "preprocessed"
+
+
+def demo_corpus(demo: Any) -> Path:
+    """The demo's synth corpus, preprocessed (cached; the same cache as benchmarks/learning.py's)."""
+    name = f"s{demo.synth.speakers}c{demo.synth.clips_per_speaker}seed{demo.synth.seed}"
+    return prepared(name, demo.synth, demo.preprocess)
+
+
+def cached_expert(demo: Any, data: Path, steps: int) -> str:
+    """The demo's expert trained `steps` steps in this process, once: later runs reuse its checkpoint."""
+    out = CACHE / f"expert_{steps}"
+    return str(out) if (out / "model.pt").exists() else train_expert(demo, data, steps, out)
 
 
 def rows(data: Path, split: str | None, cfg: Any) -> list[dict[str, Any]]:
@@ -179,16 +191,12 @@ def main() -> None:
     from pipeline.synth import SynthConfig
 
     demo = demo_config()
-    data = prepared(
-        f"s{demo.synth.speakers}c{demo.synth.clips_per_speaker}seed{demo.synth.seed}",
-        demo.synth,
-        demo.preprocess,
-    )
+    data = demo_corpus(demo)
     held_synth = SynthConfig(
         languages=demo.synth.languages, speakers=1, clips_per_speaker=2, seed=101, look=HELD_OUT_LOOK
     )
     held_out = prepared("held_out_look", held_synth, demo.preprocess)
-    expert = args.expert or train_expert(demo, data, args.expert_steps, CACHE / f"expert_{args.expert_steps}")
+    expert = args.expert or cached_expert(demo, data, args.expert_steps)
     jobs = [
         {
             "seed": s,

@@ -107,20 +107,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
 
-    from augmentation import CACHE, demo_config, prepared, train_expert
+    from augmentation import cached_expert, demo_config, demo_corpus
 
     demo = demo_config()
-    data = prepared(
-        f"s{demo.synth.speakers}c{demo.synth.clips_per_speaker}seed{demo.synth.seed}",
-        demo.synth,
-        demo.preprocess,
-    )
-    experts = {
-        n: train_expert(demo, data, n, CACHE / f"expert_{n}")
-        if not (CACHE / f"expert_{n}" / "model.pt").exists()
-        else str(CACHE / f"expert_{n}")
-        for n in args.expert_steps
-    }
+    data = demo_corpus(demo)
+    experts = {n: cached_expert(demo, data, n) for n in args.expert_steps}
     jobs = [
         {
             "seed": s,
