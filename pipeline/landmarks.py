@@ -44,6 +44,9 @@ LEFT_BROW_POINTS: tuple[int, ...] = (276, 282, 283, 285, 293, 295, 296, 300, 334
 UPPER_FACE_POINTS: tuple[int, ...] = tuple(
     sorted(set(RIGHT_EYE_POINTS + LEFT_EYE_POINTS + RIGHT_BROW_POINTS + LEFT_BROW_POINTS))
 )
+UPPER_FACE_OVAL_POINTS: tuple[int, ...] = (
+    10, 21, 54, 67, 103, 109, 127, 162, 234, 251, 284, 297, 332, 338, 356, 389, 454,
+)  # fmt: skip  # the face outline from ear to ear over the forehead: the jaw does not move it
 FACE_OVAL_POINTS: tuple[int, ...] = (
     10, 21, 54, 58, 67, 93, 103, 109, 127, 132, 136, 148, 149, 150, 152, 162, 172, 176, 234, 251,
     284, 288, 297, 323, 332, 338, 356, 361, 365, 377, 378, 379, 389, 397, 400, 454,
