@@ -55,11 +55,16 @@ from pipeline.stages import (
     log,
 )
 
+# Bumped when the code changes what a clip's crops look like, so a re-run redoes inputs cropped the old way
+# instead of mixing two crop geometries in one corpus. 2: boxes that do not follow the jaw (pipeline/crops.py).
+CROP_GEOMETRY = 2
+
 
 def output_hash(cfg: PreprocessConfig) -> str:
     """Hash of the settings that shape the clips: all but `resources` (pool size, CPUs, polling), so a
-    re-run on another pool size resumes instead of redoing every input."""
-    return config_hash(replace(cfg, resources=ResourcesConfig()))
+    re-run on another pool size resumes instead of redoing every input; and the crop geometry's version."""
+    settings = config_hash(replace(cfg, resources=ResourcesConfig()))
+    return hashlib.sha256(f"{settings}/crops{CROP_GEOMETRY}".encode()).hexdigest()[:16]
 
 
 def clip_id_of(source: str, start: int, end: int) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import pytest
@@ -138,3 +140,15 @@ def test_opening_the_mouth_does_not_move_the_upper_half(tracker):
     assert gap[opening == 1].mean() - gap[opening == 0].mean() > 4  # px: the mouth really opened
     eyes = landmarks_in_crop(lm, raw_boxes(lm), 96)[:, list(EYE_CORNER_POINTS), 1].mean(axis=1)
     assert abs(eyes[opening == 1].mean() - eyes[opening == 0].mean()) < 0.15  # px in a 96 px crop
+
+
+def test_a_new_crop_geometry_redoes_preprocessed_inputs(monkeypatch):
+    """Resume skips inputs done with the same output hash: crops of another geometry must not count as done."""
+    import pipeline.clip_preprocessor as cp
+    from pipeline.preprocess_config import PreprocessConfig
+
+    cfg = PreprocessConfig()
+    before = cp.output_hash(cfg)
+    assert cp.output_hash(replace(cfg, resources=replace(cfg.resources, workers=7))) == before
+    monkeypatch.setattr(cp, "CROP_GEOMETRY", cp.CROP_GEOMETRY + 1)
+    assert cp.output_hash(cfg) != before
