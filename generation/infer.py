@@ -22,7 +22,6 @@ class GenerateStage:
         from models.checkpoint import load_model
 
         reuse_freed_memory()  # activations: a third of the forward pass was page faults without it
-        self.torch = torch
         self.device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads(cfg))
@@ -48,23 +47,30 @@ class GenerateStage:
 
     def infer(self, crops: np.ndarray, mels: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) RGB crops + (N, 80, 16) mels -> (N, S, S, 3) RGB generated crops (uint8)."""
-        torch = self.torch
-        out = np.empty_like(crops)
-        half = crops.shape[1] // 2
-        for i in range(0, len(crops), self.cfg.batch_size):
-            bgr = np.ascontiguousarray(crops[i : i + self.cfg.batch_size, ..., ::-1])  # models see BGR
-            x = torch.from_numpy(bgr).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-            masked = x.clone()
-            masked[:, :, half:] = 0.0
-            audio = torch.from_numpy(mels[i : i + self.cfg.batch_size]).to(self.device).unsqueeze(1)
-            autocast = torch.autocast(
-                "cuda", dtype=torch.float16, enabled=self.cfg.half and self.device == "cuda"
-            )
-            with torch.inference_mode(), autocast:
-                y = self.model(audio, torch.cat([masked, x], dim=1))
-                y = (y.float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)
-            out[i : i + len(bgr)] = y.cpu().numpy()[..., ::-1]
-        return out
+        half = self.cfg.half and self.device == "cuda"
+        return generate_crops(self.model, crops, mels, self.cfg.batch_size, self.device, half)
+
+
+def generate_crops(
+    model, crops: np.ndarray, mels: np.ndarray, batch_size: int, device: str = "cpu", half: bool = False
+) -> np.ndarray:
+    """The generator on face crops: each crop's lower half masked, the same crop unmasked as the reference
+    (as the reference's inference does), one mel window per crop. RGB uint8 in and out (models see BGR)."""
+    import torch
+
+    out = np.empty_like(crops)
+    lower = crops.shape[1] // 2
+    for i in range(0, len(crops), batch_size):
+        bgr = np.ascontiguousarray(crops[i : i + batch_size, ..., ::-1])
+        x = torch.from_numpy(bgr).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        masked = x.clone()
+        masked[:, :, lower:] = 0.0
+        audio = torch.from_numpy(mels[i : i + batch_size]).to(device).unsqueeze(1)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=half):
+            y = model(audio, torch.cat([masked, x], dim=1))
+            y = (y.float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)
+        out[i : i + len(bgr)] = y.cpu().numpy()[..., ::-1]
+    return out
 
 
 def cpu_threads(cfg: ModelConfig) -> int:

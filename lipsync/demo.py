@@ -23,6 +23,7 @@ import yaml
 from scipy.io import wavfile
 
 from core.config import load_config, to_dict
+from pipeline.phonemes import VoiceStyle
 from pipeline.preprocess_config import PreprocessConfig
 from pipeline.synth import SynthConfig
 from training.syncnet_job import SyncNetConfig
@@ -31,6 +32,7 @@ from tuning.sweep import SweepConfig
 
 log = logging.getLogger("lipsync.demo")
 
+NEW_SPEECH_VOICE = VoiceStyle(variant="f4", rate_wpm=150)  # a voice none of the synth corpus's speakers has
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 DEMO_NOTE = (
     "Demo-sized models: trained for a few minutes on 2 CPU cores on a generated corpus of a few dozen "
@@ -77,7 +79,7 @@ def new_speech_pairs(corpus: Path, clips_parquet: Path, out: Path, cfg: DemoConf
         for i, source in enumerate(preferred["source"].drop_duplicates().head(cfg.pairs_per_language)):
             sentences = SENTENCES[language]
             text = sentences[int(rng.integers(len(sentences)))]
-            speech = phonemes.synthesize(text, language, phonemes.VoiceStyle(variant="f4", rate_wpm=150))
+            speech = phonemes.synthesize(text, language, NEW_SPEECH_VOICE)
             wav = out / f"{language}-{i}.wav"
             wavfile.write(wav, speech.sample_rate, speech.pcm)
             rows.append(
