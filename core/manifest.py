@@ -18,10 +18,12 @@ def read_table(uri: str, what: str = "manifest") -> Any:
     """
     import pandas as pd  # here: the MOS server imports this module without needing pandas
 
+    from core.storage import read_parquet
+
     try:
         with fsspec.open(uri, "rb") as fh:
             if uri.lower().endswith(".parquet"):
-                return pd.read_parquet(fh)
+                return read_parquet(fh).to_pandas()
             if uri.lower().endswith((".jsonl", ".json")):
                 return pd.read_json(fh, lines=True, dtype=False)
             return pd.read_csv(fh, dtype=str, keep_default_na=False)

@@ -20,7 +20,7 @@ import pandas as pd
 
 from core.config import code_version, load_config
 from core.errors import BadInput
-from core.storage import Store
+from core.storage import Store, read_parquet
 from evaluation import baseline
 from evaluation.summary import summarise
 
@@ -120,7 +120,7 @@ def load_scores(uri: str) -> pd.DataFrame:
         raise BadInput(f"scores {target} do not exist (pass a `lipsync score` OUT or its scores.parquet)")
     try:
         with fs.open(path, "rb") as fh:
-            frame = pd.read_parquet(fh)
+            frame = read_parquet(fh).to_pandas()
     except (OSError, ValueError) as exc:  # a directory named *.parquet, or not Parquet (ArrowInvalid)
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise BadInput(f"scores {target} are not a Parquet table: {reason}") from exc

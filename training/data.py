@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.errors import BadInput
-from core.storage import join_uri
+from core.storage import join_uri, read_parquet
 from models.frames import SYNC_FRAMES, masked_window, sync_faces, to_model_frames
 from pipeline.audio import MEL_STEP_SIZE, mel_start_indices, mel_window
 from pipeline.shards import decode_crops, decode_mel, decode_pcm
@@ -101,7 +101,7 @@ def read_clips(data: str) -> pd.DataFrame:
     if not fs.exists(path):
         raise BadInput(f"{data} is not a preprocessed corpus: {uri} does not exist")
     with fsspec.open(uri, "rb") as fh:
-        clips = pd.read_parquet(fh)
+        clips = read_parquet(fh).to_pandas()
     if clips.empty:
         raise BadInput(f"{uri} lists no clips")
     return clips
