@@ -32,7 +32,7 @@ from tuning.sweep import SweepConfig
 
 log = logging.getLogger("lipsync.demo")
 
-NEW_SPEECH_VOICE = VoiceStyle(variant="f4", rate_wpm=150)  # a voice none of the synth corpus's speakers has
+NEW_SPEECH_VOICE = VoiceStyle(variant="f4", rate_wpm=150)  # the demo corpus (seed 0: m1 f2 m3 f3) lacks it
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 DEMO_NOTE = (
     "Demo-sized models: trained for a few minutes on 2 CPU cores on a generated corpus of a few dozen "

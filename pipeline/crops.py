@@ -34,7 +34,7 @@ def raw_boxes(landmarks: np.ndarray, pad_bottom: float = 0.1, scale: float = 1.0
     Top: the forehead. Bottom: an estimated closed-mouth chin, ``CHIN_OVER_NOSE`` x forehead-to-nose-tip, plus
     ``pad_bottom`` x that height. Width: the face outline from ear to ear. The side is the larger of height
     and width, times ``scale``. Deriving the box from the real chin would move and resize it as the mouth
-    opens, so the unmasked upper half of a crop would tell a generator how wide the mouth is (measured on the
+    opens, so the unmasked upper half of a crop would tell a generator how open the mouth is (measured on the
     demo corpus: eye height in the crop vs lip gap, median r -0.72), a cue it learns instead of the audio.
     """
     xy = landmarks[..., :2].astype(np.float64)
@@ -61,8 +61,9 @@ def crop_boxes(
     """Stable square crop boxes (T, 4) float (x0, y0, x1, y1), like Wav2Lip's face box made square.
 
     Forehead to an estimated closed-mouth chin with ``pad_bottom`` x face height below it (see
-    :func:`raw_boxes`: the box does not follow the jaw), so the mouth lies in the lower half. Centre and side are averaged over a centred ``window`` of frames within each run of face frames
-    (a line is fitted at the run's ends, so steady motion is followed without lag). Boxes may extend past the frame; ``crop_faces`` pads. NaN without a face.
+    :func:`raw_boxes`: the box does not follow the jaw), so the mouth lies in the lower half. Centre and side
+    are averaged over a centred ``window`` of frames within each run of face frames (a line is fitted at the
+    run's ends, so steady motion is followed without lag). Boxes may extend past the frame; ``crop_faces`` pads. NaN without a face.
     ``frame_shape`` (H, W, ...) is accepted for callers that clamp or check; the boxes are not clipped.
     """
     from scipy.signal import savgol_filter  # here: scipy.signal costs 0.8 s to import
