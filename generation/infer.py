@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -52,7 +53,7 @@ class GenerateStage:
 
 
 def generate_crops(
-    model, crops: np.ndarray, mels: np.ndarray, batch_size: int, device: str = "cpu", half: bool = False
+    model: Any, crops: np.ndarray, mels: np.ndarray, batch_size: int, device: str = "cpu", half: bool = False
 ) -> np.ndarray:
     """The generator on face crops: each crop's lower half masked, the same crop unmasked as the reference
     (as the reference's inference does), one mel window per crop. RGB uint8 in and out (models see BGR)."""
