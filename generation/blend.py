@@ -21,6 +21,9 @@ from pipeline.landmarks import (
 # Mesh points the blend mask is built from, in this order: the lips, then the nose tip, then the chin.
 MOUTH_POINTS: tuple[int, ...] = (*LIPS_POINTS, NOSE_TIP_POINT, CHIN_POINT)
 
+BLEND_REGIONS = ("mouth", "jaw")
+JAW_HALF_WIDTH = 0.42  # the jaw region's half-width as a share of the crop side
+
 
 @dataclass(frozen=True)
 class BlendConfig:
@@ -30,13 +33,19 @@ class BlendConfig:
     feather: float = 0.05  # Gaussian feather sigma as a fraction of the crop side
     color_match: bool = True  # match the generated mouth's LAB mean/std to the source's under the mask
     max_gain: float = 1.5  # limit on the colour match's std ratio (either way)
+    # mouth: an ellipse around the lips down to the source's chin (sharpest; the source's jaw still moves
+    # with the source's speech). jaw: down to the crop's bottom and JAW_HALF_WIDTH wide, so the generated
+    # chin and jaw replace the source's, as the reference's whole-crop paste does.
+    region: str = "mouth"
 
 
 def mouth_mask(points: np.ndarray, size: int, cfg: BlendConfig) -> np.ndarray:
-    """(size, size) float32 mask in [0, 1]: a feathered ellipse from below the nose to the chin.
+    """(size, size) float32 mask in [0, 1]: a feathered ellipse from below the nose to the chin (region
+    mouth) or to the crop's bottom edge and most of its width (region jaw).
 
     `points` are MOUTH_POINTS in crop pixels (lips, nose tip, chin). The mask is exactly 0 in the upper
-    half of the crop and near the crop's sides, so only the mouth region Wav2Lip redraws is touched.
+    half of the crop, so only the half Wav2Lip redraws is touched; the mouth region also stays 0 near the
+    crop's sides, the jaw region fades to a few per cent there.
     """
     lips, nose, chin = points[: len(LIPS_POINTS), :2], points[-2, :2], points[-1, :2]
     sigma = max(cfg.feather * size, 0.5)
@@ -46,6 +55,9 @@ def mouth_mask(points: np.ndarray, size: int, cfg: BlendConfig) -> np.ndarray:
     half_w = min(half_w, cx - margin, size - margin - cx)
     top = max(0.5 * (nose[1] + lips[:, 1].min()), size / 2 + margin)
     bottom = min(max(chin[1], lips[:, 1].max()), size - margin)
+    if cfg.region == "jaw":
+        half_w = min(JAW_HALF_WIDTH * size, cx - margin, size - margin - cx)
+        bottom = size - margin
     mask = np.zeros((size, size), np.float32)
     if half_w <= 1 or bottom - top <= 2 or not np.isfinite([cx, half_w, top, bottom]).all():
         return mask

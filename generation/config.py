@@ -9,7 +9,7 @@ from core.errors import BadInput
 from core.ray import (
     check_poll_seconds,
 )
-from generation.blend import BlendConfig
+from generation.blend import BLEND_REGIONS, BlendConfig
 from generation.extension import EXTENSION_MODES
 from pipeline.media.encoding import resolve_stabiliser
 from pipeline.meters import MeterConfig, build_meter
@@ -99,6 +99,8 @@ class GenerateConfig:
 
 def validate(cfg: GenerateConfig) -> None:
     """BadInput naming the first bad setting."""
+    if cfg.blend.region not in BLEND_REGIONS:
+        raise BadInput(f"blend.region must be one of {', '.join(BLEND_REGIONS)}, not {cfg.blend.region!r}")
     if cfg.extension not in EXTENSION_MODES:
         raise BadInput(f"extension must be one of {', '.join(EXTENSION_MODES)}, not {cfg.extension!r}")
     if cfg.model.device not in ("auto", "cpu", "cuda"):

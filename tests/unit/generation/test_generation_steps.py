@@ -36,6 +36,7 @@ from generation.calibration import (
     save_calibration,
 )
 from generation.config import GenerateConfig, PostprocessConfig
+from generation.config import validate as validate_generate
 from generation.correction import correct_offset
 from generation.extension import source_indices
 from generation.pairs import read_pairs
@@ -150,6 +151,22 @@ def test_mouth_mask_is_feathered_inside_the_lower_half() -> None:
     assert mask[:, :3].max() == 0.0 and mask[:, -3:].max() == 0.0
     row = mask[int(0.7 * 96)]
     assert 0.0 < row[row > 0].min() < 0.2  # soft edge, no visible box
+
+
+def test_jaw_region_reaches_below_the_chin_and_stays_in_the_lower_half() -> None:
+    points = _mouth_points(96)
+    points[-1, 1] = 0.8 * 96  # the chin, higher than the crop's bottom edge
+    mouth, jaw = (mouth_mask(points, 96, BlendConfig(region=r)) for r in ("mouth", "jaw"))
+    below_chin, cheek = (int(0.9 * 96), 48), (int(0.75 * 96), 14)
+    assert mouth[below_chin] < 0.1 and jaw[below_chin] > 0.5  # the source's chin is replaced
+    assert mouth[cheek] < 0.1 and jaw[cheek] > 0.5  # and its jaw line
+    assert jaw[:48].max() == 0.0 and jaw[:, [0, -1]].max() < 0.05  # faded out at the crop's sides
+
+
+def test_an_unknown_blend_region_is_refused() -> None:
+    cfg = replace(GenerateConfig(), blend=BlendConfig(region="face"))
+    with pytest.raises(BadInput, match="blend.region"):
+        validate_generate(cfg)
 
 
 def test_blend_changes_only_masked_pixels_and_matches_colour() -> None:
