@@ -23,6 +23,7 @@ import yaml
 from scipy.io import wavfile
 
 from core.config import load_config, to_dict
+from generation.config import GenerateConfig
 from pipeline.phonemes import VoiceStyle
 from pipeline.preprocess_config import PreprocessConfig
 from pipeline.synth import SynthConfig
@@ -49,7 +50,9 @@ class DemoConfig:
     syncnet: SyncNetConfig = field(default_factory=lambda: SyncNetConfig(steps=60, batch_size=16))
     wav2lip: Wav2LipConfig = field(default_factory=lambda: Wav2LipConfig(steps=20, batch_size=4))
     tune: SweepConfig = field(default_factory=lambda: SweepConfig(trials=2, steps=10))
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     pairs_per_language: int = 1
+    new_speech_sentences: int = 3  # sentences of new speech per pair, joined into one utterance
     new_speech_seed: int = 1000
 
 
@@ -63,7 +66,9 @@ def _step(name: str, timings: dict[str, float], fn: Callable[..., Any], *args: A
 
 
 def new_speech_pairs(corpus: Path, clips_parquet: Path, out: Path, cfg: DemoConfig) -> Path:
-    """A pairs manifest: a val-split face video per language with new espeak-ng speech in that language."""
+    """A pairs manifest: a val-split face video per language with new espeak-ng speech in that language
+    (`new_speech_sentences` sentences: one sentence is about 3 s, too short for the landmark meter to be
+    confident and under generation's `post.min_seconds`)."""
     import pandas as pd
 
     from pipeline import phonemes
@@ -78,7 +83,8 @@ def new_speech_pairs(corpus: Path, clips_parquet: Path, out: Path, cfg: DemoConf
         preferred = mine[mine["split"] == "val"] if (mine["split"] == "val").any() else mine
         for i, source in enumerate(preferred["source"].drop_duplicates().head(cfg.pairs_per_language)):
             sentences = SENTENCES[language]
-            text = sentences[int(rng.integers(len(sentences)))]
+            picked = rng.choice(len(sentences), min(cfg.new_speech_sentences, len(sentences)), replace=False)
+            text = " ".join(sentences[int(k)] for k in picked)
             speech = phonemes.synthesize(text, language, NEW_SPEECH_VOICE)
             wav = out / f"{language}-{i}.wav"
             wavfile.write(wav, speech.sample_rate, speech.pcm)
@@ -127,7 +133,6 @@ def run(out: str, config_path: str | None = None, address: str | None = None) ->
     from evaluation.report import run as report
     from evaluation.score import run as score
     from evaluation.score_config import ScoreConfig
-    from generation.config import GenerateConfig
     from generation.run import run as generate
     from pipeline.preprocess import run as preprocess
     from pipeline.synth import run as synth
@@ -169,7 +174,7 @@ def run(out: str, config_path: str | None = None, address: str | None = None) ->
         "generate",
         timings,
         generate,
-        GenerateConfig(),
+        cfg.generate,
         str(pairs),
         str(root / "generated"),
         generator["checkpoint"],

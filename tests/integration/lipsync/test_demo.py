@@ -34,6 +34,7 @@ def tiny_demo_config(path: Path) -> Path:
     doc["wav2lip"]["expert_max_val_loss"] = None  # a 2-step expert: the generator's gate would refuse it
     doc["tune"] |= {"steps": 2, "grace_period": 1, "report_every": 1, "checkpoint_every": 1}
     doc["tune"]["space"]["batch_size"] = {"choice": [2, 4]}
+    doc["new_speech_sentences"] = 1  # ~3 s of speech per language: every stage runs, in less time
     path.write_text(yaml.safe_dump(doc))
     load_config(DemoConfig, path)  # still a valid demo config
     return path

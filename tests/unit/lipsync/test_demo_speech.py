@@ -1,0 +1,40 @@
+"""The demo's new speech: long enough for the landmark meter and for generation's offset correction."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+from scipy.io import wavfile
+
+from core.config import load_config
+from generation.config import PostprocessConfig
+from lipsync.demo import DEMO_CONFIG, DemoConfig, new_speech_pairs
+from pipeline.sentences import SENTENCES
+
+
+def _clips(path: Path, languages: list[str]) -> Path:
+    rows = [
+        {"clip_id": f"{lang}-c{i}", "language": lang, "split": split, "source": f"/faces/{lang}-{split}.mp4"}
+        for lang in languages
+        for i, split in enumerate(("train", "val"))
+    ]
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def test_new_speech_joins_the_configured_sentences_on_val_faces(tmp_path: Path) -> None:
+    cfg = load_config(DemoConfig, DEMO_CONFIG)
+    cfg = replace(cfg, synth=replace(cfg.synth, languages=["en", "es"]))
+    clips = _clips(tmp_path / "clips.parquet", ["en", "es"])
+    pairs = new_speech_pairs(tmp_path, clips, tmp_path / "speech", cfg)
+    rows = list(csv.DictReader(pairs.open()))
+    assert [r["language"] for r in rows] == ["en", "es"]
+    for row in rows:
+        assert row["video"] == f"/faces/{row['language']}-val.mp4"  # the val face, not a training one
+        used = [s for s in SENTENCES[row["language"]] if s in row["transcript"]]
+        assert len(used) == cfg.new_speech_sentences >= 2
+        rate, pcm = wavfile.read(row["audio"])
+        assert len(pcm) / rate >= PostprocessConfig().min_seconds  # long enough to measure and correct
