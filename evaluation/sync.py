@@ -60,7 +60,8 @@ def landmark_sync(
     landmarks: np.ndarray, pcm: np.ndarray, sample_rate: int, fps: float, max_lag: int = 15
 ) -> tuple[OffsetEstimate, dict[str, float | int | bool | str]]:
     """The AV-sync meter's reading of smoothed landmarks and its scores: offset, confidence, whether it
-    abstains, peak correlation, and the lag-0 correlation of mouth openness with the audio envelope."""
+    abstains, peak correlation, and the correlation of mouth openness with the audio envelope at the
+    mouth's natural lead (`openness_envelope_r`)."""
     est = estimate_offset(lip_shape(landmarks), pcm, sample_rate, fps, max_lag=max_lag)
     openness = mouth_openness(landmarks)
     envelope = audio_envelope(pcm, sample_rate, len(openness), fps)
@@ -73,9 +74,21 @@ def landmark_sync(
         "landmark_abstained": est.abstained,
         "landmark_reason": est.reason,
         "landmark_peak_correlation": est.peak_correlation,
-        "openness_envelope_correlation": pearson(openness, envelope),
+        "openness_envelope_correlation": openness_envelope_r(openness, envelope, fps),
     }
     return est, scores
+
+
+def openness_envelope_r(
+    openness: np.ndarray, envelope: np.ndarray, fps: float, lead_ms: float = ph.MOUTH_LEAD_MS
+) -> float:
+    """Pearson r of mouth openness at frame t with the audio envelope `lead_ms` later: a mouth shapes each
+    sound before it is heard, so the synth corpus (drawn `MOUTH_LEAD_MS` ahead) and the 11 real dev clips
+    both peak 1-2 frames ahead at 25 fps (synth 0.69 at lag 0, 0.79 at 2 frames; real mean 0.07 and 0.12).
+    Lag 0 marked a mouth with the natural lead down; the meter's offset 0 and viseme scoring already use it."""
+    lead = max(0, int(round(lead_ms * fps / 1000.0)))
+    n = min(len(openness), len(envelope))
+    return pearson(openness[: n - lead], envelope[lead:n])
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:

@@ -18,7 +18,7 @@ from core.errors import BadInput
 from evaluation.clip_scorer import ClipScorer
 from evaluation.inputs import discover_inputs
 from evaluation.score_config import ScoreConfig
-from evaluation.sync import viseme_agreement
+from evaluation.sync import openness_envelope_r, viseme_agreement
 from models.syncnet_v2 import SyncNetV2, load_syncnet_v2, mfcc, mfcc_windows
 from pipeline import phonemes as ph
 from pipeline.lse import (
@@ -227,3 +227,15 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], e
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and expected in done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["exit_code"] == 2
+
+
+@pytest.mark.parametrize("fps", [25.0, 50.0])
+def test_openness_is_read_against_the_envelope_at_the_mouths_lead(fps: float) -> None:
+    rng = np.random.default_rng(0)
+    envelope = np.convolve(rng.standard_normal(400), np.hanning(9), "same")  # syllable-rate wobble
+    lead = round(ph.MOUTH_LEAD_MS * fps / 1000)
+    ahead = np.concatenate([envelope[lead:], np.zeros(lead)])  # the mouth shapes each sound before it
+    behind = np.concatenate([np.zeros(lead), envelope[:-lead]])
+    assert openness_envelope_r(ahead, envelope, fps) > 0.99
+    assert openness_envelope_r(envelope, envelope, fps) < 0.9  # no lead: marked down
+    assert openness_envelope_r(behind, envelope, fps) < openness_envelope_r(envelope, envelope, fps)
