@@ -84,8 +84,9 @@ def openness_envelope_r(
 ) -> float:
     """Pearson r of mouth openness at frame t with the audio envelope `lead_ms` later: a mouth shapes each
     sound before it is heard, so the synth corpus (drawn `MOUTH_LEAD_MS` ahead) and the 11 real dev clips
-    both peak 1-2 frames ahead at 25 fps (synth 0.69 at lag 0, 0.79 at 2 frames; real mean 0.07 and 0.12).
-    Lag 0 marked a mouth with the natural lead down; the meter's offset 0 and viseme scoring already use it."""
+    both peak 1-2 frames ahead at 25 fps (synth mean 0.65 at lag 0, 0.75 at 2 frames; real 0.07 and 0.12:
+    benchmarks/envelope_lead.py). Lag 0 marked a mouth with the natural lead down; the meter's offset 0 and
+    viseme scoring already use the lead."""
     lead = max(0, int(round(lead_ms * fps / 1000.0)))
     n = min(len(openness), len(envelope))
     return pearson(openness[: n - lead], envelope[lead:n])
