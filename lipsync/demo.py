@@ -23,6 +23,7 @@ import yaml
 from scipy.io import wavfile
 
 from core.config import load_config, to_dict
+from core.errors import BadInput
 from generation.config import GenerateConfig
 from pipeline.phonemes import VoiceStyle
 from pipeline.preprocess_config import PreprocessConfig
@@ -74,6 +75,8 @@ def new_speech_pairs(corpus: Path, clips_parquet: Path, out: Path, cfg: DemoConf
     from pipeline import phonemes
     from pipeline.sentences import SENTENCES
 
+    if cfg.new_speech_sentences < 1:
+        raise BadInput(f"new_speech_sentences must be >= 1, not {cfg.new_speech_sentences}")
     clips = pd.read_parquet(clips_parquet)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

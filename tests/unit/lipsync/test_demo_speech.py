@@ -7,9 +7,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from scipy.io import wavfile
 
 from core.config import load_config
+from core.errors import BadInput
 from generation.config import PostprocessConfig
 from lipsync.demo import DEMO_CONFIG, DemoConfig, new_speech_pairs
 from pipeline.sentences import SENTENCES
@@ -38,3 +40,9 @@ def test_new_speech_joins_the_configured_sentences_on_val_faces(tmp_path: Path) 
         assert len(used) == cfg.new_speech_sentences >= 2
         rate, pcm = wavfile.read(row["audio"])
         assert len(pcm) / rate >= PostprocessConfig().min_seconds  # long enough to measure and correct
+
+
+def test_no_sentences_is_refused(tmp_path: Path) -> None:
+    cfg = replace(load_config(DemoConfig, DEMO_CONFIG), new_speech_sentences=0)
+    with pytest.raises(BadInput, match="new_speech_sentences"):
+        new_speech_pairs(tmp_path, _clips(tmp_path / "clips.parquet", ["en"]), tmp_path / "speech", cfg)
