@@ -30,11 +30,10 @@ FPS = 25.0
 
 
 def lagged_r(openness: np.ndarray, envelope: np.ndarray) -> list[float]:
-    """r(openness(t), envelope(t + lag)) for each lag in LAGS."""
-    from evaluation.sync import pearson
+    """r(openness(t), envelope(t + lag)) for each lag in LAGS, as scoring computes it at its one lag."""
+    from evaluation.sync import openness_envelope_r
 
-    n = min(len(openness), len(envelope))
-    return [pearson(openness[max(0, -k) : n - max(0, k)], envelope[max(0, k) : n - max(0, -k)]) for k in LAGS]
+    return [openness_envelope_r(openness, envelope, FPS, lead_ms=k * 1000.0 / FPS) for k in LAGS]
 
 
 def clip_r(path: Path, work: Path, tracker) -> list[float]:  # noqa: ANN001

@@ -82,14 +82,15 @@ def landmark_sync(
 def openness_envelope_r(
     openness: np.ndarray, envelope: np.ndarray, fps: float, lead_ms: float = ph.MOUTH_LEAD_MS
 ) -> float:
-    """Pearson r of mouth openness at frame t with the audio envelope `lead_ms` later: a mouth shapes each
-    sound before it is heard, so the synth corpus (drawn `MOUTH_LEAD_MS` ahead) and the 11 real dev clips
-    both peak 1-2 frames ahead at 25 fps (synth mean 0.65 at lag 0, 0.75 at 2 frames; real 0.07 and 0.12:
-    benchmarks/envelope_lead.py). Lag 0 marked a mouth with the natural lead down; the meter's offset 0 and
-    viseme scoring already use the lead."""
-    lead = max(0, int(round(lead_ms * fps / 1000.0)))
+    """Pearson r of mouth openness at frame t with the audio envelope `lead_ms` later (negative: earlier).
+
+    A mouth shapes each sound before it is heard: the synth corpus is drawn `MOUTH_LEAD_MS` ahead (mean r
+    0.65 at lag 0, 0.75 at 2 frames of 25 fps) and the 11 real dev clips read higher at 2 frames than at 0
+    on 9 of 11 (mean 0.07 -> 0.12; benchmarks/envelope_lead.py; nothing here is fitted on them). Lag 0 marked
+    a mouth with the natural lead down; the meter's offset 0 and viseme scoring already use the lead."""
+    lag = int(round(lead_ms * fps / 1000.0))
     n = min(len(openness), len(envelope))
-    return pearson(openness[: n - lead], envelope[lead:n])
+    return pearson(openness[max(0, -lag) : n - max(0, lag)], envelope[max(0, lag) : n - max(0, -lag)])
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
