@@ -1,17 +1,15 @@
 """Expression features on the real development clips (`../shared/media`, never copied into the repo).
 
 Tracks every video of MANIFEST.tsv with FaceMesh as scoring does (25 fps, `smooth_landmarks`), caches the
-landmarks under benchmarks/results/expression_real/ (gitignored), prints per clip the corner angle's median
+landmarks under benchmarks/results/expression_real/ (gitignored), prints per clip the smile's median
 and spread, the share of each class in absolute and in relative (per-clip baseline) mode and the share of
-frames left out for head yaw, and saves two strips: the 5 highest- and the 5 lowest-smile frames over all
+frames left out for head turns and nods, and saves two strips: the 5 highest- and the 5 lowest-smile frames over all
 clips (a mouth crop from each, labelled with clip, frame and smile), for a person to look at.
-Usage: python benchmarks/expression_real.py [--media ../shared/media] [--retrack] [--measure nose_lift]
+Usage: python benchmarks/expression_real.py [--media ../shared/media] [--retrack]
 
-`--measure nose_lift` ranks the strips by a candidate the product does not use yet (`nose_lift`): the mouth
-corners' height above the nose base (subnasale) as a percentage of the eye-line-to-subnasale distance, in
-the eye-aligned frame, with the same yaw gate and a 3-D head-pitch gate (`head_pitch`); heights against
-rigid points rather than against the moving upper-lip centre, so a wide-open laugh does not read as corners
-down. Strips go to smile_{highest,lowest}_nose_lift.png.
+The strips rank frames by the product's `smile` (`pipeline.expression`: the corners' lift under the nose base,
+the jaw's part removed, head turns and nods left out) less the clip's own median, so clips compare with each
+other; one frame per clip in each strip.
 """
 
 from __future__ import annotations
@@ -85,52 +83,12 @@ def strip(picks: list[tuple[str, int, float]], media: Path, name: str) -> Path:
     return out
 
 
-RIGID_POINTS = (10, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 33, 133, 263, 362, 127, 356, 234, 454)
-"""Forehead, nose and eye-corner points: neither speech nor expressions move them."""
-SUBNASALE = 2
-MAX_PITCH = 8.0  # degrees from the clip's median pose
-
-
-def head_pitch(landmarks: np.ndarray) -> np.ndarray:
-    """(T,) degrees each frame's head is nodded from the clip's median face: a rigid (Kabsch) 3-D fit of
-    RIGID_POINTS (NaN without a face)."""
-    points = np.asarray(landmarks, np.float64)[:, list(RIGID_POINTS), :3]
-    centred = points - points.mean(axis=1, keepdims=True)
-    unit = centred / np.linalg.norm(centred, axis=(1, 2))[:, None, None]
-    ok = np.isfinite(unit).all(axis=(1, 2))
-    pitch = np.full(len(points), np.nan)
-    reference = np.median(unit[ok], axis=0)
-    for t in np.flatnonzero(ok):
-        u, _, vt = np.linalg.svd(reference.T @ unit[t])
-        d = np.diag([1.0, 1.0, np.sign(np.linalg.det(vt.T @ u.T))])
-        rotation = vt.T @ d @ u.T
-        pitch[t] = np.degrees(np.arctan2(rotation[2, 1], rotation[2, 2]))
-    return pitch
-
-
-def nose_lift(landmarks: np.ndarray, features: dict[str, np.ndarray]) -> np.ndarray:
-    """The candidate measure (see the module's docstring): NaN where the head turns or nods away."""
-    from pipeline.expression import MAX_YAW, aligned
-    from pipeline.landmarks import MOUTH_CORNER_POINTS
-
-    y = aligned(landmarks)[..., 1]
-    nose = y[:, SUBNASALE]
-    lift = 100 * (nose - y[:, list(MOUTH_CORNER_POINTS)].mean(axis=1)) / nose
-    yaw = features["yaw"]
-    lift[~(np.abs(yaw - np.nanmedian(yaw)) <= MAX_YAW)] = np.nan
-    lift[~(np.abs(head_pitch(landmarks)) <= MAX_PITCH)] = np.nan
-    return lift
-
-
 def main() -> None:
     from pipeline.expression import clip_baseline, expression_classes, expression_features
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--media", default=str(Path(__file__).resolve().parents[2] / "shared" / "media"))
     parser.add_argument("--retrack", action="store_true")
-    parser.add_argument(
-        "--measure", choices=("smile", "nose_lift"), default="smile", help="what ranks the strips"
-    )
     args = parser.parse_args()
     media = Path(args.media)
     tracks = track_all(videos(media), args.retrack)
@@ -144,21 +102,15 @@ def main() -> None:
         ok = np.isfinite(smile)
         report[stem] = {
             "frames": len(lm),
-            "corner_angle_median": float(np.nanmedian(features["corner_angle"])),
+            "smile_median": base.smile,
+            "smile_spread": base.smile_spread,
             "smile_p5_p95": [float(np.nanpercentile(smile, 5)), float(np.nanpercentile(smile, 95))],
-            "yaw_left_out": float(np.mean(~ok & np.isfinite(features["corner_angle"]))),
+            "turned_or_nodded_left_out": float(np.mean(~ok & np.isfinite(features["corner_lift"]))),
             "absolute": {c: float(np.mean(absolute == c)) for c in ("neutral", "smile", "frown", "surprise")},
             "relative": {c: float(np.mean(relative == c)) for c in ("neutral", "smile", "frown", "surprise")},
         }
-        # the measure relative to the clip's own baseline, so clips compare with each other
-        if args.measure == "nose_lift":
-            lift = nose_lift(lm, features)
-            report[stem]["nose_lift_median"] = float(np.nanmedian(lift))
-            pool += [
-                (stem, int(t), float(lift[t] - np.nanmedian(lift))) for t in np.flatnonzero(np.isfinite(lift))
-            ]
-        else:
-            pool += [(stem, int(t), float(smile[t] - base.smile)) for t in np.flatnonzero(ok)]
+        # relative to the clip's own baseline, so clips compare with each other
+        pool += [(stem, int(t), float(smile[t] - base.smile)) for t in np.flatnonzero(ok)]
     print(json.dumps(report, indent=1))
     (RESULTS / "summary.json").write_text(json.dumps(report, indent=1))
     pool.sort(key=lambda p: p[2])
@@ -170,10 +122,7 @@ def main() -> None:
                 seen.add(stem)
     print("lowest smile:", picks_low)
     print("highest smile:", picks_high)
-    suffix = "" if args.measure == "smile" else f"_{args.measure}"
-    print(
-        strip(picks_high, media, f"smile_highest{suffix}"), strip(picks_low, media, f"smile_lowest{suffix}")
-    )
+    print(strip(picks_high, media, "smile_highest"), strip(picks_low, media, "smile_lowest"))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ expression features of `pipeline.expression` (the jaw's part removed, so the new
 does not count as a change of expression):
 
 - lower face (what a lip-sync generator repaints): correlation over time and mean absolute difference of
-  the lip-corner angle (degrees) and of the corner elevation (inter-ocular units), and the share of the
+  the smile (`corner_lift`: the corners' height under the nose, every frame: source and output share the
+  head pose) and of the corner elevation (inter-ocular units), and the share of the
   source's smile / frown frames whose class the output loses (`expr_lower_lost`);
 - upper face, the control (generators leave it alone): the same for brow height, and the share of the
   source's surprise frames lost (`expr_upper_lost`).
@@ -78,8 +79,8 @@ def expression_consistency(output: np.ndarray, source: np.ndarray, mode: str = "
     baseline = clip_baseline(src) if mode == "relative" else None
     out_cls, src_cls = expression_classes(out, baseline=baseline), expression_classes(src, baseline=baseline)
     return {
-        "expr_smile_correlation": pearson(out["corner_angle"], src["corner_angle"]),
-        "expr_smile_mad": _mad(out["corner_angle"], src["corner_angle"]),
+        "expr_smile_correlation": pearson(out["corner_lift"], src["corner_lift"]),
+        "expr_smile_mad": _mad(out["corner_lift"], src["corner_lift"]),
         "expr_corner_elevation_mad": _mad(out["corner_elevation"], src["corner_elevation"]),
         "expr_lower_lost": _lost(src_cls, out_cls, LOWER_CLASSES),
         "expr_lower_changed": _changed(src_cls, out_cls),
@@ -92,11 +93,11 @@ def expression_consistency(output: np.ndarray, source: np.ndarray, mode: str = "
 
 
 def expression_summary(landmarks: np.ndarray) -> dict[str, Any]:
-    """Columns of a video scored without a source: its median smile (corner angle less the rounding's part)
+    """Columns of a video scored without a source: its median smile (corner lift, head turns left out)
     and majority class, absolute (a real face's absolute class is unreliable; see pipeline.expression)."""
     features = expression_features(landmarks)
-    angle = features["smile"]
+    smile = features["smile"]
     return {
-        "expr_smile": float(np.nanmedian(angle)) if np.isfinite(angle).any() else float("nan"),
+        "expr_smile": float(np.nanmedian(smile)) if np.isfinite(smile).any() else float("nan"),
         "expr_class": _majority(expression_classes(features)),
     }

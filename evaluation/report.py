@@ -90,7 +90,7 @@ TABLE_METRICS = (
     ("upper_face_motion_ratio", "upper-face motion"),
 )
 EMOTION_METRICS = (
-    ("expr_smile", "smile (corner angle)"),
+    ("expr_smile", "smile (corner lift)"),
     ("expr_smile_correlation", "smile r vs source"),
     ("expr_smile_mad", "smile |diff| vs source"),
     ("expr_lower_lost", "lower-face class lost"),

@@ -4,24 +4,26 @@ Beside `pipeline.landmarks.lip_shape` (the sync meter's view of the mouth), this
 every feature is measured in a frame aligned with the eye line (x along the eyes, y down, one unit = the
 inter-ocular distance), so it does not depend on the face's size, position or in-plane rotation.
 
-Lower face: mouth-corner elevation (corners above the lip centre), mouth width, lip-corner angle, cheek
-raise. Upper face: brow height over the eye, inner-brow height, eye aperture. Speech moves the jaw and with
+Lower face: mouth-corner elevation (corners above the lip centre), mouth width, lip-corner angle, the
+corners' lift under the nose, cheek raise. Upper face: brow height over the eye, inner-brow height, eye aperture. Speech moves the jaw and with
 it the lip centre and, a little, the corners and the width; the lower-face features have that part removed
 by a fixed linear term in the mouth opening (`OPENNESS_SLOPES`, measured on neutral speech with the jaw
 moving), so a smile reads as a smile at any openness.
 
-Lip rounding ("o", "oo") pulls the corners inwards and, seen from the lip centre, down: on real talkers the
-lowest corner angles of a clip are rounded vowels, not frowns. `smile` is the corner angle with that part
-removed too (`ROUNDING_SLOPE` per unit of mouth narrowing against the clip's own median width; a held smile
-does not change the width within the clip, so it is kept whole), and it is left out (NaN) where the head
-turns away from its usual pose in the clip (`yaw`, the nose tip's offset between the eyes, more than
-`MAX_YAW` from the clip's median): a turned head
-foreshortens one side of the mouth and reads as a lopsided expression.
+`smile`, what the classes read, is `corner_lift`: the mouth corners' height above the nose base (subnasale)
+as a percentage of the eye-line-to-subnasale distance, with the jaw's part removed. Measured against rigid
+points rather than against the moving upper-lip centre (as `corner_angle` is), a wide-open laugh does not read
+as corners down and a rounded "oo" does not read as a frown. It is left out (NaN) where the head turns away from
+its usual pose in the clip (`yaw`, the nose tip's offset between the eyes, more than `MAX_YAW` from the clip's
+median) or nods away from it (`pitch`, a rigid 3-D fit of forehead, nose and eye points, more than
+`MAX_PITCH` degrees from the clip's median face): a turned head foreshortens one side of the mouth, and a head
+tilted back lowers the corners under the nose in the picture.
 
 `expression_classes` thresholds the features into smile, neutral, frown and surprise (`CLASSES`), either
 absolutely (`Thresholds()`, fitted on the synth rig) or relative to a speaker's own baseline
-(`clip_baseline`, `Thresholds.relative()`): real faces rest anywhere between corner angles of -20 and -37
-degrees, so on real video a class means "more of a smile / frown than this speaker's usual face".
+(`clip_baseline`, `Thresholds.relative()`): real faces rest anywhere between corner lifts of -38 and -73 (the
+synth rig's neutral: -18), so on real video a class means "more of a smile / frown than this speaker's usual
+face".
 """
 
 from __future__ import annotations
@@ -51,29 +53,42 @@ FEATURES = (
     "inner_brow_height",  # inner brow ends over the inner eye corners
     "eye_aperture",  # lid gap
     "yaw",  # nose tip's offset from the eyes' midpoint along the eye line (0 frontal; sign = direction)
-    "rounding",  # mouth narrowing against the clip's median width (> 0: rounder, "o"/"oo")
-    "smile",  # corner_angle less the rounding's part; NaN with the head turned (what the classes read)
+    "corner_lift",  # corners above the nose base, % of the eye-line-to-nose-base distance (< 0: below it)
+    "pitch",  # degrees the head nods from the clip's median face (NaN for 2-D landmarks)
+    "smile",  # corner_lift; NaN with the head turned or nodded away (what the classes read)
 )
-LOWER_FACE = ("corner_elevation", "mouth_width", "corner_angle", "cheek_raise")
+LOWER_FACE = ("corner_elevation", "mouth_width", "corner_angle", "corner_lift", "cheek_raise")
 UPPER_FACE = ("brow_height", "inner_brow_height", "eye_aperture")
 
 # Per unit of mouth openness (inner-lip gap / inter-ocular distance), what the jaw alone adds to each raw
 # feature; subtracted so a feature reads the expression, not the syllable. Fitted on neutral synth speech
 # (two speakers, one mirrored, the jaw moving throughout): the lip centre drops with the lower lip, and the
-# corners, as FaceMesh places them, follow the jaw a little.
-OPENNESS_SLOPES = {"corner_elevation": 0.29, "mouth_width": 0.3, "corner_angle": -25.0, "cheek_raise": 0.04}
+# corners, as FaceMesh places them, follow the jaw a little. `corner_lift`'s term is a floor, not a fit:
+# within a clip the corners drop 43 per unit of opening on the synth rig and 20-180 (median 61) on the real
+# development clips, but removing all of it lifts a shouting mouth into the smiles of a clip; -25 is the
+# smallest term that keeps the rig's neutral and happy frames apart (1st / 99th percentiles: -14.5 / -12.7;
+# at -15 they overlap).
+OPENNESS_SLOPES = {
+    "corner_elevation": 0.29,
+    "mouth_width": 0.3,
+    "corner_angle": -25.0,
+    "corner_lift": -25.0,
+    "cheek_raise": 0.04,
+}
 
-# Degrees of corner angle per unit of `rounding`, removed from `smile`. Fitted on the 11 real development
-# clips (benchmarks/expression_real.py): within each clip, the openness-corrected corner angle against the
-# relative narrowing of the mouth has slopes of -30 to -111 (median -52) and correlations of -0.5 to -0.9.
-ROUNDING_SLOPE = -52.0
 NOSE_TIP = 1
+SUBNASALE = 2  # the nose base, where the septum meets the upper lip
+RIGID_POINTS = (10, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 33, 133, 263, 362, 127, 356, 234, 454)
+"""Forehead, nose and eye-corner points: neither speech nor expressions move them."""
+# Head nod from the clip's median face beyond which a frame's smile is left out (degrees). The synth rig
+# holds its head within 1 degree SD; on real clips a head tilted back reads as corners down.
+MAX_PITCH = 8.0
 # Nose-tip offset from the clip's median head pose beyond which a frame is left out (inter-ocular units;
 # about 12 degrees of turn). Relative to the clip, so a talker filmed in three-quarter view keeps their frames;
 # on the real clips it leaves out 0-42 % (a presenter turning to the camera, a seated talker gesturing).
 MAX_YAW = 0.1
 
-MIN_RELATIVE_ANGLE = 3.0  # degrees of smile from the baseline where a relative smile / frown can begin
+MIN_RELATIVE_LIFT = 6.0  # smile (corner lift) from the baseline where a relative smile / frown can begin
 SPREAD_K = 2.0  # ... and how many of the speaker's own robust SDs
 
 CLASSES = ("neutral", "smile", "frown", "surprise")
@@ -82,16 +97,16 @@ BLINK_FRAMES = 4  # a blink closes the eyes for at most this many frames either 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Where the classes begin (corner angle in degrees, heights in inter-ocular units).
+    """Where the classes begin (`smile` in corner lift, heights in inter-ocular units).
 
-    Fitted on the synth rig, whose neutral face is the astronaut photograph: a broad smile with parted lips
-    (corner_angle about 0). Real talkers at rest sit near -20 to -35 degrees (the 11 shared clips), so on
-    real video these absolute classes call most frames "frown"; compare a clip with its own source (as
+    Fitted on the synth rig, whose neutral face is the astronaut photograph, a broad smile with parted lips
+    (`smile` about -18; happy -10, sad -33). Real talkers at rest sit near -38 to -73 (the 11 shared clips),
+    so on real video these absolute classes call most frames "frown"; compare a clip with its own source (as
     `evaluation.expression` does) rather than trusting the absolute class there.
     """
 
-    smile_angle: float = 4.0  # corner_angle above: smile
-    frown_angle: float = -2.0  # corner_angle below: frown
+    smile_lift: float = -13.6  # smile above: smile (the rig's neutral 99th percentile -14.5, happy 1st -12.7)
+    frown_lift: float = -24.5  # smile below: frown (neutral 1st percentile -20.9, sad 99th -28.0)
     surprise_brow: float = 0.237  # brow_height above ...
     surprise_eye: float = 0.125  # ... and eye_aperture above (and neither smile nor frown): surprise
 
@@ -99,11 +114,10 @@ class Thresholds:
     def relative(cls, spread: float = 0.0) -> Thresholds:
         """Thresholds on features less a speaker's baseline (`clip_baseline`): how far from their usual
         face a smile, a frown, raised brows and widened eyes begin. A smile or frown must stand out of the
-        speaker's own variation (`spread`, robust SD of `smile` in degrees) by SPREAD_K, and by at least
-        MIN_RELATIVE_ANGLE (the synth rig's smile is 4-5 degrees above its neutral; real talkers' smile
-        varies 2-5 degrees SD with speech)."""
-        angle = max(MIN_RELATIVE_ANGLE, SPREAD_K * spread) if np.isfinite(spread) else MIN_RELATIVE_ANGLE
-        return cls(smile_angle=angle, frown_angle=-angle, surprise_brow=0.04, surprise_eye=0.025)
+        speaker's own variation (`spread`, robust SD of `smile`) by SPREAD_K, and by at least
+        MIN_RELATIVE_LIFT (the synth rig's smile is 8 above its neutral)."""
+        lift = max(MIN_RELATIVE_LIFT, SPREAD_K * spread) if np.isfinite(spread) else MIN_RELATIVE_LIFT
+        return cls(smile_lift=lift, frown_lift=-lift, surprise_brow=0.04, surprise_eye=0.025)
 
 
 @dataclass(frozen=True)
@@ -151,6 +165,32 @@ def aligned(landmarks: np.ndarray) -> np.ndarray:
     return np.stack([(rel * ux[:, None]).sum(-1), (rel * uy[:, None]).sum(-1)], axis=-1) / iod[:, None, None]
 
 
+def head_pitch(landmarks: np.ndarray) -> np.ndarray:
+    """(T,) degrees each frame's head is nodded from the clip's median face: a rigid (Kabsch) 3-D fit of
+    RIGID_POINTS in the eye-aligned frame (depth in the same units), so the picture's scale and in-plane
+    rotation do not count; NaN without a face, and everywhere for 2-D landmarks."""
+    lm = np.asarray(landmarks, np.float64)
+    pitch = np.full(len(lm), np.nan)
+    if lm.ndim != 3 or lm.shape[-1] < 3:
+        return pitch
+    iod = _frame(lm[..., :2])[3]
+    depth = lm[:, list(RIGID_POINTS), 2:3] / iod[:, None, None]
+    points = np.concatenate([aligned(lm)[:, list(RIGID_POINTS)], depth], axis=-1)  # eye-aligned, in 3-D
+    centred = points - points.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        unit = centred / np.linalg.norm(centred, axis=(1, 2))[:, None, None]
+    ok = np.isfinite(unit).all(axis=(1, 2))
+    if not ok.any():
+        return pitch
+    reference = np.median(unit[ok], axis=0)
+    for t in np.flatnonzero(ok):
+        u, _, vt = np.linalg.svd(reference.T @ unit[t])
+        d = np.diag([1.0, 1.0, np.sign(np.linalg.det(vt.T @ u.T))])
+        rotation = vt.T @ d @ u.T
+        pitch[t] = np.degrees(np.arctan2(rotation[2, 1], rotation[2, 2]))
+    return pitch
+
+
 def raw_features(landmarks: np.ndarray) -> dict[str, np.ndarray]:
     """Every feature of FEATURES per frame, before the openness term is removed ((T,) each, NaN no face)."""
     p = aligned(landmarks)
@@ -162,8 +202,11 @@ def raw_features(landmarks: np.ndarray) -> dict[str, np.ndarray]:
     brows = [y[:, list(side)].mean(1) for side in BROW_POINTS]
     eye_line = [y[:, list(side)].mean(1) for side in EYE_POINTS]
     inner = [y[:, list(side)].mean(1) for side in INNER_BROW_POINTS]
+    nose = y[:, SUBNASALE]
     return {
         "yaw": x[:, NOSE_TIP],
+        "pitch": head_pitch(landmarks),
+        "corner_lift": 100 * (nose - y[:, corners].mean(1)) / nose,
         "openness": mouth_openness(np.asarray(landmarks, np.float64)),
         "corner_elevation": centre_y - y[:, corners].mean(1),
         "mouth_width": np.linalg.norm(p[:, corners[0]] - p[:, corners[1]], axis=1),
@@ -185,13 +228,11 @@ def expression_features(landmarks: np.ndarray) -> dict[str, np.ndarray]:
     out = dict(raw)
     for name, slope in OPENNESS_SLOPES.items():
         out[name] = raw[name] - slope * raw["openness"]
-    width = out["mouth_width"]
-    median = np.nanmedian(width) if np.isfinite(width).any() else np.nan
-    out["rounding"] = (median - width) / median
-    out["smile"] = out["corner_angle"] - ROUNDING_SLOPE * out["rounding"]
-    yaw = raw["yaw"]
+    out["smile"] = out["corner_lift"].copy()
+    yaw, pitch = raw["yaw"], raw["pitch"]
     turned = ~(np.abs(yaw - (np.nanmedian(yaw) if np.isfinite(yaw).any() else 0.0)) <= MAX_YAW)
-    out["smile"][turned] = np.nan
+    nodded = np.abs(pitch) > MAX_PITCH  # NaN (2-D landmarks) compares False: no pitch gate then
+    out["smile"][turned | nodded] = np.nan
     return out
 
 
@@ -208,18 +249,18 @@ def expression_classes(
 
     base = baseline or Baseline(0.0, 0.0, 0.0)
     th = thresholds or (Thresholds.relative(base.smile_spread) if baseline else Thresholds())
-    angle = np.asarray(features["smile"], np.float64) - base.smile
-    out = np.full(len(angle), "neutral", dtype=object)
+    lift = np.asarray(features["smile"], np.float64) - base.smile
+    out = np.full(len(lift), "neutral", dtype=object)
     eyes = np.asarray(features["eye_aperture"], np.float64) - base.eye_aperture
     eyes = np.nan_to_num(eyes, nan=-np.inf)
     eyes = maximum_filter1d(eyes, 2 * BLINK_FRAMES + 1) if len(eyes) else eyes
     wide = (np.asarray(features["brow_height"]) - base.brow_height > th.surprise_brow) & (
         eyes > th.surprise_eye
     )
-    out[angle > th.smile_angle] = "smile"
+    out[lift > th.smile_lift] = "smile"
     out[wide] = "surprise"  # raised brows lift the corners a little too: not a smile
-    out[angle < th.frown_angle] = "frown"
-    out[~np.isfinite(angle)] = ""
+    out[lift < th.frown_lift] = "frown"
+    out[~np.isfinite(lift)] = ""
     return out
 
 

@@ -109,7 +109,8 @@ def test_flattened_smile_is_reported_lost(results) -> None:
 def test_faithful_copies_are_consistent_within_noise(results, copy: str, mode: str) -> None:
     r = results[mode][copy]
     # a few frames of the source sit at a class threshold and flip with encoding noise (absolute mode:
-    # 5 % of the re-encoded copy's frames at 0.16 degrees of smile difference); the flattened copy: 100 %
+    # up to 5 % of a copy's frames); the flattened copy: 100 %. Smile in corner lift: the unmodified copy read
+    # 0.29, the flattened one 8.7
     assert r["expr_lower_changed"] < 0.1, r
     assert not r["expr_lower_lost"] > 0.1, r  # NaN (nothing to lose) or near 0
     assert r["expr_smile_mad"] < 1.0 and r["expr_corner_elevation_mad"] < 0.01, r

@@ -15,6 +15,7 @@ from pipeline.expression import (
     aligned,
     expression_classes,
     expression_features,
+    head_pitch,
     raw_features,
 )
 from pipeline.landmarks import FaceMeshTracker, mouth_openness, smooth_landmarks
@@ -88,6 +89,7 @@ def test_features_ignore_face_size_position_and_rotation(measured) -> None:
     rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
     moved = landmarks.copy()
     moved[..., :2] = 1.7 * landmarks[..., :2] @ rot.T + np.array([40.0, -25.0])
+    moved[..., 2] = 1.7 * landmarks[..., 2]  # FaceMesh's depth has the picture's scale
     a, b = expression_features(landmarks), expression_features(moved)
     for name in FEATURES:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-3, err_msg=name)
@@ -97,3 +99,21 @@ def test_features_ignore_face_size_position_and_rotation(measured) -> None:
 def test_frames_without_a_face_have_no_class() -> None:
     landmarks = np.full((3, 468, 3), np.nan)
     assert list(expression_classes(expression_features(landmarks))) == ["", "", ""]
+
+
+def test_a_nodded_head_is_measured_and_its_smile_left_out(measured) -> None:
+    """Frames whose head is tilted back (rotated about the picture's x axis) read their pitch and have no
+    smile: a head tilted back lowers the corners under the nose in the picture, not an expression."""
+    _, landmarks = measured[1]
+    nodded = landmarks.copy()
+    frames = slice(20, 30)
+    centre = np.nanmean(landmarks[frames], axis=1, keepdims=True)
+    y, z = (landmarks[frames, :, 1:2] - centre[..., 1:2]), (landmarks[frames, :, 2:3] - centre[..., 2:3])
+    theta = np.radians(15)
+    nodded[frames, :, 1:2] = centre[..., 1:2] + y * np.cos(theta) - z * np.sin(theta)
+    nodded[frames, :, 2:3] = centre[..., 2:3] + y * np.sin(theta) + z * np.cos(theta)
+    pitch, before = head_pitch(nodded), head_pitch(landmarks)
+    assert np.all(np.abs(np.abs(pitch[frames] - before[frames]) - 15) < 1), (pitch, before)
+    assert np.nanmax(np.abs(np.delete(pitch, np.r_[frames]))) < 4, pitch  # the rig's own nods: ~1 SD
+    smile = expression_features(nodded)["smile"]
+    assert np.isnan(smile[frames]).all() and np.isfinite(np.delete(smile, np.r_[frames])).all()

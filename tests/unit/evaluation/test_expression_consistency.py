@@ -33,7 +33,9 @@ def test_unchanged_copy_is_consistent(faces) -> None:
     happy = track(faces["happy"], 0)
     same = expression_consistency(track(faces["happy"], 1), happy, mode="absolute")  # other jitter
     assert same["expr_lower_lost"] == 0.0 and same["expr_upper_lost"] != same["expr_upper_lost"]  # NaN
-    assert same["expr_smile_mad"] < 1.0 and same["expr_source_class"] == "smile"
+    # smile in corner lift (% of the eye-line-to-nose-base distance): the rig's happy corners sit ~17 above
+    # its neutral ones; 0.2 px of jitter moves them under 1
+    assert same["expr_smile_mad"] < 2.0 and same["expr_source_class"] == "smile"
 
 
 def test_flattened_smile_is_lost_but_the_upper_face_is_not(faces) -> None:
@@ -41,10 +43,10 @@ def test_flattened_smile_is_lost_but_the_upper_face_is_not(faces) -> None:
     flattened = happy.copy()
     flattened[:, list(LOWER)] = neutral[:, list(LOWER)]  # the mouth of the neutral face pasted in
     result = expression_consistency(flattened, happy, mode="absolute")
-    # the rig's neutral mouth sits 1-4 degrees, below the smile threshold (4) but within this track's
-    # unsmoothed jitter of it (the rounding term adds ~1.5 degrees of it): most, not all, frames flip
+    # the rig's neutral mouth sits ~17 below its happy one (corner lift), a few above the smile threshold's
+    # distance from it: every frame should flip; 0.8 leaves room for the jaw's part of the corners
     assert result["expr_lower_lost"] > 0.8 and result["expr_lower_changed"] > 0.8, result
-    assert result["expr_smile_mad"] > 3.0, result
+    assert result["expr_smile_mad"] > 6.0, result
     assert result["expr_brow_mad"] < 0.005, result
     assert result["expr_output_class"] != "smile"
 
