@@ -157,12 +157,13 @@ def _frame(lm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     return (right + left) / 2, ux, uy, iod
 
 
-def aligned(landmarks: np.ndarray) -> np.ndarray:
-    """(T, 468, 2) landmarks in the eye-aligned frame, inter-ocular units (y down)."""
+def aligned(landmarks: np.ndarray, points: tuple[int, ...] | None = None) -> np.ndarray:
+    """(T, 468, 2) landmarks (or only `points`) in the eye-aligned frame, inter-ocular units (y down)."""
     lm = np.asarray(landmarks, np.float64)[..., :2]
     origin, ux, uy, iod = _frame(lm)
-    rel = lm - origin[:, None]
-    return np.stack([(rel * ux[:, None]).sum(-1), (rel * uy[:, None]).sum(-1)], axis=-1) / iod[:, None, None]
+    rel = (lm if points is None else lm[:, list(points)]) - origin[:, None]
+    x, y = rel @ ux[..., None], rel @ uy[..., None]  # (T, N, 1) each: one matrix product per frame
+    return np.concatenate([x, y], axis=-1) / iod[:, None, None]
 
 
 def head_pitch(landmarks: np.ndarray) -> np.ndarray:
@@ -175,7 +176,7 @@ def head_pitch(landmarks: np.ndarray) -> np.ndarray:
         return pitch
     iod = _frame(lm[..., :2])[3]
     depth = lm[:, list(RIGID_POINTS), 2:3] / iod[:, None, None]
-    points = np.concatenate([aligned(lm)[:, list(RIGID_POINTS)], depth], axis=-1)  # eye-aligned, in 3-D
+    points = np.concatenate([aligned(lm, RIGID_POINTS), depth], axis=-1)  # eye-aligned, in 3-D
     centred = points - points.mean(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         unit = centred / np.linalg.norm(centred, axis=(1, 2))[:, None, None]
@@ -183,11 +184,11 @@ def head_pitch(landmarks: np.ndarray) -> np.ndarray:
     if not ok.any():
         return pitch
     reference = np.median(unit[ok], axis=0)
-    for t in np.flatnonzero(ok):
-        u, _, vt = np.linalg.svd(reference.T @ unit[t])
-        d = np.diag([1.0, 1.0, np.sign(np.linalg.det(vt.T @ u.T))])
-        rotation = vt.T @ d @ u.T
-        pitch[t] = np.degrees(np.arctan2(rotation[2, 1], rotation[2, 2]))
+    u, _, vt = np.linalg.svd(reference.T @ unit[ok])  # every frame's Kabsch fit at once
+    v, ut = vt.transpose(0, 2, 1), u.transpose(0, 2, 1)
+    v[..., 2] *= np.sign(np.linalg.det(v @ ut))[:, None]  # a rotation, not a reflection
+    rotation = v @ ut
+    pitch[ok] = np.degrees(np.arctan2(rotation[:, 2, 1], rotation[:, 2, 2]))
     return pitch
 
 
