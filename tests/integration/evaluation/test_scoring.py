@@ -224,7 +224,9 @@ def test_score_on_an_actor_pool_then_report(synth_corpus: Path, tmp_path: Path, 
     assert summary["systems"]["corpus"]["not_scored_by_reason"] == {"no_face": 1}
     assert ok["expr_smile"].notna().all() and ok["expr_class"].ne("").all()  # every face has an expression
     itself = ok[ok["expr_smile_mad"].notna()]  # only the row scored against a source has the paired columns
-    assert len(itself) == 1 and itself["expr_smile_mad"].iloc[0] < 0.5  # corner lift: the same face, unchanged
+    assert (
+        len(itself) == 1 and itself["expr_smile_mad"].iloc[0] < 0.5
+    )  # corner lift: the same face, unchanged
     assert summary["emotions"]["neutral"]["scored"] == 1
     calibration = json.loads((out / "calibration.json").read_text())
     assert set(calibration["languages"]) == {"en", "es", "hi"}
