@@ -9,7 +9,8 @@ import pytest
 
 from training import expert_health as eh
 
-STEPS = 100
+STEPS = 20  # far too few to escape chance (0.693): the run is stuck by construction, quickly
+EVAL_EVERY = 10
 
 
 def _corpus(root: Path, offset: int) -> Path:
@@ -33,7 +34,7 @@ def _corpus(root: Path, offset: int) -> Path:
 
 def _train(data: Path) -> tuple[dict, list[dict], dict]:
     """A narrow expert trained in-process (the recipe, no Ray Train) for STEPS steps; evaluated with its
-    health every 20 (as the job's loop does)."""
+    health every EVAL_EVERY (as the job's loop does)."""
     import torch
 
     from training.data import DataSelection, WindowConfig, select
@@ -52,7 +53,7 @@ def _train(data: Path) -> tuple[dict, list[dict], dict]:
     evaluations = []
     for step in range(1, STEPS + 1):
         recipe.step(next(stream))
-        if step % 20 == 0:
+        if step % EVAL_EVERY == 0:
             metrics = recipe.evaluate(val)
             metrics.update(recipe.after_evaluation(step, metrics))
             evaluations.append(metrics)
@@ -60,45 +61,28 @@ def _train(data: Path) -> tuple[dict, list[dict], dict]:
     return eh.job_summary(result, cfg, setup), evaluations, setup
 
 
-SHIFTED_MISSED = (
-    "too close to the trigger to be a reliable check: the 8-frame-shifted corpus reached val_loss_recent 0.689 "
-    "and 0.697 at step 100 in two runs on jaw-free crops (0.658, under the 0.68 trigger, once before); issue 27"
-)
-
-
-NOISE = (
-    "the clean corpus read 0.583 and 0.591 in two runs on jaw-free crops (0.596 once and above the 0.68 trigger "
-    "once before them); kept beside its shifted twin until both are reliable; issue 27"
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "offset",
-    [
-        pytest.param(8, marks=pytest.mark.xfail(reason=SHIFTED_MISSED)),
-        pytest.param(0, marks=pytest.mark.xfail(reason=NOISE)),
-    ],
-)
-def test_stuck_expert_warning_on_a_shifted_corpus_only(
-    offset: int,
+def test_a_stuck_expert_on_a_shifted_corpus_warns_naming_the_offsets(
     ray_session,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,  # noqa: ANN001
 ) -> None:
-    data = _corpus(tmp_path, offset)
+    """The whole path on a real corpus: synth with every clip's audio 8 frames late, preprocessing's meter
+    reads the shift into the data card, the recipe's evaluations carry the health figures, and a run still
+    at chance after `stuck_after_steps` warns (log and summary) naming the card's offset share.
+
+    Whether a clean corpus escapes 0.68 by a given step is a property of training, not of this wiring: it
+    is measured by `benchmarks/learning.py` and the demo (issue 27); the warning's own rule (only at or after
+    the step, only at or above the loss) is unit-tested in tests/unit/training/test_expert_health.py."""
+    data = _corpus(tmp_path, 8)
     with caplog.at_level(logging.WARNING, logger="training.expert_health"):
         summary, evaluations, setup = _train(data)
+    assert len(evaluations) == STEPS // EVAL_EVERY
     assert all(
         {"val_loss", "val_loss_recent", "offset_rank_mean", "offset_first_share"} <= set(e)
         for e in evaluations
     )
-    if offset:
-        assert setup["card"]["offset_share"] == 1.0  # the meter saw the 8 frames in every clip
-        assert summary["val_loss_recent"] >= eh.STUCK_LOSS, evaluations  # measured: 0.700 (clean: 0.596)
-        assert summary["warning"] and "100% of clips have |offset| > 1 frame" in summary["warning"]
-        assert any("expert SyncNet is stuck" in r.getMessage() for r in caplog.records)
-    else:
-        assert setup["card"]["offset_share"] == 0.0
-        assert summary["val_loss_recent"] < eh.STUCK_LOSS and summary["warning"] is None, evaluations
-        assert not any("stuck" in r.getMessage() for r in caplog.records)
+    assert setup["card"]["offset_share"] == 1.0  # the meter saw the 8 frames in every clip
+    assert summary["val_loss_recent"] >= eh.STUCK_LOSS, evaluations
+    assert summary["warning"] and "100% of clips have |offset| > 1 frame" in summary["warning"]
+    assert any("expert SyncNet is stuck" in r.getMessage() for r in caplog.records)
