@@ -295,11 +295,13 @@ def test_synth_offsets_landmark_sync_and_viseme_agreement(tmp_path: Path, ray_se
 def test_real_clips_with_shifted_audio_move_the_estimate(
     shared_media: Path, tracker: FaceMeshTracker
 ) -> None:
-    """The real clips with their audio shifted by K frames: the landmark estimate moves by K +- 1."""
+    """The real clips with their audio shifted by K frames: the landmark estimate moves by K +- 1. Decoded
+    as scoring decodes (its size cap, the first 10 s), not at full resolution."""
+    from evaluation.clip_scorer import decode
+
     misses = []
     for video in sorted(shared_media.glob("*.mp4")):
-        frames = read_frames(str(video), 25.0)[:250]
-        pcm = read_audio(str(video))[: len(frames) * 640]
+        frames, pcm = decode(str(video), ScoreConfig(max_seconds=10.0))
         track = tracker.track(frames)
         smooth = smooth_landmarks(track.landmarks, track.found)
         base = landmark_sync(smooth, pcm, 16000, 25.0)[1]["landmark_offset_frames"]

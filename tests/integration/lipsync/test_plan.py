@@ -158,7 +158,7 @@ def test_train_two_workers_left_to_default_cpus_runs_to_its_steps(
     it, in its own process and its own embedded Ray, so actors other tests leave on the session's Ray
     cannot take the CPUs the plan counts on."""
     small = {"batch_size": 2, "eval_clips": 1, "eval_windows_per_clip": 1, "shuffle_buffer": 4,
-             "windows": {"windows_per_clip": 2}}  # fmt: skip
+             "windows": {"windows_per_clip": 2}, "width": 0.25}  # fmt: skip
     config = tmp_path / "small.yaml"
     config.write_text(yaml.safe_dump(small))
     args = ["train", "syncnet", str(preprocessed_corpus), str(tmp_path / "out"), "--workers", "2"]
