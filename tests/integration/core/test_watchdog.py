@@ -112,7 +112,7 @@ def test_a_training_loop_waiting_for_windows_fails_naming_what_it_waits_for(
 
     cfg = SyncNetConfig(
         steps=2, batch_size=2, workers=1, cpus_per_worker=0.5, data_cpus_per_task=0.5, eval_clips=0,
-        shuffle_buffer=4, windows=WindowConfig(windows_per_clip=2), stall_seconds=60,
+        shuffle_buffer=4, windows=WindowConfig(windows_per_clip=2), stall_seconds=40,
     )  # fmt: skip
     with pytest.raises(Stalled) as stalled:
         run(cfg, str(preprocessed_corpus), str(tmp_path / "out"))
