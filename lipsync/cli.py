@@ -35,20 +35,17 @@ def _common(p: argparse.ArgumentParser, ray: bool = False) -> None:
         p.add_argument("--address", help="Ray cluster address (default: start a local embedded Ray)")
 
 
+def _flags(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """Config overrides from the command line flags of the same names (None: not given, the config's)."""
+    return {name: getattr(args, name) for name in names}
+
+
 def _synth(args: argparse.Namespace) -> dict[str, Any]:
     from core.config import load_config
     from pipeline.synth import SynthConfig, run
 
-    overrides = {
-        "languages": args.languages,
-        "speakers": args.speakers,
-        "clips_per_speaker": args.clips_per_speaker,
-        "seconds": args.seconds,
-        "offset_frames": args.offset_frames,
-        "seed": args.seed,
-        "emotions": args.emotions,
-    }
-    cfg = load_config(SynthConfig, args.config, overrides)
+    names = ("languages", "speakers", "clips_per_speaker", "seconds", "offset_frames", "seed", "emotions")
+    cfg = load_config(SynthConfig, args.config, _flags(args, *names))
     return run(cfg, args.out, address=args.address)
 
 
@@ -218,13 +215,7 @@ def _select(args: argparse.Namespace) -> dict[str, Any]:
     from core.config import load_config
     from evaluation.select import SelectConfig, run
 
-    overrides = {
-        "metric": args.metric,
-        "worst": args.worst,
-        "languages": args.language,
-        "below": args.below,
-        "above": args.above,
-    }
+    overrides = _flags(args, "metric", "worst", "below", "above") | {"languages": args.language}
     return run(load_config(SelectConfig, args.config, overrides), args.scores, args.out)
 
 

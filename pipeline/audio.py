@@ -133,11 +133,7 @@ def mel_windows(
 
 
 def mel_window(
-    mel: np.ndarray,
-    frame_index: int,
-    fps: float = 25.0,
-    width: int = MEL_STEP_SIZE,
-    offset_frames: int = 0,
+    mel: np.ndarray, frame_index: int, fps: float = 25.0, width: int = MEL_STEP_SIZE, offset_frames: int = 0
 ) -> np.ndarray:
     """The (80, width) mel window of one video frame; same indexing and edge padding as `mel_windows`."""
     mel = np.asarray(mel)

@@ -48,6 +48,7 @@ from training.balance import window_counts
 
 SHARD_COLUMNS = ["clip_id", "crops", "mel", "mel_frames", "n_frames", "fps", "av_offset_frames"]
 """Shard columns the window makers read (landmarks stay on disk; PCM is read only to augment audio)."""
+Rng = np.random.Generator
 WEIGHT = "window_weight"
 """A shard row's window multiplier (training.balance), set on the row by whoever reads it for training."""
 
@@ -263,11 +264,7 @@ def cut_windows(
 
 
 def sync_samples(
-    row: dict[str, Any],
-    cfg: WindowConfig,
-    img_size: int,
-    rng: np.random.Generator,
-    aug: Augmenter | None = None,
+    row: dict[str, Any], cfg: WindowConfig, img_size: int, rng: Rng, aug: Augmenter | None = None
 ) -> list[dict[str, np.ndarray]]:
     """SyncNet samples of one shard row: for each drawn start, an in-sync positive and an off-sync negative
     (the same faces, changed alike by `aug` when given)."""
@@ -297,11 +294,7 @@ def sync_samples(
 
 
 def wav2lip_samples(
-    row: dict[str, Any],
-    cfg: WindowConfig,
-    img_size: int,
-    rng: np.random.Generator,
-    aug: Augmenter | None = None,
+    row: dict[str, Any], cfg: WindowConfig, img_size: int, rng: Rng, aug: Augmenter | None = None
 ) -> list[dict[str, np.ndarray]]:
     """Generator samples of one shard row: masked target + reference window, per-frame mels, ground truth
     (target and reference changed alike by `aug` when given)."""

@@ -15,22 +15,6 @@ from training.data import Augmenter, WindowConfig, WindowMaker, sync_samples, wa
 from training.streams import BatchStream, val_batches
 from training.wav2lip_job import Wav2LipConfig
 
-NOTHING = AugmentConfig(
-    enabled=True,
-    brightness=0,
-    contrast=0,
-    saturation=0,
-    hue=0,
-    blur=0,
-    jpeg=0,
-    scale=0,
-    shift=0,
-    rotation=0,
-    gain_db=0,
-    noise=0,
-    reverb=0,
-)
-"""Augmentation on, every change off: each test turns one on."""
 PIXEL_CHANGES = {
     "brightness": 0.3,
     "contrast": 0.4,
@@ -43,6 +27,8 @@ PIXEL_CHANGES = {
     "rotation": 10.0,
 }
 AUDIO_CHANGES = {"gain_db": 6.0, "noise": 1.0, "reverb": 1.0}
+NOTHING = AugmentConfig(enabled=True, **dict.fromkeys(PIXEL_CHANGES | AUDIO_CHANGES, 0))
+"""Augmentation on, every change off: each test turns one on."""
 
 
 WINDOWS = WindowConfig(windows_per_clip=6, seed=5)
