@@ -3,8 +3,8 @@
 Tracks every video of MANIFEST.tsv with FaceMesh as scoring does (25 fps, `smooth_landmarks`), caches the
 landmarks under benchmarks/results/expression_real/ (gitignored), prints per clip the smile's median
 and spread, the share of each class in absolute and in relative (per-clip baseline) mode and the share of
-frames left out for head turns and nods, and saves two strips: the 5 highest- and the 5 lowest-smile frames over all
-clips (a mouth crop from each, labelled with clip, frame and smile), for a person to look at.
+frames left out for head turns and nods, and saves two strips: the 5 highest- and the 5 lowest-smile frames
+over all clips (a mouth crop from each, labelled with clip, frame and smile), for a person to look at.
 Usage: python benchmarks/expression_real.py [--media ../shared/media] [--retrack]
 
 The strips rank frames by the product's `smile` (`pipeline.expression`: the corners' lift under the nose base,

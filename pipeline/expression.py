@@ -5,19 +5,19 @@ every feature is measured in a frame aligned with the eye line (x along the eyes
 inter-ocular distance), so it does not depend on the face's size, position or in-plane rotation.
 
 Lower face: mouth-corner elevation (corners above the lip centre), mouth width, lip-corner angle, the
-corners' lift under the nose, cheek raise. Upper face: brow height over the eye, inner-brow height, eye aperture. Speech moves the jaw and with
-it the lip centre and, a little, the corners and the width; the lower-face features have that part removed
-by a fixed linear term in the mouth opening (`OPENNESS_SLOPES`, measured on neutral speech with the jaw
-moving), so a smile reads as a smile at any openness.
+corners' height against the nose base, cheek raise. Upper face: brow height over the eye, inner-brow height,
+eye aperture. Speech moves the jaw and with it the lip centre and, a little, the corners and the width; the
+lower-face features have that part removed by a fixed linear term in the mouth opening (`OPENNESS_SLOPES`,
+measured on neutral speech with the jaw moving), so a smile reads as a smile at any openness.
 
 `smile`, what the classes read, is `corner_lift`: the mouth corners' height above the nose base (subnasale)
 as a percentage of the eye-line-to-subnasale distance, with the jaw's part removed. Measured against rigid
-points rather than against the moving upper-lip centre (as `corner_angle` is), a wide-open laugh does not read
-as corners down and a rounded "oo" does not read as a frown. It is left out (NaN) where the head turns away from
-its usual pose in the clip (`yaw`, the nose tip's offset between the eyes, more than `MAX_YAW` from the clip's
-median) or nods away from it (`pitch`, a rigid 3-D fit of forehead, nose and eye points, more than
-`MAX_PITCH` degrees from the clip's median face): a turned head foreshortens one side of the mouth, and a head
-tilted back lowers the corners under the nose in the picture.
+points rather than against the moving upper-lip centre (as `corner_angle` is), a wide-open laugh does not
+read as corners down and a rounded "oo" does not read as a frown. It is left out (NaN) where the head turns
+away from its usual pose in the clip (`yaw`, the nose tip's offset between the eyes, more than `MAX_YAW` from
+the clip's median) or nods away from it (`pitch`, a rigid 3-D fit of forehead, nose and eye points, more
+than `MAX_PITCH` degrees from the clip's median face): a turned head foreshortens one side of the mouth, and
+a head tilted back lowers the corners under the nose in the picture.
 
 `expression_classes` thresholds the features into smile, neutral, frown and surprise (`CLASSES`), either
 absolutely (`Thresholds()`, fitted on the synth rig) or relative to a speaker's own baseline
