@@ -116,13 +116,13 @@ def tracked(path: Path, work: Path, tracker) -> tuple[np.ndarray, np.ndarray]:  
     """(lip shape, openness) at 25 fps, decoded as preprocessing decodes (cached by the file's content)."""
     from pipeline.landmarks import lip_shape, mouth_openness, smooth_landmarks
     from pipeline.media import probe, read_frames
-    from pipeline.offset import _analysis_size
+    from pipeline.offset import analysis_size
 
     digest = hashlib.sha1(path.read_bytes()).hexdigest()[:16]
     cache = work / f"{path.stem}.{digest}.npz"
     if not cache.exists():
         info = probe(path)
-        frames = read_frames(path, fps=FPS, size=_analysis_size(info.width, info.height))
+        frames = read_frames(path, fps=FPS, size=analysis_size(info.width, info.height))
         track = tracker.track(frames, fps=FPS)
         np.savez_compressed(cache, landmarks=track.landmarks, found=track.found)
     data = np.load(cache)

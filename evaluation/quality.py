@@ -24,8 +24,8 @@ import numpy as np
 from scipy.signal import savgol_filter
 
 from evaluation.sync import pearson
+from pipeline.expression import aligned
 from pipeline.landmarks import (
-    EYE_CORNER_POINTS,
     LEFT_BROW_POINTS,
     LEFT_EYE_POINTS,
     LIPS_POINTS,
@@ -149,23 +149,11 @@ def mouth_flicker(frames: np.ndarray, landmarks: np.ndarray) -> float:
 
 
 # --- upper face -----------------------------------------------------------------------------------------
-def aligned_points(landmarks: np.ndarray, points: tuple[int, ...]) -> np.ndarray:
-    """(T, P, 2) points in an eye frame: origin between the eye corners, x along the eyes, inter-ocular = 1."""
-    right, left = landmarks[:, EYE_CORNER_POINTS[0], :2], landmarks[:, EYE_CORNER_POINTS[1], :2]
-    centre = (right + left) / 2
-    axis = left - right
-    iod = np.linalg.norm(axis, axis=1, keepdims=True)
-    ux = axis / iod
-    uy = np.stack([-ux[:, 1], ux[:, 0]], axis=1)
-    rel = landmarks[:, list(points), :2] - centre[:, None]
-    return np.stack([(rel * ux[:, None]).sum(-1), (rel * uy[:, None]).sum(-1)], axis=-1) / iod[:, None]
-
-
 def brow_raise(landmarks: np.ndarray) -> np.ndarray:
     """(T,) mean height of each brow above its eye, in inter-ocular units."""
     sides = ((RIGHT_BROW_POINTS, RIGHT_EYE_POINTS), (LEFT_BROW_POINTS, LEFT_EYE_POINTS))
     heights = [
-        aligned_points(landmarks, eye)[..., 1].mean(1) - aligned_points(landmarks, brow)[..., 1].mean(1)
+        aligned(landmarks, eye)[..., 1].mean(1) - aligned(landmarks, brow)[..., 1].mean(1)
         for brow, eye in sides
     ]
     return np.mean(heights, axis=0)
@@ -189,8 +177,8 @@ def upper_face_consistency(output: np.ndarray, source: np.ndarray) -> dict[str, 
     out, src = output[:n], source[:n]
     with warnings.catch_warnings():  # frames without a face are NaN and skipped
         warnings.simplefilter("ignore", RuntimeWarning)
-        shape_out = np.nanmean(aligned_points(out, UPPER_FACE_POINTS), axis=0)
-        shape_src = np.nanmean(aligned_points(src, UPPER_FACE_POINTS), axis=0)
+        shape_out = np.nanmean(aligned(out, UPPER_FACE_POINTS), axis=0)
+        shape_src = np.nanmean(aligned(src, UPPER_FACE_POINTS), axis=0)
     return {
         "upper_face_shape_distance": float(np.linalg.norm(shape_out - shape_src, axis=1).mean()),
         "brow_motion_correlation": pearson(brow_raise(out), brow_raise(src)),

@@ -25,6 +25,7 @@ from scipy.io import wavfile
 from core.config import load_config, to_dict
 from core.errors import BadInput
 from generation.config import GenerateConfig
+from generation.config import validate as validate_generation
 from pipeline.phonemes import VoiceStyle
 from pipeline.preprocess_config import PreprocessConfig
 from pipeline.synth import SynthConfig
@@ -66,6 +67,14 @@ def _step(name: str, timings: dict[str, float], fn: Callable[..., Any], *args: A
     return result
 
 
+def check(cfg: DemoConfig) -> None:
+    """BadInput naming the first bad demo-level setting. Run before the first stage: the new speech and
+    the generation settings are only used after ~10 minutes of training, too late to find a typo."""
+    if cfg.new_speech_sentences < 1:
+        raise BadInput(f"new_speech_sentences must be >= 1, not {cfg.new_speech_sentences}")
+    validate_generation(cfg.generate)
+
+
 def new_speech_pairs(corpus: Path, clips_parquet: Path, out: Path, cfg: DemoConfig) -> Path:
     """A pairs manifest: a val-split face video per language with new espeak-ng speech in that language
     (`new_speech_sentences` sentences: one sentence is about 3 s, too short for the landmark meter to be
@@ -75,8 +84,7 @@ def new_speech_pairs(corpus: Path, clips_parquet: Path, out: Path, cfg: DemoConf
     from pipeline import phonemes
     from pipeline.sentences import SENTENCES
 
-    if cfg.new_speech_sentences < 1:
-        raise BadInput(f"new_speech_sentences must be >= 1, not {cfg.new_speech_sentences}")
+    check(cfg)
     clips = pd.read_parquet(clips_parquet)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -144,6 +152,7 @@ def run(out: str, config_path: str | None = None, address: str | None = None) ->
     from tuning.sweep import run as tune
 
     cfg = load_config(DemoConfig, config_path or DEMO_CONFIG)
+    check(cfg)
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.landmarks import EYE_CORNER_POINTS, MOUTH_CORNER_POINTS, mouth_openness
+from pipeline.landmarks import EYE_CORNER_POINTS, MOUTH_CORNER_POINTS, inter_ocular, mouth_openness
 
 UPPER_LIP_CENTRE = 0  # outer upper lip, middle
 LOWER_LIP_CENTRE = 17  # outer lower lip, middle
@@ -147,21 +147,17 @@ def clip_baseline(features: dict[str, np.ndarray]) -> Baseline:
     return Baseline(centre, median("brow_height"), median("eye_aperture"), spread)
 
 
-def _frame(lm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(origin, x axis, y axis, inter-ocular distance) of the eye-aligned frame, per frame."""
+def aligned(landmarks: np.ndarray, points: tuple[int, ...] | None = None) -> np.ndarray:
+    """(T, 468, 2) landmarks (or only `points`, (T, P, 2)) in the eye frame: origin between the outer eye
+    corners, x along the eyes, y down, one unit = the inter-ocular distance. The one such frame: expression,
+    head pose and scoring's upper-face features (`evaluation.quality`) all read it."""
+    lm = np.asarray(landmarks, np.float64)[..., :2]
     right, left = lm[:, EYE_CORNER_POINTS[0]], lm[:, EYE_CORNER_POINTS[1]]
     axis = left - right
     iod = np.linalg.norm(axis, axis=1)
     ux = axis / iod[:, None]
     uy = np.stack([-ux[:, 1], ux[:, 0]], axis=1)
-    return (right + left) / 2, ux, uy, iod
-
-
-def aligned(landmarks: np.ndarray, points: tuple[int, ...] | None = None) -> np.ndarray:
-    """(T, 468, 2) landmarks (or only `points`) in the eye-aligned frame, inter-ocular units (y down)."""
-    lm = np.asarray(landmarks, np.float64)[..., :2]
-    origin, ux, uy, iod = _frame(lm)
-    rel = (lm if points is None else lm[:, list(points)]) - origin[:, None]
+    rel = (lm if points is None else lm[:, list(points)]) - ((right + left) / 2)[:, None]
     x, y = rel @ ux[..., None], rel @ uy[..., None]  # (T, N, 1) each: one matrix product per frame
     return np.concatenate([x, y], axis=-1) / iod[:, None, None]
 
@@ -174,8 +170,7 @@ def head_pitch(landmarks: np.ndarray) -> np.ndarray:
     pitch = np.full(len(lm), np.nan)
     if lm.ndim != 3 or lm.shape[-1] < 3:
         return pitch
-    iod = _frame(lm[..., :2])[3]
-    depth = lm[:, list(RIGID_POINTS), 2:3] / iod[:, None, None]
+    depth = lm[:, list(RIGID_POINTS), 2:3] / inter_ocular(lm)[:, None, None]
     points = np.concatenate([aligned(lm, RIGID_POINTS), depth], axis=-1)  # eye-aligned, in 3-D
     centred = points - points.mean(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -454,7 +454,7 @@ def offset_of_video(
 
     with local_path(path) as local:
         info = probe(local)
-        frames = read_frames(local, fps=fps, size=_analysis_size(info.width, info.height))
+        frames = read_frames(local, fps=fps, size=analysis_size(info.width, info.height))
         pcm = read_audio(local, 16000)
     tracker = tracker or FaceMeshTracker(max_faces=1)
     track = tracker.track(frames, fps=fps)
@@ -470,7 +470,7 @@ def offset_of_video(
     return estimate_offset(lip_shape(smooth), pcm, 16000, fps, max_lag=max_lag, min_confidence=min_confidence)
 
 
-def _analysis_size(width: int, height: int, max_side: int = 720) -> tuple[int, int] | None:
+def analysis_size(width: int, height: int, max_side: int = 720) -> tuple[int, int] | None:
     """Decode size with the longer side at most `max_side` (as preprocessing decodes), else None."""
     if max(width, height) <= max_side:
         return None

@@ -37,16 +37,18 @@ def shifted_copy(video: Path, k: int, out: Path) -> Path:
 
 
 def analysis_sized(video: Path, out: Path) -> Path:
-    """`video` itself, or for a video larger than the meter's decode size (longer side 720, as
-    `pipeline.offset` decodes) a copy at that size in x264 at high quality, its timestamps and audio kept:
-    the meter sees the frames it would, and each shifted copy no longer decodes 1080p HEVC (the five
-    copies of each 20-s portrait clip took 42 s to read)."""
+    """`video` itself, or for a video larger than the meter's decode size (`pipeline.offset.analysis_size`)
+    a copy at that size in x264 at high quality, its timestamps and audio kept: the meter sees the frames it
+    would, and each shifted copy no longer decodes 1080p HEVC (the five copies of each 20-s portrait clip
+    took 42 s to read)."""
     from pipeline.media import probe
+    from pipeline.offset import analysis_size
 
     info = probe(str(video))
-    if max(info.width, info.height) <= 720:
+    size = analysis_size(info.width, info.height)
+    if size is None:
         return video
-    scale = "scale=720:-2" if info.width >= info.height else "scale=-2:720"
+    scale = "scale={}:{}".format(*(-2 if side == -1 else side for side in size))  # x264 wants even sides
     ffmpeg(
         "-i", str(video), "-map", "0:v:0", "-map", "0:a:0", "-vf", scale, "-fps_mode", "passthrough",
         "-c:v", "libx264", "-preset", "ultrafast", "-crf", "16", "-c:a", "copy", str(out),

@@ -46,3 +46,27 @@ def test_no_sentences_is_refused(tmp_path: Path) -> None:
     cfg = replace(load_config(DemoConfig, DEMO_CONFIG), new_speech_sentences=0)
     with pytest.raises(BadInput, match="new_speech_sentences"):
         new_speech_pairs(tmp_path, _clips(tmp_path / "clips.parquet", ["en"]), tmp_path / "speech", cfg)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"new_speech_sentences": 0}, "new_speech_sentences"),
+        ({"generate": {"blend": {"region": "neck"}}}, "blend"),
+    ],
+)
+def test_bad_late_settings_are_refused_before_the_first_stage(
+    tmp_path: Path, setting: dict, message: str
+) -> None:
+    """Settings first used after training (the new speech, generation's) are checked when the demo starts:
+    nothing is written and no Ray is started."""
+    import ray
+    import yaml
+
+    from lipsync.demo import run
+
+    config = tmp_path / "demo.yaml"
+    config.write_text(yaml.safe_dump(yaml.safe_load(DEMO_CONFIG.read_text()) | setting))
+    with pytest.raises(BadInput, match=message):
+        run(str(tmp_path / "out"), config_path=str(config))
+    assert not (tmp_path / "out").exists() and not ray.is_initialized()
