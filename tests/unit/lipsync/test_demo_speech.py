@@ -59,8 +59,7 @@ def test_bad_late_settings_are_refused_before_the_first_stage(
     tmp_path: Path, setting: dict, message: str
 ) -> None:
     """Settings first used after training (the new speech, generation's) are checked when the demo starts:
-    nothing is written and no Ray is started."""
-    import ray
+    nothing is written (whether a Ray is up depends on the tests before this one, so it is not asserted)."""
     import yaml
 
     from lipsync.demo import run
@@ -69,4 +68,4 @@ def test_bad_late_settings_are_refused_before_the_first_stage(
     config.write_text(yaml.safe_dump(yaml.safe_load(DEMO_CONFIG.read_text()) | setting))
     with pytest.raises(BadInput, match=message):
         run(str(tmp_path / "out"), config_path=str(config))
-    assert not (tmp_path / "out").exists() and not ray.is_initialized()
+    assert not (tmp_path / "out").exists()
