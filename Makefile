@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 OUT    ?= demo_out
 # The CPU wheel of torch lies on local disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
+# pytest-xdist workers for `make test`: much of the suite waits (Ray start-up, subprocesses, ffmpeg, sleeps),
+# so two processes share 2 cores better than one. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 APT_PACKAGES := ffmpeg espeak-ng libespeak-ng1 libjemalloc2 chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -14,7 +17,7 @@ demo: $(VENV)/.installed
 	$(BIN)/lipsync demo $(OUT)
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 # Unit tests only: no Ray, no browser; minutes, not tens of minutes.
 test-fast: $(VENV)/.installed

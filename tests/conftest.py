@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MEDIA = REPO.parent / "shared" / "media"
@@ -50,17 +52,30 @@ def shared_media() -> Path:
     return SHARED_MEDIA
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """`build(folder)` once per test run, shared by every pytest-xdist worker (`make test` runs two): the
+    first worker to get here builds it under a file lock, the others wait for it and read the same files."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    shared = tmp_path_factory.getbasetemp().parent  # the run's folder above each worker's own
+    out, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            out.mkdir(exist_ok=True)
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated en/es/hi corpus: 2 speakers per language, 1 clip of 4 s each, offset 0."""
     from pipeline.synth import SynthConfig, run
 
-    out = tmp_path_factory.mktemp("synth_corpus")
-    run(
-        SynthConfig(languages=("en", "es", "hi"), speakers=2, clips_per_speaker=1, seconds=4.0, seed=0),
-        str(out),
-    )
-    return out
+    config = SynthConfig(languages=("en", "es", "hi"), speakers=2, clips_per_speaker=1, seconds=4.0, seed=0)
+    return built_once(tmp_path_factory, "synth_corpus", lambda out: run(config, str(out)))
 
 
 @pytest.fixture(scope="session")
@@ -69,9 +84,9 @@ def preprocessed_corpus(synth_corpus: Path, ray_session, tmp_path_factory: pytes
     from pipeline.preprocess import run
     from pipeline.preprocess_config import PreprocessConfig
 
-    out = tmp_path_factory.mktemp("preprocessed")
-    run(PreprocessConfig(), str(synth_corpus), str(out))
-    return out
+    return built_once(
+        tmp_path_factory, "preprocessed", lambda out: run(PreprocessConfig(), str(synth_corpus), str(out))
+    )
 
 
 @pytest.fixture(scope="session")
