@@ -2,7 +2,8 @@
 
 Reference: Rudrabha/Wav2Lip `hq_wav2lip_train.py` (with the visual-quality GAN, the default here) and
 `wav2lip_train.py` (`gan: false`). Loss = w_sync · expert sync BCE + w_disc · adversarial + (1 − w_sync −
-w_disc) · L1. The sync weight starts at 0 and becomes 0.03 (0.01 without the GAN) once the frozen expert's
+w_disc) · L1, where L1 is the whole frame's (the reference's) or, with `mouth_weight` w > 0, (L1 + w · L1 of the
+mouth box) / (1 + w). The sync weight starts at 0 and becomes 0.03 (0.01 without the GAN) once the frozen expert's
 loss on generated validation frames falls below 0.75, as in the reference; disc weight 0.07; Adam lr 1e-4,
 betas (0.5, 0.999) with the GAN. Checkpoints hold the generator in model.pt (what generation loads) and the
 discriminator in disc.pt. Ray Train workers (`training.loop`), Tune trials and plain loops all drive
@@ -50,6 +51,7 @@ class Wav2LipConfig(TrainConfig):
     disc_weight: float = 0.07
     sync_weight: float | None = None  # None: 0.03 with the GAN, 0.01 without (the reference's values)
     sync_threshold: float = 0.75  # the sync loss is switched on once the expert's val loss is below this
+    mouth_weight: float = 0.0  # extra weight of the mouth box's L1 (0: the reference's whole-frame L1)
     expert_max_val_loss: float | None = 0.75  # refuse an expert whose val loss is above this (None: any)
     eval_clips: int | None = 8
     shuffle_buffer: int = 64
@@ -68,6 +70,22 @@ class Wav2LipConfig(TrainConfig):
 
 # ---------------------------------------------------------------- losses, one step, one evaluation
 
+# Where the mouth moves in a face crop (fractions of its height and width): in the lower half, between the
+# nose and the chin. Whole-frame L1 spends most of its weight on pixels the masked input already shows.
+MOUTH_BOX = ((0.58, 0.86), (0.30, 0.70))
+
+
+def mouth_box(frames: torch.Tensor) -> torch.Tensor:
+    """The mouth box of (..., H, W) frames."""
+    (top, bottom), (left, right) = MOUTH_BOX
+    h, w = frames.shape[-2:]
+    return frames[..., int(top * h) : int(bottom * h), int(left * w) : int(right * w)]
+
+
+def reconstruction_loss(losses: dict[str, torch.Tensor], mouth_weight: float) -> torch.Tensor:
+    """Whole-frame L1 blended with the mouth box's L1, on the whole-frame L1's scale."""
+    return (losses["l1"] + mouth_weight * losses["mouth_l1"]) / (1.0 + mouth_weight)
+
 
 def expert_sync_loss(expert: nn.Module, mel: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
     """The frozen expert's BCE (label: in sync) on the lower halves of generated (B, 3, 5, H, W) frames."""
@@ -80,12 +98,13 @@ def expert_sync_loss(expert: nn.Module, mel: torch.Tensor, generated: torch.Tens
 def generator_losses(
     gen: nn.Module, disc: nn.Module | None, expert: nn.Module, batch: dict, device: torch.device, amp: Amp
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(generated frames, {l1, sync, perceptual}) for a batch."""
+    """(generated frames, {l1, mouth_l1, sync, perceptual}) for a batch."""
     x, y = images(batch["x"], device), images(batch["y"], device)
     with amp.autocast(device):
         g = gen(batch["indiv_mels"].to(device), x)
         losses = {
             "l1": F.l1_loss(g.float(), y),
+            "mouth_l1": F.l1_loss(mouth_box(g.float()), mouth_box(y)),
             "sync": expert_sync_loss(expert, batch["mel"].to(device), g),
         }
         if disc is not None:
@@ -181,7 +200,8 @@ class Wav2LipRecipe(Recipe):
         self.opt.zero_grad(set_to_none=True)
         g, losses = generator_losses(self.gen, disc, self.expert, batch, device, amp)
         disc_weight = cfg.disc_weight if disc is not None else 0.0
-        loss = (1.0 - sync_weight - disc_weight) * losses["l1"] + sync_weight * losses["sync"]
+        l1 = reconstruction_loss(losses, cfg.mouth_weight)
+        loss = (1.0 - sync_weight - disc_weight) * l1 + sync_weight * losses["sync"]
         if disc is not None:
             loss = loss + disc_weight * losses["perceptual"]
         backward_step(loss, self.opt, self.scaler)
@@ -202,13 +222,15 @@ class Wav2LipRecipe(Recipe):
         loss is switched on (the reference's switch) once the expert's loss is below `sync_threshold`."""
         gen = unwrap(self.gen).eval()
         disc = unwrap(self.disc).eval() if self.disc is not None else None
-        sums = [0.0, 0.0, 0.0]  # l1·n, sync·n, n
+        names = ("l1", "mouth_l1", "sync")
+        sums = dict.fromkeys(names, 0.0) | {"n": 0.0}  # each loss · batch size, and the windows
         for batch in batches:
             _, losses = generator_losses(gen, disc, self.expert, batch, self.device, self.amp)
             n = len(batch["x"])
-            sums = [sums[0] + float(losses["l1"]) * n, sums[1] + float(losses["sync"]) * n, sums[2] + n]
-        l1, sync, n = global_sum(sums, self.device)
-        metrics = {"val_l1": l1 / n, "val_sync": sync / n} if n else {}
+            sums = {k: sums[k] + float(losses[k]) * n for k in names} | {"n": sums["n"] + n}
+        totals = dict(zip(sums, global_sum(list(sums.values()), self.device), strict=True))
+        n = totals.pop("n")
+        metrics = {f"val_{k}": total / n for k, total in totals.items()} if n else {}
         if metrics.get("val_sync", 1.0) < self.cfg.sync_threshold:
             self.train_state["sync_weight"] = self.cfg.target_sync_weight
         return metrics
