@@ -37,7 +37,7 @@ FIGURES = (
 
 
 def retrain_and_score(demo: Path, config: str, mouth_weight: float, work: Path) -> dict[str, Any]:
-    """Train the generator with `mouth_weight`, generate the demo's pairs, score; figures per system/language."""
+    """Retrain the generator with `mouth_weight`, generate the demo's pairs, score them; figures per row."""
     import pyarrow.parquet as pq
 
     from core.config import load_config

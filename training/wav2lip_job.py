@@ -2,12 +2,12 @@
 
 Reference: Rudrabha/Wav2Lip `hq_wav2lip_train.py` (with the visual-quality GAN, the default here) and
 `wav2lip_train.py` (`gan: false`). Loss = w_sync · expert sync BCE + w_disc · adversarial + (1 − w_sync −
-w_disc) · L1, where L1 is the whole frame's (the reference's) or, with `mouth_weight` w > 0, (L1 + w · L1 of the
-mouth box) / (1 + w). The sync weight starts at 0 and becomes 0.03 (0.01 without the GAN) once the frozen expert's
-loss on generated validation frames falls below 0.75, as in the reference; disc weight 0.07; Adam lr 1e-4,
-betas (0.5, 0.999) with the GAN. Checkpoints hold the generator in model.pt (what generation loads) and the
-discriminator in disc.pt. Ray Train workers (`training.loop`), Tune trials and plain loops all drive
-`Wav2LipRecipe`.
+w_disc) · L1, where L1 is the whole frame's (the reference's) or, with `mouth_weight` w > 0,
+(L1 + w · L1 of the mouth box) / (1 + w). The sync weight starts at 0 and becomes 0.03 (0.01 without the GAN)
+once the frozen expert's loss on generated validation frames falls below 0.75, as in the reference; disc
+weight 0.07; Adam lr 1e-4, betas (0.5, 0.999) with the GAN. Checkpoints hold the generator in model.pt (what
+generation loads) and the discriminator in disc.pt. Ray Train workers (`training.loop`), Tune trials and
+plain loops all drive `Wav2LipRecipe`.
 """
 
 from __future__ import annotations
@@ -298,6 +298,8 @@ def run(
 ) -> dict:
     """Train (or resume, or do nothing if finished) and return {checkpoint, step, metrics}."""
     validate(cfg)
+    if cfg.mouth_weight < 0:
+        raise BadInput(f"mouth_weight must be >= 0 (0: the reference's L1), not {cfg.mouth_weight}")
     expert = check_expert(syncnet, cfg.img_size, cfg.expert_max_val_loss)
     return fit_job(
         NAME,

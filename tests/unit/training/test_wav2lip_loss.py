@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
+from core.errors import BadInput
 from training.devices import Amp
-from training.wav2lip_job import MOUTH_BOX, generator_losses, reconstruction_loss
+from training.wav2lip_job import MOUTH_BOX, Wav2LipConfig, generator_losses, reconstruction_loss, run
 
 SIZE = 96
 
@@ -63,3 +67,9 @@ def test_the_mouth_weight_makes_a_wrong_mouth_cost_more_than_as_many_wrong_pixel
 def test_a_perfect_frame_costs_nothing_with_any_weight() -> None:
     assert _loss(torch.zeros(1, 3, 5, SIZE, SIZE), 0.0) == 0.0
     assert _loss(torch.zeros(1, 3, 5, SIZE, SIZE), 5.0) == 0.0
+
+
+def test_a_negative_mouth_weight_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match="mouth_weight must be >= 0"):
+        run(Wav2LipConfig(mouth_weight=-1.0), str(tmp_path / "data"), str(tmp_path / "out"), syncnet=None)
+    assert not (tmp_path / "out").exists()
