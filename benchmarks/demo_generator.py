@@ -26,14 +26,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FIGURES = (
-    "landmark_offset_frames",
-    "landmark_confidence",
-    "openness_envelope_correlation",
-    "viseme_agreement",
-    "bilabial_closed",
-    "open_vowel_open",
-)
 
 
 def retrain_and_score(demo: Path, config: str, mouth_weight: float, work: Path) -> dict[str, Any]:
@@ -41,30 +33,37 @@ def retrain_and_score(demo: Path, config: str, mouth_weight: float, work: Path) 
     import pyarrow.parquet as pq
 
     from core.config import load_config
+    from core.errors import BadInput
     from evaluation.score import run as score
     from evaluation.score_config import ScoreConfig
+    from evaluation.summary import SUMMARY_METRICS
     from generation.run import run as generate
     from lipsync.demo import DemoConfig
+    from training.checkpoints import latest_checkpoint
     from training.wav2lip_job import run as train
 
     cfg = load_config(DemoConfig, config)
     out = work / f"mouth_weight_{mouth_weight:g}"
-    expert = sorted((demo / "syncnet").rglob("model.pt"))[-1]
+    found = latest_checkpoint(str(demo / "syncnet"), "syncnet")  # what the demo's generator trained with
+    if found is None:
+        raise BadInput(f"{demo}: no expert SyncNet checkpoint under syncnet/")
+    expert = found[0]
     started = time.perf_counter()
     trained = train(
         dataclasses.replace(cfg.wav2lip, mouth_weight=mouth_weight),
         str(demo / "preprocessed"),
         str(out / "wav2lip"),
-        str(expert),
+        expert,
     )
     train_s = time.perf_counter() - started
     pairs = demo / "new_speech" / "pairs.csv"
     generate(cfg.generate, str(pairs), str(out / "generated"), trained["checkpoint"])
     scoring = dataclasses.replace(ScoreConfig(), system="wav2lip-demo")
-    score(scoring, str(out / "generated"), str(out / "scores"), syncnet=str(expert))
+    score(scoring, str(out / "generated"), str(out / "scores"), syncnet=expert)
     table = pq.read_table(out / "scores" / "scores.parquet").to_pylist()
     rows = [
-        {"system": r["system"], "language": r["language"]} | {k: r.get(k) for k in FIGURES} for r in table
+        {"system": r["system"], "language": r["language"]} | {k: r.get(k) for k in SUMMARY_METRICS}
+        for r in table
     ]
     return {
         "mouth_weight": mouth_weight,

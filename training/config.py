@@ -75,6 +75,9 @@ class TrainConfig:
     balance_strength: float = 1.0  # 0: the corpus's own mix ... 1: the configured one
     focus: FocusConfig = field(default_factory=FocusConfig)  # up-weight a `lipsync select` manifest's clips
 
+    def validate_own(self) -> None:
+        """BadInput for a bad setting among a recipe's own fields (a subclass's); `validate` calls it."""
+
 
 def cadence(steps: int) -> int:
     """The default checkpoint and evaluation interval of a run of `steps` steps: a tenth of them, at least 1
@@ -117,6 +120,7 @@ def validate(cfg: TrainConfig) -> None:
     check_balance(cfg.balance, cfg.balance_strength, cfg.focus)
     if cfg.optimizer not in OPTIMIZERS:
         raise BadInput(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
+    cfg.validate_own()
 
 
 def check_resumable(previous: dict[str, Any], cfg: TrainConfig) -> None:

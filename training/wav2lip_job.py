@@ -67,6 +67,10 @@ class Wav2LipConfig(TrainConfig):
     def betas(self) -> tuple[float, float]:
         return (0.5, 0.999) if self.gan else (0.9, 0.999)
 
+    def validate_own(self) -> None:
+        if self.mouth_weight < 0:
+            raise BadInput(f"mouth_weight must be >= 0 (0: the reference's L1), not {self.mouth_weight}")
+
 
 # ---------------------------------------------------------------- losses, one step, one evaluation
 
@@ -102,9 +106,10 @@ def generator_losses(
     x, y = images(batch["x"], device), images(batch["y"], device)
     with amp.autocast(device):
         g = gen(batch["indiv_mels"].to(device), x)
+        frames = g.float()
         losses = {
-            "l1": F.l1_loss(g.float(), y),
-            "mouth_l1": F.l1_loss(mouth_box(g.float()), mouth_box(y)),
+            "l1": F.l1_loss(frames, y),
+            "mouth_l1": F.l1_loss(mouth_box(frames), mouth_box(y)),
             "sync": expert_sync_loss(expert, batch["mel"].to(device), g),
         }
         if disc is not None:
@@ -298,8 +303,6 @@ def run(
 ) -> dict:
     """Train (or resume, or do nothing if finished) and return {checkpoint, step, metrics}."""
     validate(cfg)
-    if cfg.mouth_weight < 0:
-        raise BadInput(f"mouth_weight must be >= 0 (0: the reference's L1), not {cfg.mouth_weight}")
     expert = check_expert(syncnet, cfg.img_size, cfg.expert_max_val_loss)
     return fit_job(
         NAME,

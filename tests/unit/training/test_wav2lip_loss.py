@@ -73,3 +73,14 @@ def test_a_negative_mouth_weight_is_refused_before_anything_runs(tmp_path: Path)
     with pytest.raises(BadInput, match="mouth_weight must be >= 0"):
         run(Wav2LipConfig(mouth_weight=-1.0), str(tmp_path / "data"), str(tmp_path / "out"), syncnet=None)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tune_trial_with_a_negative_mouth_weight_is_refused_too(tmp_path: Path) -> None:
+    from tuning.trial import TrialSetup, trial_config
+
+    def setup(mouth_weight: float) -> TrialSetup:
+        return TrialSetup("wav2lip", str(tmp_path), str(tmp_path), {"mouth_weight": mouth_weight}, 4, 2, 2)
+
+    with pytest.raises(BadInput, match="mouth_weight must be >= 0"):
+        trial_config(setup(-1.0), {})
+    assert trial_config(setup(2.0), {}).mouth_weight == 2.0
