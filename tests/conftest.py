@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,24 +70,48 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
     return out
 
 
+def _fingerprint(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@contextlib.contextmanager
+def left_as_built(folder: Path) -> Iterator[Path]:
+    """`folder`, checked unchanged when the session ends: every test (on either xdist worker, in any order)
+    reads a session corpus, so a test that writes into one makes others flaky. Copy it and write the copy."""
+    before = _fingerprint(folder)
+    yield folder
+    after = _fingerprint(folder)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test changed the shared session corpus {folder}: {changed[:5]}"
+
+
 @pytest.fixture(scope="session")
-def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A generated en/es/hi corpus: 2 speakers per language, 1 clip of 4 s each, offset 0."""
     from pipeline.synth import SynthConfig, run
 
     config = SynthConfig(languages=("en", "es", "hi"), speakers=2, clips_per_speaker=1, seconds=4.0, seed=0)
-    return built_once(tmp_path_factory, "synth_corpus", lambda out: run(config, str(out)))
+    with left_as_built(
+        built_once(tmp_path_factory, "synth_corpus", lambda out: run(config, str(out)))
+    ) as out:
+        yield out
 
 
 @pytest.fixture(scope="session")
-def preprocessed_corpus(synth_corpus: Path, ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: ANN001
+def preprocessed_corpus(
+    synth_corpus: Path,
+    ray_session,  # noqa: ANN001
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Path]:
     """`synth_corpus` through `lipsync preprocess` (in-process, on the session Ray)."""
     from pipeline.preprocess import run
     from pipeline.preprocess_config import PreprocessConfig
 
-    return built_once(
-        tmp_path_factory, "preprocessed", lambda out: run(PreprocessConfig(), str(synth_corpus), str(out))
-    )
+    def build(out: Path) -> None:
+        run(PreprocessConfig(), str(synth_corpus), str(out))
+
+    with left_as_built(built_once(tmp_path_factory, "preprocessed", build)) as out:
+        yield out
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ def test_every_synth_clip_is_accepted(
     assert pq.read_table(preprocessed_corpus / "rejects.parquet").num_rows == 0
     summary = json.loads((preprocessed_corpus / "summary.json").read_text())
     assert summary["accepted_clips"] == 6 and summary["rejected"] == 0
+    assert summary["processed_inputs"] == 6  # the run that built it, not a later resume
     speed = summary["throughput"]
     assert speed["worker_cpu_seconds"] > 0 and speed["frames_per_cpu_second"] > 0
     assert set(summary["languages"]) == {"en", "es", "hi"}
@@ -77,15 +79,18 @@ def test_shard_rows_hold_aligned_crops_and_mel(preprocessed_corpus: Path, clips:
 
 
 def test_rerun_resumes_without_reprocessing(
-    preprocessed_corpus: Path, synth_corpus: Path, clips: pd.DataFrame
+    preprocessed_corpus: Path, synth_corpus: Path, clips: pd.DataFrame, tmp_path: Path
 ) -> None:
-    state = sorted((preprocessed_corpus / "_state").glob("*.json"))
+    # On a copy: a rerun rewrites summary.json and clips.parquet, which other tests (on either xdist
+    # worker, at any time) read from the shared session corpus.
+    out = shutil.copytree(preprocessed_corpus, tmp_path / "rerun")
+    state = sorted((out / "_state").glob("*.json"))
     mtimes = [p.stat().st_mtime_ns for p in state]
     other_pool = ResourcesConfig(workers=1, cpus_per_worker=0.5, poll_seconds=0.2)  # same clips
-    result = run(PreprocessConfig(resources=other_pool), str(synth_corpus), str(preprocessed_corpus))
+    result = run(PreprocessConfig(resources=other_pool), str(synth_corpus), str(out))
     assert (result["processed_inputs"], result["skipped_inputs"]) == (0, 6)
     assert [p.stat().st_mtime_ns for p in state] == mtimes
-    assert set(pd.read_parquet(preprocessed_corpus / "clips.parquet")["clip_id"]) == set(clips["clip_id"])
+    assert set(pd.read_parquet(out / "clips.parquet")["clip_id"]) == set(clips["clip_id"])
 
 
 def test_overlapping_inputs_give_the_clips_of_one_at_a_time(synth_corpus: Path, tmp_path: Path) -> None:
