@@ -183,12 +183,29 @@ def check_language(language: str) -> str:
 
 
 def synthesize(text: str, language: str, style: VoiceStyle | None = None) -> Speech:
-    """Speak `text` with espeak-ng; returns the PCM and the phoneme timeline from espeak-ng's events."""
+    """Speak `text` with espeak-ng; returns the PCM and the phoneme timeline from espeak-ng's events.
+
+    Each call runs in a fresh copy of an initialised espeak-ng (pipeline.espeak_process), so the same
+    arguments give the same speech however many other calls came before."""
+    from pipeline.espeak_process import speak_fresh
+
     check_language(language)
-    style = style or VoiceStyle()
+    pcm, sample_rate, events = speak_fresh(text, language, style or VoiceStyle())
+    duration_ms = 1000.0 * len(pcm) / sample_rate
+    phonemes = _timeline_from_events(events, duration_ms, language)
+    return Speech(
+        pcm=pcm.astype(np.int16), sample_rate=sample_rate, phonemes=phonemes, language=language, text=text
+    )
+
+
+def speak_here(
+    text: str, language: str, style: VoiceStyle
+) -> tuple[np.ndarray, int, list[tuple[int, int, str]]]:
+    """(PCM, sample rate, events as (type, audio position ms, IPA)) from this process's espeak-ng. Its
+    wave generator carries state from call to call: `synthesize` calls this in a fresh process."""
     lib, sample_rate = _library()
     chunks: list[np.ndarray] = []
-    events: list[tuple[int, int, str]] = []  # (type, audio_position_ms, ipa)
+    events: list[tuple[int, int, str]] = []
 
     def on_synth(wav, numsamples, event_ptr):  # noqa: ANN001 - C callback
         if numsamples > 0 and wav:
@@ -218,11 +235,7 @@ def synthesize(text: str, language: str, style: VoiceStyle | None = None) -> Spe
         if err != 0:
             raise RuntimeError(f"espeak_Synth failed with error {err} for {language!r}")
     pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
-    duration_ms = 1000.0 * len(pcm) / sample_rate
-    phonemes = _timeline_from_events(events, duration_ms, language)
-    return Speech(
-        pcm=pcm.astype(np.int16), sample_rate=sample_rate, phonemes=phonemes, language=language, text=text
-    )
+    return pcm.astype(np.int16), sample_rate, events
 
 
 def _is_pause(name: str) -> bool:

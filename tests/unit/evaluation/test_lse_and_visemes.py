@@ -18,7 +18,7 @@ from core.errors import BadInput
 from evaluation.clip_scorer import ClipScorer
 from evaluation.inputs import discover_inputs
 from evaluation.score_config import ScoreConfig
-from evaluation.sync import openness_envelope_r, viseme_agreement
+from evaluation.sync import align_transcript, openness_envelope_r, viseme_agreement
 from models.syncnet_v2 import SyncNetV2, load_syncnet_v2, mfcc, mfcc_windows
 from pipeline import phonemes as ph
 from pipeline.lse import (
@@ -26,6 +26,7 @@ from pipeline.lse import (
     pairwise_distances,
     window_count,
 )
+from pipeline.sentences import SENTENCES
 
 LIPSYNC = [sys.executable, "-m", "lipsync.cli"]
 
@@ -239,3 +240,16 @@ def test_openness_is_read_against_the_envelope_at_the_mouths_lead(fps: float) ->
     assert openness_envelope_r(ahead, envelope, fps) > 0.99
     assert openness_envelope_r(envelope, envelope, fps) < 0.9  # no lead: marked down
     assert openness_envelope_r(behind, envelope, fps) < openness_envelope_r(envelope, envelope, fps)
+
+
+def test_a_transcript_aligns_the_same_whatever_was_spoken_before() -> None:
+    """Scoring's transcript timeline (and so viseme agreement) must not depend on the order clips are
+    scored in: espeak-ng speaks each transcript from the same state."""
+    import librosa
+
+    text = SENTENCES["en"][0]
+    clip = ph.synthesize(text, "en", ph.VoiceStyle("m3", rate_wpm=150, pitch=40))
+    audio = librosa.resample(clip.pcm.astype(np.float32) / 32768.0, orig_sr=clip.sample_rate, target_sr=16000)
+    first = align_transcript(text, "en", audio, 16000)
+    ph.synthesize(SENTENCES["es"][0], "es", ph.VoiceStyle("f2", rate_wpm=190, pitch=70))
+    assert align_transcript(text, "en", audio, 16000) == first

@@ -32,6 +32,26 @@ def test_timeline_covers_the_audio(language: str) -> None:
     assert all(p.end_ms > p.start_ms for p in speech.phonemes)
 
 
+def test_the_same_words_give_the_same_speech_whatever_was_spoken_before() -> None:
+    """espeak-ng's wave generator carries state between calls in one process; every call starts fresh."""
+    text = SENTENCES["en"][0]
+    first = ph.synthesize(text, "en", ph.VoiceStyle("m3"))
+    for language, other in (("es", SENTENCES["es"][0]), ("en", text), ("hi", SENTENCES["hi"][0])):
+        ph.synthesize(other, language, ph.VoiceStyle("f2", rate_wpm=190, pitch=70))
+    again = ph.synthesize(text, "en", ph.VoiceStyle("m3"))
+    assert np.array_equal(first.pcm, again.pcm)
+    assert first.phonemes == again.phonemes
+
+
+def test_a_killed_espeak_helper_is_replaced() -> None:
+    from pipeline import espeak_process
+
+    before = ph.synthesize("papa", "es")
+    espeak_process._helper.kill()
+    espeak_process._helper.wait()
+    assert np.array_equal(ph.synthesize("papa", "es").pcm, before.pcm)
+
+
 def test_timings_are_the_synthesisers_not_guessed() -> None:
     """Slower speech gives proportionally longer phonemes: the times follow espeak-ng's audio."""
     text = SENTENCES["en"][1]
