@@ -17,15 +17,21 @@ from __future__ import annotations
 import atexit
 import os
 import pickle
+import select
+import signal
 import struct
 import subprocess
 import sys
 import threading
+import time
 from typing import IO, Any
 
 from core.errors import BadInput
 
 _HEADER = struct.Struct("!Q")
+# A synthesis takes milliseconds; one that has not finished after this long is killed and reported, never
+# waited for. LIPSYNC_ESPEAK_TIMEOUT_S (read by the helper when it starts) overrides it.
+SPEAK_TIMEOUT_S = 60.0
 _lock = threading.Lock()  # one request at a time through the pipe
 _helper: subprocess.Popen | None = None
 _helper_owner = 0  # the pid that started it: a forked copy of this process starts its own
@@ -95,14 +101,16 @@ def _receive(stream: IO[bytes] | None) -> Any:
     return pickle.loads(_read_exactly(stream, size))
 
 
-def _speak_in_child(request: tuple) -> bytes:
-    """Fork; the child speaks `request` and writes its pickled reply to a pipe; returns the reply."""
+def _speak_in_child(request: tuple, timeout_s: float) -> bytes:
+    """Fork; the child speaks `request` and writes its pickled reply to a pipe; returns the reply (an error
+    reply if the child died, or was killed for running past `timeout_s`)."""
     from pipeline.phonemes import speak_here
 
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: speak once, reply, exit without running the parent's exit handlers
         os.close(read_end)
+        os.dup2(2, 1)  # anything espeak-ng prints goes to stderr, never into the helper's reply stream
         try:
             reply: tuple = ("ok", speak_here(*request))
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
@@ -111,13 +119,33 @@ def _speak_in_child(request: tuple) -> bytes:
             out.write(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
         os._exit(0)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as replies:
-        data = replies.read()
+    what = f"{request[0][:40]!r} ({request[1]})"
+    with os.fdopen(read_end, "rb", buffering=0) as replies:
+        data, finished = _read_until_closed(replies, timeout_s)
+    if not finished:
+        os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
-    if not data:
-        message = f"espeak-ng died speaking {request[0][:40]!r} ({request[1]}): wait status {status}"
+    if not finished:
+        message = f"espeak-ng was still speaking {what} after {timeout_s:g} s and was killed"
         return pickle.dumps(("error", "RuntimeError", message))
+    if not data:
+        return pickle.dumps(
+            ("error", "RuntimeError", f"espeak-ng died speaking {what}: wait status {status}")
+        )
     return data
+
+
+def _read_until_closed(stream: IO[bytes], timeout_s: float) -> tuple[bytes, bool]:
+    """(what `stream` held, whether its writer closed it within `timeout_s`)."""
+    data, deadline = bytearray(), time.monotonic() + timeout_s
+    while True:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return bytes(data), False
+        chunk = stream.read(1 << 16)
+        if not chunk:
+            return bytes(data), True
+        data += chunk
 
 
 def main() -> None:
@@ -125,13 +153,14 @@ def main() -> None:
     from pipeline.phonemes import _library
 
     _library()
+    timeout_s = float(os.environ.get("LIPSYNC_ESPEAK_TIMEOUT_S") or SPEAK_TIMEOUT_S)
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     while True:
         try:
             request = _receive(requests)
         except EOFError:
             return
-        data = _speak_in_child(request)
+        data = _speak_in_child(request, timeout_s)
         replies.write(_HEADER.pack(len(data)) + data)
         replies.flush()
 

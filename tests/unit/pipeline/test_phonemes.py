@@ -52,6 +52,22 @@ def test_a_killed_espeak_helper_is_replaced() -> None:
     assert np.array_equal(ph.synthesize("papa", "es").pcm, before.pcm)
 
 
+def test_a_synthesis_past_its_time_limit_is_killed_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung espeak-ng call must fail with a message, never leave its caller waiting."""
+    from pipeline import espeak_process
+
+    ph.synthesize("papa", "es")
+    espeak_process._stop_helper()  # the next call starts a helper that reads the limit below
+    monkeypatch.setenv("LIPSYNC_ESPEAK_TIMEOUT_S", "0.000001")
+    with pytest.raises(
+        RuntimeError, match=r"was still speaking 'papa papa' \(es\) after 1e-06 s and was killed"
+    ):
+        ph.synthesize("papa papa", "es")
+    espeak_process._stop_helper()
+    monkeypatch.delenv("LIPSYNC_ESPEAK_TIMEOUT_S")
+    assert len(ph.synthesize("papa", "es").pcm) > 0
+
+
 def test_timings_are_the_synthesisers_not_guessed() -> None:
     """Slower speech gives proportionally longer phonemes: the times follow espeak-ng's audio."""
     text = SENTENCES["en"][1]
