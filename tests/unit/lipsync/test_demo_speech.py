@@ -42,6 +42,23 @@ def test_new_speech_joins_the_configured_sentences_on_val_faces(tmp_path: Path) 
         assert len(pcm) / rate >= PostprocessConfig().min_seconds  # long enough to measure and correct
 
 
+def test_the_face_picked_does_not_depend_on_the_output_folder(tmp_path: Path) -> None:
+    """Clip ids hash absolute paths: ordering by them picked a different val face per output folder."""
+    from pipeline.corpus import input_id
+
+    cfg = load_config(DemoConfig, DEMO_CONFIG)
+    cfg = replace(cfg, synth=replace(cfg.synth, languages=["en"]), new_speech_sentences=1)
+    picked = []
+    for folder in ("demo_a", "demo_b", "demo_c", "demo_d"):
+        sources = [f"/work/{folder}/synth/en/{name}.mp4" for name in ("spk1_0", "spk2_0")]
+        rows = [{"clip_id": input_id(s), "language": "en", "split": "val", "source": s} for s in sources]
+        clips = tmp_path / f"{folder}.parquet"
+        pd.DataFrame(rows).to_parquet(clips)
+        pairs = new_speech_pairs(tmp_path, clips, tmp_path / folder, cfg)
+        picked.append(Path(next(csv.DictReader(pairs.open()))["video"]).name)
+    assert picked == ["spk1_0.mp4"] * 4
+
+
 def test_no_sentences_is_refused(tmp_path: Path) -> None:
     cfg = replace(load_config(DemoConfig, DEMO_CONFIG), new_speech_sentences=0)
     with pytest.raises(BadInput, match="new_speech_sentences"):
