@@ -22,7 +22,7 @@ from core.ray import (
     import_deferred,
 )
 from core.storage import is_remote
-from generation.blend import blend_i420, i420_to_rgb, mouth_mask
+from generation.blend import blend_i420, i420_to_rgb, mouth_mask, skin_weights
 from generation.config import PARTS_DIR, GenerateConfig
 from generation.rows import _HEAVY, pack, to_table, unpack
 from pipeline.landmarks import FaceMeshTracker, lip_shape, smooth_landmarks
@@ -119,7 +119,8 @@ class CompositeStage:
         generated, points = unpack(row["generated"]), unpack(row["points"])
         for k, t in enumerate(found):
             mask = mouth_mask(points[k], generated.shape[1], self.cfg.blend)
-            blend_i420(frames[t], generated[k], boxes[t], mask, self.cfg.blend)
+            skin = skin_weights(mask, points[k])
+            blend_i420(frames[t], generated[k], boxes[t], mask, self.cfg.blend, skin)
         return frames
 
     def measured(self, row: dict[str, Any]) -> bool:

@@ -28,6 +28,7 @@ from generation.blend import (
     mask_support,
     mouth_mask,
     paste_mouth,
+    skin_weights,
 )
 from generation.calibration import (
     Calibration,
@@ -183,6 +184,26 @@ def test_blend_changes_only_masked_pixels_and_matches_colour() -> None:
     assert not y_changed[:58].any() and not y_changed[:, :40].any() and not y_changed[:, 138:].any()
     after = i420_to_rgb(frame)[75:95, 75:100].astype(float).mean(axis=(0, 1))
     assert np.abs(after - rgb[75:95, 75:100].mean(axis=(0, 1))).max() < 30  # colour-matched, not red
+
+
+def test_colour_match_reads_the_skin_so_an_open_mouth_stays_dark() -> None:
+    """The source frame's mouth is closed, the generated one open: matched on the skin around the mouth,
+    the generated skin takes the source's tone and its mouth stays dark (whole-mask statistics brightened
+    it towards the source's closed mouth)."""
+    size = 96
+    points = _mouth_points(size)
+    skin_ref, skin_gen = (185, 140, 120), (150, 110, 95)
+    reference = np.full((size, size, 3), skin_ref, np.uint8)
+    cv2.line(reference, (36, 67), (60, 67), (60, 30, 30), 1)  # closed lips
+    generated = np.full((size, size, 3), skin_gen, np.uint8)
+    cv2.ellipse(generated, (48, 69), (12, 8), 0, 0, 360, (40, 20, 20), -1)  # an open mouth
+    inside = np.zeros((size, size), np.uint8)
+    cv2.ellipse(inside, (48, 69), (9, 5), 0, 0, 360, 1, -1)
+    mask = mouth_mask(points, size, BlendConfig(region="jaw"))
+    matched = color_match(generated, reference, mask, 1.5, skin_weights(mask, points))
+    cheek = matched[58:62, 12:20].reshape(-1, 3).mean(axis=0)
+    assert np.abs(cheek - skin_ref).max() < 4  # the skin matched
+    assert matched[inside.astype(bool)].mean() < 70  # the mouth still open: dark (generated: 27)
 
 
 def _reinhard_over_whole_crop(generated: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> np.ndarray:
