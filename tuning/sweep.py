@@ -308,6 +308,14 @@ def trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
 
+# Tune deletes a trial's older checkpoints as soon as a new one registers, but the sweep state that --resume
+# reads is saved (and copied to storage, in a background thread) a moment later. With one checkpoint kept, a
+# sweep killed in that moment resumed a trial from a checkpoint already deleted ("Could not recover from
+# checkpoint as it does not exist on storage anymore"). With two, the state still names one that exists
+# unless no save completed during a whole checkpoint interval (seconds of state_save_s, minutes of steps).
+TRIAL_CHECKPOINTS_KEPT = 2
+
+
 def new_tuner(cfg: SweepConfig, fn: Any, storage: str, max_concurrent: int) -> Any:
     """A Tuner writing under `storage`/sweep."""
     from ray import tune
@@ -328,7 +336,7 @@ def new_tuner(cfg: SweepConfig, fn: Any, storage: str, max_concurrent: int) -> A
         verbose=0,
         callbacks=[Progress(cfg.metric, total_trials(cfg))],
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=TRIAL_CHECKPOINTS_KEPT),
     )
     return tune.Tuner(fn, param_space=to_tune(cfg.space), tune_config=tune_config, run_config=run_config)
 
@@ -365,7 +373,7 @@ def Progress(metric: str, total: int) -> Any:  # noqa: N802 - a class made on de
 
 def tune_env(state_save_s: float) -> contextlib.AbstractContextManager[None]:
     """While the sweep runs: Tune saves its state (what --resume reads) every `state_save_s` seconds and
-    does not warn about it (a trial checkpoint also forces a save with num_to_keep=1)."""
+    does not warn about it (TRIAL_CHECKPOINTS_KEPT checkpoints of a trial also force a save)."""
     env = {
         "TUNE_GLOBAL_CHECKPOINT_S": str(state_save_s),
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",

@@ -289,6 +289,20 @@ def wait_until_one_finished_and_one_running(proc: subprocess.Popen, lines: Lines
     raise AssertionError("no trial finished in time:\n" + "".join(lines.lines[-30:]))
 
 
+def wait_until_state_saved_after(sweep: Path, moment: float, timeout: float) -> None:
+    """Until Tune has written the sweep state (what --resume reads) to storage after `moment`: a trial
+    that finished after the last save is rightly resumed from its final checkpoint, so the kill waits for
+    a save (every `state_save_s`, copied to storage in a background thread; a loaded 2-core machine
+    delayed it past a fixed 3 s wait)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        saved = [p.stat().st_mtime for p in sweep.glob("experiment_state*.json")]
+        if saved and max(saved) > moment:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{sweep}: no sweep state saved in {timeout} s")
+
+
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_trials(
     preprocessed_corpus: Path, tmp_path: Path
@@ -309,7 +323,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
     lines.start()
     try:
         wait_until_one_finished_and_one_running(first, lines, timeout=600)
-        time.sleep(3)  # the sweep state is saved every second
+        seen_at = time.time()
+        wait_until_state_saved_after(out / "sweep", seen_at + 0.5, timeout=60)
         assert first.poll() is None, "the sweep ended before it could be interrupted"
     finally:
         kill_session(first.pid)
@@ -327,8 +342,10 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
     table = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
     assert len(table) == 4 and (table["status"] == "TERMINATED").all()
     assert (table["steps_done"] == table["max_steps"]).all()
+    seen = "".join(lines.lines[-40:])  # what the first driver printed, for a failure's message
     for trial in finished:  # not run again
-        assert table.loc[trial, "runs"] == 1 and list(table.loc[trial, "start_steps"]) == [0]
+        starts = list(table.loc[trial, "start_steps"])
+        assert table.loc[trial, "runs"] == 1 and starts == [0], (trial, starts, seen, stderr[-3000:])
     for trial in running:  # continued from its checkpoint
         starts = list(table.loc[trial, "start_steps"])
         assert len(starts) == 2 and starts[0] == 0 and starts[1] > 0, (trial, starts)
