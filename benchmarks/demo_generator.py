@@ -1,15 +1,16 @@
 """What the demo's generator settings do to its outputs' sync figures, on a finished demo's own data.
 
 Takes the output folder of a finished `lipsync demo` (its preprocessed corpus, expert SyncNet, new-speech
-pairs and settings), retrains only the generator once per --mouth-weight value (the demo's other
-`wav2lip` settings unchanged, into --work), generates the same pairs and scores them as the demo does. Per
+pairs and settings), retrains only the generator once per --variant (a few of the demo's `wav2lip`
+settings changed, the rest as the demo's, into --work), generates the same pairs and scores them as the demo does. Per
 language it prints the figures the demo is judged on: the landmark AV offset and its confidence,
 openness–envelope r, viseme agreement (with bilabial closure and open-vowel opening, its two halves), next to
-the baseline's. Training is deterministic for a seed on CPU, so the default weight 0 gives back that demo's
+the baseline's. Training is deterministic for a seed on CPU, so the empty variant "-" gives back that demo's
 own generator.
 
 Usage: python benchmarks/demo_generator.py [DEMO_OUT (default demo_out)] [--config configs/demo.yaml]
-[--mouth-weight 0 2] [--work /tmp/demo_generator]. Writes benchmarks/results/demo_generator.json.
+[--variant - mouth_weight=2 steps=900,sync_weight=0.03] [--work /tmp/demo_generator].
+Writes benchmarks/results/demo_generator.json.
 Without a finished demo there is nothing to measure: it says so and exits 0 (`make demo` first).
 """
 
@@ -23,13 +24,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def retrain_and_score(demo: Path, config: str, mouth_weight: float, work: Path) -> dict[str, Any]:
-    """Retrain the generator with `mouth_weight`, generate the demo's pairs, score them; figures per row."""
+def parse_variant(text: str) -> dict[str, Any]:
+    """ "k=v,k=v" (values read as YAML) as a dict; "-" is no change."""
+    if text == "-":
+        return {}
+    pairs = (item.split("=", 1) for item in text.split(","))
+    return {key.strip(): yaml.safe_load(value) for key, value in pairs}
+
+
+def variant_name(changes: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in changes.items()) or "demo"
+
+
+def retrain_and_score(demo: Path, config: str, changes: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Retrain the generator with `changes`, generate the demo's pairs, score them; figures per row."""
     import pyarrow.parquet as pq
 
     from core.config import load_config
@@ -43,14 +58,14 @@ def retrain_and_score(demo: Path, config: str, mouth_weight: float, work: Path) 
     from training.wav2lip_job import run as train
 
     cfg = load_config(DemoConfig, config)
-    out = work / f"mouth_weight_{mouth_weight:g}"
+    out = work / variant_name(changes).replace("=", "_").replace(",", "-")
     found = latest_checkpoint(str(demo / "syncnet"), "syncnet")  # what the demo's generator trained with
     if found is None:
         raise BadInput(f"{demo}: no expert SyncNet checkpoint under syncnet/")
     expert = found[0]
     started = time.perf_counter()
     trained = train(
-        dataclasses.replace(cfg.wav2lip, mouth_weight=mouth_weight),
+        dataclasses.replace(cfg.wav2lip, **changes),
         str(demo / "preprocessed"),
         str(out / "wav2lip"),
         expert,
@@ -66,7 +81,7 @@ def retrain_and_score(demo: Path, config: str, mouth_weight: float, work: Path) 
         for r in table
     ]
     return {
-        "mouth_weight": mouth_weight,
+        "variant": variant_name(changes),
         "train_s": round(train_s, 1),
         "metrics": trained["metrics"],
         "rows": rows,
@@ -74,7 +89,7 @@ def retrain_and_score(demo: Path, config: str, mouth_weight: float, work: Path) 
 
 
 def show(run: dict[str, Any]) -> None:
-    print(f"\nmouth_weight {run['mouth_weight']:g}: generator trained in {run['train_s']:.0f} s")
+    print(f"\n{run['variant']}: generator trained in {run['train_s']:.0f} s")
     print("system        lang  offset  conf     r   viseme  closed  open")
     for r in sorted(run["rows"], key=lambda r: (r["language"], r["system"])):
         print(
@@ -90,7 +105,7 @@ def main() -> None:
     parser.add_argument(
         "--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     )
-    parser.add_argument("--mouth-weight", type=float, nargs="+", default=[0.0, 2.0])
+    parser.add_argument("--variant", nargs="+", default=["-", "mouth_weight=2"])
     parser.add_argument("--work", default="/tmp/demo_generator")
     args = parser.parse_args()
     demo = Path(args.demo)
@@ -102,7 +117,8 @@ def main() -> None:
     from core.ray import ensure_ray
 
     ensure_ray(None)
-    runs = [retrain_and_score(demo, args.config, w, Path(args.work)) for w in args.mouth_weight]
+    variants = [parse_variant(v) for v in args.variant]
+    runs = [retrain_and_score(demo, args.config, v, Path(args.work)) for v in variants]
     for run in runs:
         show(run)
     RESULTS.mkdir(exist_ok=True)
