@@ -2,11 +2,13 @@
 
 Takes the output folder of a finished `lipsync demo` (its preprocessed corpus, expert SyncNet, new-speech
 pairs and settings), retrains only the generator once per --variant (a few of the demo's `wav2lip`
-settings changed, the rest as the demo's, into --work), generates the same pairs and scores them as the demo does. Per
-language it prints the figures the demo is judged on: the landmark AV offset and its confidence,
-openness–envelope r, viseme agreement (with bilabial closure and open-vowel opening, its two halves), next to
-the baseline's. Training is deterministic for a seed on CPU, so the empty variant "-" gives back that demo's
-own generator.
+settings changed, the rest as the demo's, into --work), generates the same pairs and scores them as the
+demo does. Per language it prints the figures the demo is judged on: the landmark AV offset and its
+confidence, openness–envelope r, viseme agreement (with bilabial closure and open-vowel opening, its two
+halves), next to the baseline's. The empty variant "-" is the demo's own settings on the demo's own corpus:
+a 40-step expert trained twice into two folders from one corpus came out identical, but the same seed on
+a corpus made in another folder trains differently (clip ids hash absolute paths), so compare variants of
+one demo, not across demos.
 
 Usage: python benchmarks/demo_generator.py [DEMO_OUT (default demo_out)] [--config configs/demo.yaml]
 [--variant - mouth_weight=2 steps=900,sync_weight=0.03] [--work /tmp/demo_generator].

@@ -72,6 +72,7 @@ def mouth_mask(points: np.ndarray, size: int, cfg: BlendConfig) -> np.ndarray:
 
 MOUTH_AREA_SCALE = 1.25  # the colour statistics leave out the lips' box, this much wider than the lips
 MOUTH_AREA_DROP = 0.6  # and reaching this share of the lips-to-chin distance below the lips (an open jaw)
+MIN_SKIN_WEIGHT = 16.0  # pixels of skin below which the whole mask's statistics are used
 
 
 def skin_weights(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -79,8 +80,12 @@ def skin_weights(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
 
     Matched under the whole mask, an open generated mouth (dark inside) read as a darker face and was
     brightened towards the source frame's mouth, open or closed at that moment: the source's speech leaked
-    into the generated mouth's contrast (demo seed 0: openness-envelope r 0.30/0.49/0.66 for en/es/hi with
-    the whole mask, 0.35/0.54/0.65 without any colour match). `points` are MOUTH_POINTS in crop pixels.
+    into the generated mouth's contrast (demo seed 0's synth faces, one checkpoint: openness-envelope r
+    0.30/0.49/0.66 for en/es/hi with the whole mask, 0.35/0.54/0.65 without any colour match, 0.35/0.53/0.69
+    with the skin's; no real-video figure, as no trained full-size model exists here). On the 11 real dev
+    clips the skin left is 26-1155 pixels of a 96 px crop per frame (first 50 frames each), so the whole
+    mask's fallback (`MIN_SKIN_WEIGHT`) does not switch in and out from frame to frame. `points` are
+    MOUTH_POINTS in crop pixels.
     """
     lips, chin = points[: len(LIPS_POINTS), :2], points[-1, :2]
     if not np.isfinite(lips).all() or not np.isfinite(chin).all():
@@ -125,8 +130,7 @@ def color_match(
     crop's (Reinhard); `skin_weights` leaves the mouth out of them.
 
     Only the mask's support (see `mask_support`) is converted; pixels outside it keep their values. With
-    too little of `stats_mask` left (under a tenth of the mask's weight) the whole mask's statistics are
-    used.
+    under `MIN_SKIN_WEIGHT` pixels of `stats_mask` the whole mask's statistics are used.
     """
     support = mask_support(mask)
     weights = mask[support].reshape(-1) if support else None
@@ -134,7 +138,7 @@ def color_match(
         return generated
     if stats_mask is not None:
         skin = stats_mask[support].reshape(-1)
-        weights = skin if skin.sum() >= max(1.0, 0.1 * weights.sum()) else weights
+        weights = skin if skin.sum() >= MIN_SKIN_WEIGHT else weights
     w = weights / weights.sum()
     region = generated[support]
     lab_g, lab_r = _lab(region).reshape(-1, 3), _lab(reference[support]).reshape(-1, 3)

@@ -90,8 +90,8 @@ def new_speech_pairs(corpus: Path, clips_parquet: Path, out: Path, cfg: DemoConf
     rows = []
     rng = np.random.default_rng(cfg.new_speech_seed)
     for language in cfg.synth.languages:
-        mine = clips[clips["language"] == language].sort_values(["source", "clip_id"])  # not the hash alone:
-        # clip ids hash absolute paths, so the face picked depended on the output folder's name
+        # by path: clip ids hash absolute paths, so ordering by id made the face depend on the output folder
+        mine = clips[clips["language"] == language].sort_values(["source", "clip_id"])
         preferred = mine[mine["split"] == "val"] if (mine["split"] == "val").any() else mine
         for i, source in enumerate(preferred["source"].drop_duplicates().head(cfg.pairs_per_language)):
             sentences = SENTENCES[language]

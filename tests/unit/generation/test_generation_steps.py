@@ -206,6 +206,21 @@ def test_colour_match_reads_the_skin_so_an_open_mouth_stays_dark() -> None:
     assert matched[inside.astype(bool)].mean() < 70  # the mouth still open: dark (generated: 27)
 
 
+def test_a_little_skin_is_still_what_the_colour_match_reads() -> None:
+    """A strip of skin a few per cent of the mask (real faces leave 26 pixels and up) still sets the tone:
+    switching to whole-mask statistics on frames with little skin would make the colour flicker."""
+    skin_ref, skin_gen = np.array([185, 140, 120]), np.array([150, 110, 95])
+    reference = np.full((96, 96, 3), skin_ref, np.uint8)
+    generated = np.full((96, 96, 3), skin_gen, np.uint8)
+    generated[60:90, 20:76] = (40, 20, 20)  # an open mouth filling most of the mask
+    mask = np.zeros((96, 96), np.float32)
+    mask[56:92, 16:80] = 1.0
+    skin = np.zeros_like(mask)
+    skin[56:58, 16:28] = 1.0  # 24 pixels: about 1 % of the mask
+    matched = color_match(generated, reference, mask, 1.5, skin)
+    assert np.abs(matched[56:58, 16:28].reshape(-1, 3).mean(axis=0) - skin_ref).max() < 4
+
+
 def _reinhard_over_whole_crop(generated: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The colour match written plainly: LAB mean/std under the mask, every pixel of the crop moved."""
     lab_g = cv2.cvtColor(generated.astype(np.float32) / 255, cv2.COLOR_RGB2LAB)
