@@ -67,9 +67,10 @@ def output_hash(cfg: PreprocessConfig) -> str:
     return hashlib.sha256(f"{settings}/crops{CROP_GEOMETRY}".encode()).hexdigest()[:16]
 
 
-def clip_id_of(source: str, start: int, end: int) -> str:
-    """Stable clip id: hash of the source URI and the segment's frame range."""
-    return hashlib.sha1(f"{source}#{start}-{end}".encode()).hexdigest()[:16]
+def clip_id_of(input_id: str, start: int, end: int) -> str:
+    """Stable clip id: hash of its input's id (pipeline.corpus: the path within the corpus) and the
+    segment's frame range."""
+    return hashlib.sha1(f"{input_id}#{start}-{end}".encode()).hexdigest()[:16]
 
 
 def _reject_row(
@@ -240,7 +241,7 @@ class ClipPreprocessor:
         except ItemFailure as rej:
             rejects.append(_reject_row(row, rej.stage, rej.reason, rej.message, (start, end)))
             return
-        clip_id = clip_id_of(row["video"], start, end)
+        clip_id = clip_id_of(row["input_id"], start, end)
         mel = audio_features.melspectrogram(seg_pcm)
         meta = {
             "clip_id": clip_id,

@@ -1,7 +1,10 @@
 """Corpus inputs: a directory (local or s3://) scanned recursively, or a manifest (CSV, JSONL, Parquet).
 
 Every input becomes one dict with DESIGN.md's manifest columns, an absolute `video` URI and a stable
-`input_id` (hash of the source URI). Extra manifest columns are kept as a JSON string in `extra`.
+`input_id`: a hash of the video's path *within the corpus* (relative to the scanned directory or to the
+manifest's folder; the whole URI only for a video outside it), so the same corpus gets the same ids wherever
+it lies (another output folder, a copy on S3) and a seeded training on it draws the same windows. Extra
+manifest columns are kept as a JSON string in `extra`.
 """
 
 from __future__ import annotations
@@ -22,13 +25,19 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".m
 OPTIONAL_COLUMNS = ("audio", "language", "speaker", "transcript", "accent", "emotion", "split")
 
 
-def input_id(uri: str) -> str:
-    """Stable id of a source file: a hash of its URI."""
-    return hashlib.sha1(uri.encode()).hexdigest()[:16]
+def input_id(key: str) -> str:
+    """Stable id of a source file: a hash of its key (its path within the corpus, or a URI)."""
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
-def _row(video: str, **fields: Any) -> dict[str, Any]:
-    row = {"video": video, "input_id": input_id(video), "extra": "{}"}
+def corpus_key(video: str, base: str) -> str:
+    """`video`'s path relative to the corpus folder `base` when it lies under it, else the whole URI."""
+    prefix = base.rstrip("/") + "/"
+    return video[len(prefix) :] if video.startswith(prefix) else video
+
+
+def _row(video: str, key: str, **fields: Any) -> dict[str, Any]:
+    row = {"video": video, "input_id": input_id(key), "extra": "{}"}
     for col in OPTIONAL_COLUMNS:
         value = fields.get(col)
         row[col] = "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
@@ -46,7 +55,7 @@ def _scan_directory(root: str) -> list[dict[str, Any]]:
         relative = posixpath.relpath(path, base)
         parts = relative.split("/")
         language, speaker = (parts[-3], parts[-2]) if len(parts) >= 3 else ("und", "")
-        rows.append(_row(prefix + path if prefix else path, language=language, speaker=speaker))
+        rows.append(_row(prefix + path if prefix else path, relative, language=language, speaker=speaker))
     return rows
 
 
@@ -66,7 +75,8 @@ def _from_manifest(uri: str) -> list[dict[str, Any]]:
         fields = {k: record.get(k) for k in OPTIONAL_COLUMNS}
         if fields.get("audio"):
             fields["audio"] = join_uri(base, str(fields["audio"]))
-        row = _row(join_uri(base, video), **fields)
+        uri = join_uri(base, video)
+        row = _row(uri, corpus_key(uri, base), **fields)
         extra = {k: v for k, v in record.items() if k not in known and v is not None and v == v}
         row["extra"] = json.dumps(extra, sort_keys=True, default=str)
         rows.append(row)
@@ -89,7 +99,7 @@ def discover(source: str) -> list[dict[str, Any]]:
         else:
             rows = _scan_directory(source)
     elif fs.exists(path) and source.lower().endswith(VIDEO_EXTENSIONS):
-        rows = [_row(source)]
+        rows = [_row(source, posixpath.basename(source))]
     else:
         raise BadInput(
             f"input {source} is neither a directory, a manifest (.csv/.jsonl/.parquet) nor a video"

@@ -2,7 +2,7 @@
 
 Inputs stream through an actor pool of `ClipPreprocessor`s (one input per batch). Each actor writes the
 input's shard and then, last and atomically, its completion record `_state/<input_id>.json`. A re-run
-skips inputs whose record exists with the same config hash, so a killed driver or worker loses nothing and
+skips inputs whose record exists with the same config hash and source file, so a killed driver or worker loses nothing and
 duplicates nothing; an input whose ffmpeg/ffprobe was killed by a signal on every attempt is run again.
 The driver then folds the records into `clips.parquet` (speaker-disjoint split), `rejects.parquet` and
 `summary.json`.
@@ -55,15 +55,18 @@ def _validate(cfg: PreprocessConfig) -> None:
     cfg.resources.validate()
 
 
-def finished_inputs(store: Store, cfg_hash: str, wanted: set[str]) -> dict[str, dict[str, Any]]:
-    """Completion records of inputs already processed with this config."""
+def finished_inputs(store: Store, cfg_hash: str, inputs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Completion records of `inputs` already processed with this config, from the same source file (an
+    input id is a path within the corpus: another corpus with the same layout, or the same corpus moved,
+    written to the same output is processed again)."""
+    wanted = {r["input_id"]: r["video"] for r in inputs}
     done = {}
     for name in store.listdir(STATE_DIR, ".json"):
         input_id = name[: -len(".json")]
         if input_id not in wanted:
             continue
         record = store.read_json(f"{STATE_DIR}/{name}")
-        if record.get("config_hash") == cfg_hash:
+        if record.get("config_hash") == cfg_hash and record.get("source") == wanted[input_id]:
             done[input_id] = record
     return done
 
@@ -74,7 +77,7 @@ def to_process(
     """(inputs to process, records of those done). An input whose ffmpeg/ffprobe, or whose worker, was killed
     on every attempt has a record (its `tool_killed` or `worker_died` reject is reported) but was never
     judged: run it again."""
-    records = finished_inputs(store, cfg_hash, {r["input_id"] for r in inputs})
+    records = finished_inputs(store, cfg_hash, inputs)
     unjudged = (TOOL_KILLED, WORKER_DIED)
     done = {k: r for k, r in records.items() if not any(x["reason"] in unjudged for x in r["rejects"])}
     return [r for r in inputs if r["input_id"] not in done], done
@@ -238,7 +241,7 @@ def run(cfg: PreprocessConfig, source: str, out: str, address: str | None = None
     span = max((s["finished_at"] for s in status), default=0.0) - min(
         (s["started_at"] for s in status), default=0.0
     )
-    records = finished_inputs(store, cfg_hash, {r["input_id"] for r in inputs})
+    records = finished_inputs(store, cfg_hash, inputs)
     missing = [r["video"] for r in inputs if r["input_id"] not in records]
     if missing:
         raise RuntimeError(f"{len(missing)} inputs have no completion record, e.g. {missing[0]}")
