@@ -15,6 +15,7 @@ from pipeline.media.encoding import resolve_stabiliser
 from pipeline.meters import MeterConfig, build_meter
 
 PARTS_DIR = "_parts"
+REFERENCE_MODES = ("same", "shifted")
 
 
 WORK_DIR = "_work"
@@ -87,6 +88,10 @@ class GenerateConfig:
     chunk_seconds: float = 2.0  # output frames per row
     track_max_side: int = 720  # frames are tracked and cropped at most this large (longer side)
     extension: str = "pingpong"  # audio longer than the video: pingpong | loop | freeze
+    # The generator's reference input. same: each frame itself (the reference's inference); shifted: a frame
+    # about half a chunk away in the same shot, as in training, where the reference window is never the
+    # target's, so the source's own mouth (open or closed with the *source's* speech) is not copied.
+    reference: str = "same"
     calibration: str | None = None  # JSON of per-language/speaker mel offsets (generation/calibration.py)
     landmarker_model: str | None = None  # a face_landmarker.task; default: mediapipe's bundled FaceMesh
     scene_cut_threshold: float = 0.15  # a shot cut restarts tracking: as preprocessing's (PreprocessConfig)
@@ -101,6 +106,8 @@ def validate(cfg: GenerateConfig) -> None:
     """BadInput naming the first bad setting."""
     if cfg.blend.region not in BLEND_REGIONS:
         raise BadInput(f"blend.region must be one of {', '.join(BLEND_REGIONS)}, not {cfg.blend.region!r}")
+    if cfg.reference not in REFERENCE_MODES:
+        raise BadInput(f"reference must be one of {', '.join(REFERENCE_MODES)}, not {cfg.reference!r}")
     if cfg.extension not in EXTENSION_MODES:
         raise BadInput(f"extension must be one of {', '.join(EXTENSION_MODES)}, not {cfg.extension!r}")
     if cfg.model.device not in ("auto", "cpu", "cuda"):

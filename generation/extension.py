@@ -1,5 +1,5 @@
-"""Extension: which source frame shows at each output frame when the audio outlasts the video
-(ping-pong by default, loop or freeze); shorter audio simply trims."""
+"""Which source frames a chunk uses: at each output frame when the audio outlasts the video (extension:
+ping-pong by default, loop or freeze; shorter audio simply trims), and as each face crop's reference."""
 
 from __future__ import annotations
 
@@ -38,3 +38,20 @@ def fit_length(pcm: np.ndarray, n_samples: int) -> np.ndarray:
     if len(pcm) >= n_samples:
         return pcm[:n_samples]
     return np.concatenate([pcm, np.zeros(n_samples - len(pcm), pcm.dtype)])
+
+
+def reference_positions(source_index: np.ndarray, cuts: list[int], mode: str = "same") -> np.ndarray:
+    """For each face crop of a chunk (their source frames `source_index`, in order), the position of the
+    crop the generator gets as its reference. same: itself. shifted: within each run of crops from one shot
+    (`cuts`: source frames that start a shot), the crop half the run away, wrapping around, so consecutive
+    frames get consecutive references and none comes from another shot."""
+    n = len(source_index)
+    positions = np.arange(n)
+    if mode == "same" or n < 2:
+        return positions
+    shot = np.searchsorted(np.asarray(sorted(cuts), np.int64), source_index, side="right")
+    starts = np.flatnonzero(np.r_[True, shot[1:] != shot[:-1]])
+    for a, b in zip(starts, np.r_[starts[1:], n], strict=True):
+        length = b - a
+        positions[a:b] = a + (np.arange(length) + length // 2) % length
+    return positions

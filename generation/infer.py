@@ -36,41 +36,62 @@ class GenerateStage:
         if live:
             crops = np.concatenate([unpack(r["crops"]) for r in live])
             mels = np.concatenate([unpack(r["mels"]) for r in live])
-            generated = self.infer(crops, mels)
+            generated = self.infer(crops, mels, np.concatenate([references(r) for r in live]))
             bounds = np.cumsum([0] + [r["faces"] for r in live])
             for r, a, b in zip(live, bounds[:-1], bounds[1:], strict=True):
                 r["generated"] = pack(generated[a:b])
         share = (time.perf_counter() - started) / max(1, len(rows))
         for r in rows:
-            r["crops"] = r["mels"] = b""
+            r["crops"] = r["mels"] = r["references"] = b""
             r["seconds"] += share
         return to_table(rows)
 
-    def infer(self, crops: np.ndarray, mels: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) RGB crops + (N, 80, 16) mels -> (N, S, S, 3) RGB generated crops (uint8)."""
+    def infer(self, crops: np.ndarray, mels: np.ndarray, references: np.ndarray | None = None) -> np.ndarray:
+        """(N, S, S, 3) RGB crops + (N, 80, 16) mels (+ each crop's reference crop; None: itself) ->
+        (N, S, S, 3) RGB generated crops (uint8)."""
         half = self.cfg.half and self.device == "cuda"
-        return generate_crops(self.model, crops, mels, self.cfg.batch_size, self.device, half)
+        return generate_crops(self.model, crops, mels, self.cfg.batch_size, self.device, half, references)
+
+
+def references(row: dict[str, Any]) -> np.ndarray:
+    """A chunk row's reference crop for each of its face crops (generation.extension.reference_positions)."""
+    crops = unpack(row["crops"])
+    return crops[unpack(row["references"])] if row["references"] else crops
+
+
+def _tensor(frames: np.ndarray, device: str) -> Any:
+    """RGB uint8 (N, S, S, 3) -> BGR float (N, 3, S, S) in [0, 1], as the models see faces."""
+    import torch
+
+    bgr = np.ascontiguousarray(frames[..., ::-1])
+    return torch.from_numpy(bgr).to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def generate_crops(
-    model: Any, crops: np.ndarray, mels: np.ndarray, batch_size: int, device: str = "cpu", half: bool = False
+    model: Any,
+    crops: np.ndarray,
+    mels: np.ndarray,
+    batch_size: int,
+    device: str = "cpu",
+    half: bool = False,
+    references: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The generator on face crops: each crop's lower half masked, the same crop unmasked as the reference
-    (as the reference's inference does), one mel window per crop. RGB uint8 in and out (models see BGR)."""
+    """The generator on face crops: each crop's lower half masked, beside its reference crop unmasked (None:
+    the crop itself, as the reference's inference does), one mel window per crop. RGB uint8 in and out."""
     import torch
 
     out = np.empty_like(crops)
     lower = crops.shape[1] // 2
     for i in range(0, len(crops), batch_size):
-        bgr = np.ascontiguousarray(crops[i : i + batch_size, ..., ::-1])
-        x = torch.from_numpy(bgr).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        x = _tensor(crops[i : i + batch_size], device)
         masked = x.clone()
         masked[:, :, lower:] = 0.0
+        reference = x if references is None else _tensor(references[i : i + batch_size], device)
         audio = torch.from_numpy(mels[i : i + batch_size]).to(device).unsqueeze(1)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=half):
-            y = model(audio, torch.cat([masked, x], dim=1))
+            y = model(audio, torch.cat([masked, reference], dim=1))
             y = (y.float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)
-        out[i : i + len(bgr)] = y.cpu().numpy()[..., ::-1]
+        out[i : i + len(x)] = y.cpu().numpy()[..., ::-1]
     return out
 
 

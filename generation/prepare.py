@@ -24,7 +24,7 @@ from core.storage import is_remote
 from generation.blend import MOUTH_POINTS
 from generation.calibration import Calibration
 from generation.config import WORK_DIR, GenerateConfig
-from generation.extension import frames_for_audio, source_indices
+from generation.extension import frames_for_audio, reference_positions, source_indices
 from generation.rows import failure_row, new_row, pack, to_table
 from pipeline.audio import SAMPLE_RATE, mel_windows, melspectrogram
 from pipeline.crops import crop_boxes, crop_faces, landmarks_in_crop
@@ -141,6 +141,7 @@ class PairPlan:
     mel: np.ndarray
     mel_offset: int
     n_source: int = 0
+    cuts: list[int] = field(default_factory=list)  # source frames that start a shot (filled while tracking)
 
 
 @dataclass
@@ -253,6 +254,7 @@ class PrepareStage:
         """The source decoded once in order, tracked with look-ahead smoothing, cut at n_out frames."""
         cuts = (self.cfg.scene_cut_threshold, self.cfg.scene_cut_content_threshold)
         stream = FaceStream(self.tracker, plan.fps, cut_thresholds=cuts)
+        plan.cuts = stream.cuts  # the same list: the extension's references see every cut found
         chunk = max(8, round(self.cfg.chunk_seconds * plan.fps))
         frames_iter = iter_frames(plan.local, fps=plan.fps, chunk=chunk, size=plan.track_size, info=plan.info)
         ended = True
@@ -325,4 +327,7 @@ class PrepareStage:
             boxes=pack((boxes / plan.scale).astype(np.float32)),
             points=pack(points[found].astype(np.float32)),
             source_index=pack(index.astype(np.int32)),
+            references=pack(
+                reference_positions(index[found], plan.cuts, self.cfg.reference).astype(np.int32)
+            ),
         )

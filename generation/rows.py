@@ -31,6 +31,10 @@ ROW_SCHEMA = pa.schema(
         ("boxes", pa.binary()),
         ("points", pa.binary()),
         ("source_index", pa.binary()),
+        (
+            "references",
+            pa.binary(),
+        ),  # per face crop, the position of the crop the generator is shown as reference
         ("generated", pa.binary()),
         ("lips", pa.binary()),  # the output's lip shape per frame (pipeline.landmarks.lip_shape)
         ("part", pa.string()),  # the chunk's encoded file
@@ -38,7 +42,7 @@ ROW_SCHEMA = pa.schema(
 )
 
 
-_HEAVY = ("crops", "mels", "boxes", "points", "source_index", "generated")
+_HEAVY = ("crops", "mels", "boxes", "points", "source_index", "references", "generated")
 
 
 def pack(array: np.ndarray) -> bytes:

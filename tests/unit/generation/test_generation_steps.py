@@ -39,7 +39,7 @@ from generation.calibration import (
 from generation.config import GenerateConfig, PostprocessConfig
 from generation.config import validate as validate_generate
 from generation.correction import correct_offset
-from generation.extension import source_indices
+from generation.extension import reference_positions, source_indices
 from generation.pairs import read_pairs
 from pipeline.media import MediaError, iter_frames, probe
 from pipeline.media.decoding import (
@@ -60,6 +60,24 @@ def test_source_indices_pingpong_loop_freeze() -> None:
     assert source_indices(0, 3, 1).tolist() == [0, 0, 0]
     with pytest.raises(ValueError):
         source_indices(0, 3, 4, "bounce")
+
+
+def test_a_shifted_reference_is_another_frame_of_the_same_shot() -> None:
+    """The generator's reference is never the frame it paints (in training it never is either), comes from
+    the same shot, and moves on with the frames (no jumps but one wrap per run)."""
+    frames = np.arange(100, 125)  # source frames of a chunk's face crops; a shot starts at 112
+    same = reference_positions(frames, [0, 112], "same")
+    assert same.tolist() == list(range(len(frames)))
+    shifted = reference_positions(frames, [0, 112], "shifted")
+    assert (shifted != same).all()
+    shot = frames >= 112
+    assert (shot[shifted] == shot).all()  # nothing crosses the cut
+    for run in (np.flatnonzero(~shot), np.flatnonzero(shot)):
+        gaps = np.abs(frames[shifted[run]] - frames[run])
+        assert gaps.min() >= len(run) // 2 and (np.diff(shifted[run]) != 1).sum() == 1
+    assert reference_positions(np.array([7]), [], "shifted").tolist() == [0]  # alone in its shot: itself
+    pingpong = source_indices(0, 12, 5)  # 0 1 2 3 4 3 2 1 0 1 2 3
+    assert (reference_positions(pingpong, [0], "shifted") != np.arange(12)).all()
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +182,12 @@ def test_jaw_region_reaches_below_the_chin_and_stays_in_the_lower_half() -> None
     assert jaw[:48].max() == 0.0 and jaw[:, [0, -1]].max() < 0.05  # faded out at the crop's sides
 
 
-def test_an_unknown_blend_region_is_refused() -> None:
+def test_an_unknown_blend_region_or_reference_is_refused() -> None:
     cfg = replace(GenerateConfig(), blend=BlendConfig(region="face"))
     with pytest.raises(BadInput, match="blend.region"):
         validate_generate(cfg)
+    with pytest.raises(BadInput, match="reference must be one of same, shifted"):
+        validate_generate(replace(GenerateConfig(), reference="random"))
 
 
 def test_blend_changes_only_masked_pixels_and_matches_colour() -> None:

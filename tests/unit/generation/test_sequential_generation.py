@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from support.tools import ffmpeg_cli
@@ -52,3 +53,33 @@ def test_prepare_infer_composite_finalize_in_one_process(
     audio = probe(str(speech), require_video=False)
     assert info.has_audio and abs(info.duration_s - audio.duration_s) < 0.1  # the new audio sets the length
     assert info.n_frames == row["frames"] == chunks[0]["n_out"]
+
+
+def test_the_generator_is_shown_the_configured_reference(
+    synth_corpus: Path, random_generator: str, tmp_path: Path
+) -> None:
+    """reference: same shows the generator each crop itself; shifted, another crop of the same chunk. The
+    generator's output depends on which (so a leak of the source's own mouth through it is a setting)."""
+    from generation.rows import unpack
+
+    manifest = pd.read_csv(synth_corpus / "manifest.csv")
+    face = synth_corpus / manifest["video"][0]
+    speech = tmp_path / "speech.wav"
+    ffmpeg_cli("-i", str(face), "-vn", "-t", "0.8", str(speech))
+    (tmp_path / "pairs.csv").write_text(f"id,video,audio,language\none,{face},{speech},en\n")
+    pairs = read_pairs(str(tmp_path / "pairs.csv"))
+    generated = {}
+    for mode in ("same", "shifted"):
+        cfg = GenerateConfig(chunk_seconds=0.4, reference=mode, post=PostprocessConfig(measure_offset=False))
+        specs = stage_specs(cfg, pairs, str(tmp_path / mode), random_generator, 96)
+        prepared = run_sequential(specs[:1], pairs, batch_format="pyarrow")
+        for row in prepared:
+            positions = unpack(row["references"])
+            assert len(positions) == row["faces"] == 10
+            assert (positions == range(10)).all() == (mode == "same")
+        chunks = run_sequential(specs[:2], pairs, batch_format="pyarrow")
+        generated[mode] = np.concatenate([unpack(c["generated"]) for c in chunks])
+    assert generated["same"].shape == generated["shifted"].shape
+    assert (
+        generated["same"] != generated["shifted"]
+    ).any()  # inference is deterministic: only the reference differs
