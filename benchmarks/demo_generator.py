@@ -6,9 +6,8 @@ settings changed, the rest as the demo's, into --work), generates the same pairs
 demo does. Per language it prints the figures the demo is judged on: the landmark AV offset and its
 confidence, openness–envelope r, viseme agreement (with bilabial closure and open-vowel opening, its two
 halves), next to the baseline's. The empty variant "-" is the demo's own settings on the demo's own corpus:
-a 40-step expert trained twice into two folders from one corpus came out identical, but the same seed on
-a corpus made in another folder trains differently (clip ids hash absolute paths), so compare variants of
-one demo, not across demos.
+a one-worker training is repeatable (clip ids hash paths within the corpus, the window stream keeps its
+seeded order), so "-" retrains the demo's own generator.
 
 Usage: python benchmarks/demo_generator.py [DEMO_OUT (default demo_out)] [--config configs/demo.yaml]
 [--variant - mouth_weight=2 steps=900,sync_weight=0.03] [--work /tmp/demo_generator].
