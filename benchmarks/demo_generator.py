@@ -7,7 +7,8 @@ demo does. Per language it prints the figures the demo is judged on: the landmar
 confidence, openness–envelope r, viseme agreement (with bilabial closure and open-vowel opening, its two
 halves), next to the baseline's. The empty variant "-" is the demo's own settings on the demo's own corpus:
 a one-worker training is repeatable (clip ids hash paths within the corpus, the window stream keeps its
-seeded order), so "-" retrains the demo's own generator.
+seeded order; two runs of the demo's expert ended identical), so "-" should retrain the demo's own
+generator when the demo ran on the same code.
 
 Usage: python benchmarks/demo_generator.py [DEMO_OUT (default demo_out)] [--config configs/demo.yaml]
 [--variant - mouth_weight=2 steps=900,sync_weight=0.03] [--work /tmp/demo_generator].
