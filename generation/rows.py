@@ -31,10 +31,8 @@ ROW_SCHEMA = pa.schema(
         ("boxes", pa.binary()),
         ("points", pa.binary()),
         ("source_index", pa.binary()),
-        (
-            "references",
-            pa.binary(),
-        ),  # per face crop, the position of the crop the generator is shown as reference
+        # per face crop, the position (among the chunk's crops) of the crop shown to the generator as reference
+        ("references", pa.binary()),
         ("generated", pa.binary()),
         ("lips", pa.binary()),  # the output's lip shape per frame (pipeline.landmarks.lip_shape)
         ("part", pa.string()),  # the chunk's encoded file

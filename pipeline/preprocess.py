@@ -2,8 +2,9 @@
 
 Inputs stream through an actor pool of `ClipPreprocessor`s (one input per batch). Each actor writes the
 input's shard and then, last and atomically, its completion record `_state/<input_id>.json`. A re-run
-skips inputs whose record exists with the same config hash and source file, so a killed driver or worker loses nothing and
-duplicates nothing; an input whose ffmpeg/ffprobe was killed by a signal on every attempt is run again.
+skips inputs whose record exists with the same config hash and source file, so a killed driver or worker
+loses nothing and duplicates nothing; an input whose ffmpeg/ffprobe was killed by a signal on every attempt
+is run again.
 The driver then folds the records into `clips.parquet` (speaker-disjoint split), `rejects.parquet` and
 `summary.json`.
 """
