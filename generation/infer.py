@@ -36,8 +36,8 @@ class GenerateStage:
         if live:
             crops = np.concatenate([unpack(r["crops"]) for r in live])
             mels = np.concatenate([unpack(r["mels"]) for r in live])
-            generated = self.infer(crops, mels, np.concatenate([references(r) for r in live]))
             bounds = np.cumsum([0] + [r["faces"] for r in live])
+            generated = self.infer(crops, mels, reference_crops(live, bounds, crops))
             for r, a, b in zip(live, bounds[:-1], bounds[1:], strict=True):
                 r["generated"] = pack(generated[a:b])
         share = (time.perf_counter() - started) / max(1, len(rows))
@@ -53,10 +53,17 @@ class GenerateStage:
         return generate_crops(self.model, crops, mels, self.cfg.batch_size, self.device, half, references)
 
 
-def references(row: dict[str, Any]) -> np.ndarray:
-    """A chunk row's reference crop for each of its face crops (generation.extension.reference_positions)."""
-    crops = unpack(row["crops"])
-    return crops[unpack(row["references"])] if row["references"] else crops
+def reference_crops(rows: list[dict[str, Any]], bounds: np.ndarray, crops: np.ndarray) -> np.ndarray | None:
+    """Each face crop's reference crop (`crops`: the rows' crops in order, row i's from bounds[i]; positions
+    from generation.extension.reference_positions), or None when every crop is its own reference: the
+    default path then converts each batch to a tensor once, as before."""
+    positions = np.concatenate(
+        [
+            (unpack(r["references"]) if r["references"] else np.arange(r["faces"])) + start
+            for r, start in zip(rows, bounds[:-1], strict=True)
+        ]
+    )
+    return None if (positions == np.arange(len(crops))).all() else crops[positions]
 
 
 def _tensor(frames: np.ndarray, device: str) -> Any:

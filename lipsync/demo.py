@@ -90,7 +90,7 @@ def new_speech_pairs(corpus: Path, clips_parquet: Path, out: Path, cfg: DemoConf
     rows = []
     rng = np.random.default_rng(cfg.new_speech_seed)
     for language in cfg.synth.languages:
-        # by path: clip ids hash absolute paths, so ordering by id made the face depend on the output folder
+        # the first val source by path: the face is chosen by what the corpus holds, not by an id's hash
         mine = clips[clips["language"] == language].sort_values(["source", "clip_id"])
         preferred = mine[mine["split"] == "val"] if (mine["split"] == "val").any() else mine
         for i, source in enumerate(preferred["source"].drop_duplicates().head(cfg.pairs_per_language)):

@@ -80,6 +80,5 @@ def test_the_generator_is_shown_the_configured_reference(
         chunks = run_sequential(specs[:2], pairs, batch_format="pyarrow")
         generated[mode] = np.concatenate([unpack(c["generated"]) for c in chunks])
     assert generated["same"].shape == generated["shifted"].shape
-    assert (
-        generated["same"] != generated["shifted"]
-    ).any()  # inference is deterministic: only the reference differs
+    # inference is deterministic: only the reference differs
+    assert (generated["same"] != generated["shifted"]).any()
