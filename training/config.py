@@ -15,7 +15,7 @@ from core.errors import BadInput
 from training.augment import AugmentConfig
 from training.balance import FocusConfig, check_balance
 from training.data import DataSelection, WindowConfig
-from training.optim import OPTIMIZERS
+from training.optim import LR_SCHEDULES, OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class TrainConfig:
     steps: int = 100_000
     batch_size: int = 64  # global: split evenly over the workers
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # "constant" (the reference) or "cosine" (down to 0 at the last step)
     optimizer: str = "adam"  # "adam" (the reference) or "sgd" (momentum 0.9)
     img_size: int = 96
     width: float = 1.0  # channel multiplier of the trained model(s) (1.0: the reference; 0.25: a quarter)
@@ -120,6 +121,8 @@ def validate(cfg: TrainConfig) -> None:
     check_balance(cfg.balance, cfg.balance_strength, cfg.focus)
     if cfg.optimizer not in OPTIMIZERS:
         raise BadInput(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise BadInput(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {cfg.lr_schedule!r}")
     cfg.validate_own()
 
 

@@ -81,13 +81,19 @@ class MetricsLog:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        print(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), file=sys.stderr)
+        print(f"step {step}: " + " ".join(f"{k}={shown(v)}" for k, v in metrics.items()), file=sys.stderr)
         if self.client is not None:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
             batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
             self.client.log_batch(self.run_id, metrics=batch)
+
+
+def shown(value: float) -> str:
+    """A metric as the progress lines print it: 4 decimals, or 3 significant digits below 0.001 (a learning
+    rate)."""
+    return f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
 
 
 class Follower(threading.Thread):
@@ -105,8 +111,8 @@ class Follower(threading.Thread):
                 metrics = self.client.get_run(self.run_id).data.metrics
                 if metrics.get("step") != self.last_step and "step" in metrics:
                     self.last_step = metrics["step"]
-                    shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k != "step")
-                    print(f"train step {int(metrics['step'])}: {shown}", file=sys.stderr)
+                    line = " ".join(f"{k}={shown(v)}" for k, v in sorted(metrics.items()) if k != "step")
+                    print(f"train step {int(metrics['step'])}: {line}", file=sys.stderr)
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -18,6 +18,7 @@ from torch import nn
 from core.config import config_hash, to_dict
 from models.checkpoint import checkpoint_payload
 from training.devices import seed_everything, worker_amp
+from training.optim import lr_factor, set_lr
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -75,6 +76,18 @@ class Recipe:
         raise NotImplementedError
 
     # -- training and evaluation
+    def optimizers(self) -> list[tuple[torch.optim.Optimizer, float]]:
+        """Each optimiser with the learning rate its config gives it."""
+        raise NotImplementedError
+
+    def schedule(self, step: int) -> float:
+        """Set each optimiser's learning rate for step `step` (0-based) under cfg.lr_schedule; the factor.
+        Every driver calls it before `step`."""
+        factor = lr_factor(self.cfg.lr_schedule, step, self.cfg.steps)
+        for optimizer, lr in self.optimizers():
+            set_lr(optimizer, lr * factor)
+        return factor
+
     def step(self, batch: Batch) -> dict[str, float]:
         """One optimiser step (per model); this worker's losses."""
         raise NotImplementedError

@@ -76,6 +76,9 @@ class SyncNetRecipe(Recipe):
         health = getattr(self, "health", None)
         return health.evaluate(self.model, step, metrics) if health is not None else {}
 
+    def optimizers(self) -> list[tuple[torch.optim.Optimizer, float]]:
+        return [(self.optimizer, self.cfg.lr)]
+
     def step(self, batch: Batch) -> dict[str, float]:
         """One optimiser step; this worker's loss."""
         self.model.train()

@@ -197,6 +197,10 @@ class Wav2LipRecipe(Recipe):
         if self.disc is not None:
             self.disc = wrap(self.disc)
 
+    def optimizers(self) -> list[tuple[torch.optim.Optimizer, float]]:
+        own = [(self.opt, self.cfg.lr)]
+        return own + ([(self.disc_opt, self.cfg.disc_lr)] if self.disc_opt is not None else [])
+
     def step(self, batch: Batch) -> dict[str, float]:
         """One generator step (and one discriminator step with the GAN); this worker's losses."""
         cfg, device, amp, disc = self.cfg, self.device, self.amp, self.disc

@@ -80,8 +80,9 @@ class FakeTune:
         self.reports.append((dict(metrics), payload))
 
 
+@pytest.mark.parametrize(("schedule", "last_lr"), [("constant", 1e-3), ("cosine", 5e-4)])
 def test_a_one_worker_trial_trains_with_the_base_configs_optimizer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    schedule: str, last_lr: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from ray import tune
 
@@ -91,7 +92,7 @@ def test_a_one_worker_trial_trains_with_the_base_configs_optimizer(
     for name in ("get_checkpoint", "get_context", "report"):
         monkeypatch.setattr(tune, name, getattr(fake, name))
     data = write_corpus(tmp_path / "data")
-    base = TINY | {"optimizer": "sgd"}
+    base = TINY | {"optimizer": "sgd", "lr_schedule": schedule}
     setup = TrialSetup("syncnet", str(data), str(tmp_path / "out"), base, 2, 1, 2)
     in_process_trial({"lr": 1e-3}, setup)
 
@@ -100,7 +101,8 @@ def test_a_one_worker_trial_trains_with_the_base_configs_optimizer(
     assert payload is not None and payload["step"] == 2
     group = payload["optimizer"]["param_groups"][0]
     assert "momentum" in group and "dampening" in group, f"not SGD: {sorted(group)}"
-    assert "betas" not in group and group["momentum"] == 0.9 and group["lr"] == 1e-3
+    assert "betas" not in group and group["momentum"] == 0.9
+    assert group["lr"] == pytest.approx(last_lr)  # the second (last) of 2 steps: half the lr on the cosine
 
 
 PLAIN_LOOP = """

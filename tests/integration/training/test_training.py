@@ -356,9 +356,9 @@ def base_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def syncnet_run(corpus: Path, base_checkpoint: Path, ray_session, tmp_path_factory) -> tuple[Path, dict]:  # noqa: ANN001
-    """One short run: fine-tuning the base checkpoint on Hindi clips only."""
+    """One short run: fine-tuning the base checkpoint on Hindi clips only, on a cosine lr schedule."""
     out = tmp_path_factory.mktemp("syncnet_out")
-    cfg = small(SyncNetConfig, data=DataSelection(languages=("hi",)))
+    cfg = small(SyncNetConfig, data=DataSelection(languages=("hi",)), lr_schedule="cosine")
     return out, run_syncnet(cfg, str(corpus), str(out), init_from=str(base_checkpoint))
 
 
@@ -374,6 +374,11 @@ def test_syncnet_run_checkpoints_and_logs(syncnet_run: tuple[Path, dict]) -> Non
     assert checkpoints == ["checkpoint_00000001", "checkpoint_00000002"]
     history = metric_history(result["mlflow_tracking_uri"], result["mlflow_run_id"], "train_loss")
     assert [step for step, _ in history] == [1, 2]
+    lr = loaded.config["lr"]  # the cosine of 2 steps: the first at lr, the second at half of it
+    assert metric_history(result["mlflow_tracking_uri"], result["mlflow_run_id"], "lr") == [
+        (1, pytest.approx(lr)),
+        (2, pytest.approx(lr / 2)),
+    ]
 
 
 @pytest.mark.timeout(420)
