@@ -76,7 +76,6 @@ def train_loop(recipe_cls: type[Recipe], config: dict[str, Any]) -> None:
         beat(WAITING_FOR_WINDOWS, step)
         batch = throughput.next(train_batches)
         beat("training a step", step)
-        lr_share = recipe.schedule(step)
         window.append({k: global_mean(v, device) for k, v in recipe.step(batch).items()})
         step += 1
         last = step == cfg.steps
@@ -87,7 +86,7 @@ def train_loop(recipe_cls: type[Recipe], config: dict[str, Any]) -> None:
                 beat("evaluating", step)
                 metrics.update(recipe.evaluate(validation()))
                 metrics.update(recipe.after_evaluation(step, metrics))
-            metrics.update(recipe.logged() | {"lr": cfg.lr * lr_share})
+            metrics.update(recipe.logged() | {"lr": cfg.lr * recipe.lr_share})
             metrics_log.log(step, {**metrics, "step": step})
 
         # -- checkpoint: the recipe's payloads (weights, optimisers, step, config, train_state)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from core.config import config_hash, to_dict
-from models.checkpoint import checkpoint_payload
+from models.checkpoint import MODEL_FILE, checkpoint_payload
 from training.devices import seed_everything, worker_amp
 from training.optim import lr_factor, set_lr
 
@@ -51,10 +51,13 @@ class Recipe:
         self.cfg, self.device = cfg, device
         self.amp = worker_amp(device.type == "cuda")
         self.train_state: dict[str, Any] = {}
+        self.steps_done = 0  # optimiser steps taken, counting those of the checkpoint resumed from
+        self.lr_share = 1.0  # the share of each configured lr the last step trained at (cfg.lr_schedule)
         seed_everything(cfg.seed)
         self.build(expert)
         if resume is not None:
             self.train_state = {**self.train_state, **self.load(resume)}
+            self.steps_done = int(resume[MODEL_FILE]["step"])
         elif init_from:
             self.init_from(init_from)
 
@@ -76,20 +79,28 @@ class Recipe:
         raise NotImplementedError
 
     # -- training and evaluation
+    def step(self, batch: Batch) -> dict[str, float]:
+        """One training step, whatever drives it (Ray Train, a Tune trial, a plain loop): every optimiser's
+        lr for this step (`schedule`), then the recipe's `update`; this worker's losses."""
+        self.schedule(self.steps_done)
+        losses = self.update(batch)
+        self.steps_done += 1
+        return losses
+
+    def schedule(self, step: int) -> float:
+        """Set each optimiser's learning rate for step `step` (0-based) under cfg.lr_schedule; the factor.
+        A function of the step alone, so a resumed run continues on the same curve."""
+        self.lr_share = lr_factor(self.cfg.lr_schedule, step, self.cfg.steps)
+        for optimizer, lr in self.optimizers():
+            set_lr(optimizer, lr * self.lr_share)
+        return self.lr_share
+
     def optimizers(self) -> list[tuple[torch.optim.Optimizer, float]]:
         """Each optimiser with the learning rate its config gives it."""
         raise NotImplementedError
 
-    def schedule(self, step: int) -> float:
-        """Set each optimiser's learning rate for step `step` (0-based) under cfg.lr_schedule; the factor.
-        Every driver calls it before `step`."""
-        factor = lr_factor(self.cfg.lr_schedule, step, self.cfg.steps)
-        for optimizer, lr in self.optimizers():
-            set_lr(optimizer, lr * factor)
-        return factor
-
-    def step(self, batch: Batch) -> dict[str, float]:
-        """One optimiser step (per model); this worker's losses."""
+    def update(self, batch: Batch) -> dict[str, float]:
+        """One optimiser step (per model) at the lr `schedule` set; this worker's losses."""
         raise NotImplementedError
 
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:

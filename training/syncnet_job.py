@@ -79,7 +79,7 @@ class SyncNetRecipe(Recipe):
     def optimizers(self) -> list[tuple[torch.optim.Optimizer, float]]:
         return [(self.optimizer, self.cfg.lr)]
 
-    def step(self, batch: Batch) -> dict[str, float]:
+    def update(self, batch: Batch) -> dict[str, float]:
         """One optimiser step; this worker's loss."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)

@@ -201,7 +201,7 @@ class Wav2LipRecipe(Recipe):
         own = [(self.opt, self.cfg.lr)]
         return own + ([(self.disc_opt, self.cfg.disc_lr)] if self.disc_opt is not None else [])
 
-    def step(self, batch: Batch) -> dict[str, float]:
+    def update(self, batch: Batch) -> dict[str, float]:
         """One generator step (and one discriminator step with the GAN); this worker's losses."""
         cfg, device, amp, disc = self.cfg, self.device, self.amp, self.disc
         sync_weight = self.train_state["sync_weight"]

@@ -208,7 +208,6 @@ def train_and_report(
         beat(f"trial {trial} training a step", step)
         if not diverged:
             try:
-                recipe.schedule(step)
                 losses.append(train_step(recipe, next(stream)))
             except Diverged:
                 diverged = True

@@ -123,14 +123,20 @@ with tempfile.TemporaryDirectory() as tmp:
     for name in ("syncnet", "wav2lip"):
         recipe_cls = recipe_class(name)
         small = {"steps": 2} if name == "syncnet" else {"steps": 1, "gan": False}  # a GAN step: ~10 s
-        cfg = from_dict(recipe_cls.config, TINY | small | {"optimizer": "sgd"})
+        cfg = from_dict(recipe_cls.config, TINY | small | {"optimizer": "sgd", "lr_schedule": "cosine"})
         recipe = recipe_cls(cfg, torch.device("cpu"), expert=expert)
         stream = BatchStream([shard_row("a", 0)], cfg, name)
         losses = [recipe.step(next(stream)) for _ in range(cfg.steps)]
         metrics = recipe.evaluate(val_batches([shard_row("b", 1)], cfg, name))
         write_payloads(f"{tmp}/{name}", recipe.payloads(cfg.steps, metrics))
         resumed = recipe_cls(cfg, torch.device("cpu"), resume=recipe.payloads(cfg.steps, metrics), expert=expert)
-        out[name] = {"losses": losses, "metrics": metrics, "logged": resumed.logged()}
+        out[name] = {
+            "losses": losses,
+            "metrics": metrics,
+            "logged": resumed.logged(),
+            "last_lr_share": recipe.optimizers()[0][0].param_groups[0]["lr"] / cfg.lr,
+            "resumed_at": resumed.steps_done,
+        }
 out["ray"] = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
 print(json.dumps(out))
 """
@@ -152,3 +158,6 @@ def test_a_plain_loop_drives_both_recipes_without_ray() -> None:
     assert set(out["wav2lip"]["losses"][0]) == {"train_l1", "train_mouth_l1", "train_sync", "train_loss"}
     assert set(out["wav2lip"]["metrics"]) == {"val_l1", "val_mouth_l1", "val_sync"}
     assert "sync_weight" in out["wav2lip"]["logged"]
+    # a plain loop trains on the configured cosine too: the second of 2 steps at half the lr
+    assert out["syncnet"]["last_lr_share"] == pytest.approx(0.5)
+    assert out["syncnet"]["resumed_at"] == 2 and out["wav2lip"]["resumed_at"] == 1
