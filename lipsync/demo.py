@@ -75,14 +75,27 @@ def check(cfg: DemoConfig) -> None:
     validate_generation(cfg.generate)
 
 
+def new_speech_text(language: str, count: int, rng: np.random.Generator) -> str:
+    """`count` held-out sentences of `language` in order, or, where it has none, `count` of the sentences the
+    generated corpus speaks, drawn with `rng`."""
+    from pipeline.sentences import HELD_OUT_SENTENCES, SENTENCES
+
+    if language in HELD_OUT_SENTENCES:
+        return " ".join(HELD_OUT_SENTENCES[language][:count])
+    sentences = SENTENCES[language]
+    picked = rng.choice(len(sentences), min(count, len(sentences)), replace=False)
+    return " ".join(sentences[int(k)] for k in picked)
+
+
 def new_speech_pairs(corpus: Path, clips_parquet: Path, out: Path, cfg: DemoConfig) -> Path:
     """A pairs manifest: a val-split face video per language with new espeak-ng speech in that language
     (`new_speech_sentences` sentences: one sentence is about 3 s, too short for the landmark meter to be
-    confident and under generation's `post.min_seconds`)."""
+    confident and under generation's `post.min_seconds`). The sentences are the language's first
+    held-out ones, which the generated corpus never speaks; a language without them draws from the
+    corpus's own sentences."""
     import pandas as pd
 
     from pipeline import phonemes
-    from pipeline.sentences import SENTENCES
 
     check(cfg)
     clips = pd.read_parquet(clips_parquet)
@@ -94,9 +107,7 @@ def new_speech_pairs(corpus: Path, clips_parquet: Path, out: Path, cfg: DemoConf
         mine = clips[clips["language"] == language].sort_values(["source", "clip_id"])
         preferred = mine[mine["split"] == "val"] if (mine["split"] == "val").any() else mine
         for i, source in enumerate(preferred["source"].drop_duplicates().head(cfg.pairs_per_language)):
-            sentences = SENTENCES[language]
-            picked = rng.choice(len(sentences), min(cfg.new_speech_sentences, len(sentences)), replace=False)
-            text = " ".join(sentences[int(k)] for k in picked)
+            text = new_speech_text(language, cfg.new_speech_sentences, rng)
             speech = phonemes.synthesize(text, language, NEW_SPEECH_VOICE)
             wav = out / f"{language}-{i}.wav"
             wavfile.write(wav, speech.sample_rate, speech.pcm)

@@ -14,7 +14,7 @@ from core.config import load_config
 from core.errors import BadInput
 from generation.config import PostprocessConfig
 from lipsync.demo import DEMO_CONFIG, DemoConfig, new_speech_pairs
-from pipeline.sentences import SENTENCES
+from pipeline.sentences import HELD_OUT_SENTENCES, SENTENCES
 
 
 def _clips(path: Path, languages: list[str]) -> Path:
@@ -36,10 +36,20 @@ def test_new_speech_joins_the_configured_sentences_on_val_faces(tmp_path: Path) 
     assert [r["language"] for r in rows] == ["en", "es"]
     for row in rows:
         assert row["video"] == f"/faces/{row['language']}-val.mp4"  # the val face, not a training one
-        used = [s for s in SENTENCES[row["language"]] if s in row["transcript"]]
+        used = [s for s in HELD_OUT_SENTENCES[row["language"]] if s in row["transcript"]]
         assert len(used) == cfg.new_speech_sentences >= 2
+        assert not [s for s in SENTENCES[row["language"]] if s in row["transcript"]]  # text never trained on
         rate, pcm = wavfile.read(row["audio"])
         assert len(pcm) / rate >= PostprocessConfig().min_seconds  # long enough to measure and correct
+
+
+def test_a_language_without_held_out_sentences_speaks_the_corpus_sentences(tmp_path: Path) -> None:
+    cfg = load_config(DemoConfig, DEMO_CONFIG)
+    cfg = replace(cfg, synth=replace(cfg.synth, languages=["de"]), new_speech_sentences=2)
+    assert "de" not in HELD_OUT_SENTENCES
+    pairs = new_speech_pairs(tmp_path, _clips(tmp_path / "clips.parquet", ["de"]), tmp_path / "speech", cfg)
+    (row,) = list(csv.DictReader(pairs.open()))
+    assert len([s for s in SENTENCES["de"] if s in row["transcript"]]) == 2
 
 
 def test_the_face_picked_does_not_depend_on_the_output_folder(tmp_path: Path) -> None:
