@@ -8,7 +8,8 @@ row of a `lipsync score` output (e.g. a demo's `scores/`): raw openness (inner-l
 distance) at the 5th percentile of the whole clip, its median over pause frames (no phoneme of the timeline
 overlaps them, each phoneme looked for MOUTH_LEAD_MS early as scoring does) and over speech frames' 5th
 percentile, the median of each bilabial's least open frame, and the share of bilabials counted closed on the
-whole clip's scale (what scoring reports) and on the speech frames' scale (a diagnostic, not the bar).
+whole clip's scale (what scoring reports, printed beside it as a check) and on the speech frames' scale
+(a diagnostic, not the bar).
 
 Usage: python benchmarks/closure_depth.py SCORES_DIR [--pairs PAIRS_CSV] (default: SCORES_DIR/../new_speech/
 pairs.csv, where a demo keeps its transcripts). Writes benchmarks/results/closure_depth.json.
@@ -35,16 +36,7 @@ def shifted_spans(timeline: list, n: int, fps: float) -> list[tuple[str, int, in
     from evaluation.sync import frame_span
     from pipeline import phonemes as ph
 
-    lead = ph.MOUTH_LEAD_MS
-    return [
-        (
-            p.viseme,
-            *frame_span(
-                ph.Phoneme(p.phoneme, p.start_ms - lead, p.end_ms - lead, p.viseme, p.openness), n, fps
-            ),
-        )
-        for p in timeline
-    ]
+    return [(p.viseme, *frame_span(p, n, fps)) for p in ph.shift_timeline(timeline, -ph.MOUTH_LEAD_MS)]
 
 
 def closed_share(bilabial_minima: np.ndarray, low: float, high: float, closed_below: float) -> float:
@@ -77,20 +69,22 @@ def depth(openness: np.ndarray, spans: list[tuple[str, int, int]], closed_below:
 
 
 def measure(row: dict[str, Any], pair: dict[str, str], scorer: Any) -> dict[str, Any]:
-    """Track one scored video as scoring does (unsmoothed landmarks) and measure its closure depth."""
+    """Track one scored video (with the audio muxed into it) as scoring does, unsmoothed landmarks, and
+    measure its closure depth."""
     from evaluation.clip_scorer import decode
     from pipeline.landmarks import fill_gaps, mouth_openness
-    from pipeline.media import read_audio
 
     cfg = scorer.cfg
     frames, pcm = decode(row["video"], cfg)
-    if row.get("audio"):
-        pcm = read_audio(row["audio"], cfg.sample_rate)[: len(pcm) or None]
     track = scorer.tracker.track(frames, fps=cfg.fps)
     openness = mouth_openness(fill_gaps(track.landmarks, track.found)[0])
     source = {"phonemes": "", "timeline": pair.get("timeline", ""), "transcript": pair.get("transcript", "")}
-    timeline, _ = scorer._timeline({**row, **source, "language": pair["language"]}, pcm)
+    timeline, _ = scorer.timeline({**row, **source, "language": pair["language"]}, pcm)
     return depth(openness, shifted_spans(timeline, len(openness), cfg.fps), cfg.closed_below)
+
+
+def _shown(value: float | None) -> str:
+    return "  -  " if value is None else f"{value:.2f}"
 
 
 def main() -> None:
@@ -110,17 +104,19 @@ def main() -> None:
     scorer = ClipScorer(ScoreConfig())
     out = []
     print(
-        "system        id     clip p5  pause med  speech p5  bilabial min  closed (clip scale / speech scale)"
+        "system        id     clip p5  pause med  speech p5  bilabial min  closed: scored, clip scale, speech scale"
     )
     for row in pq.read_table(scores / "scores.parquet").to_pylist():
         if row["status"] != "ok" or row["id"] not in pairs:
             continue
-        figures = {"system": row["system"], "id": row["id"]} | measure(row, pairs[row["id"]], scorer)
+        figures = {"system": row["system"], "id": row["id"], "scored_closed": row.get("bilabial_closed")}
+        figures |= measure(row, pairs[row["id"]], scorer)
         out.append(figures)
         print(
             f"{row['system']:<13} {row['id']:<6} {figures['clip_p5']:7.3f} {figures['pause_median']:10.3f} "
             f"{figures['speech_p5']:10.3f} {figures['bilabial_min_median']:13.3f}  "
-            f"{figures['closed_clip_scale']:.2f} / {figures['closed_speech_scale']:.2f}"
+            f"{_shown(figures['scored_closed'])} {figures['closed_clip_scale']:.2f} "
+            f"{figures['closed_speech_scale']:.2f}"
         )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "closure_depth.json").write_text(json.dumps({"scores": str(scores), "rows": out}, indent=1))

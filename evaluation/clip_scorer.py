@@ -189,7 +189,7 @@ class ClipScorer:
         return scores
 
     def _visemes(self, row: dict[str, Any], pcm: np.ndarray, openness: np.ndarray, n: int) -> dict[str, Any]:
-        timeline, source = self._timeline(row, pcm)
+        timeline, source = self.timeline(row, pcm)
         out: dict[str, Any] = {"timeline_source": source}
         if timeline:
             agreement = viseme_agreement(
@@ -201,7 +201,7 @@ class ClipScorer:
             )
         return out
 
-    def _timeline(self, row: dict[str, Any], pcm: np.ndarray) -> tuple[list[ph.Phoneme], str]:
+    def timeline(self, row: dict[str, Any], pcm: np.ndarray) -> tuple[list[ph.Phoneme], str]:
         """The phoneme timeline in the clip's audio time and where it came from (json, espeak or none)."""
         if row["phonemes"]:
             return timeline_from_document(row["phonemes"]), "json"

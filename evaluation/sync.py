@@ -161,10 +161,7 @@ def viseme_agreement(
     """Share of bilabials with closed lips and of open vowels with an open mouth (timeline in audio time;
     each phoneme's shape is looked for `lead_ms` before it sounds)."""
     norm = normalised_openness(openness)
-    phonemes = [  # the face shapes each phoneme before it sounds
-        ph.Phoneme(p.phoneme, p.start_ms - lead_ms, p.end_ms - lead_ms, p.viseme, p.openness)
-        for p in phonemes
-    ]
+    phonemes = ph.shift_timeline(phonemes, -lead_ms)  # the face shapes each phoneme before it sounds
     bilabial = [p for p in phonemes if p.viseme == "bilabial"]
     vowels = [p for p in phonemes if p.viseme in ph.VOWEL_VISEMES and p.openness >= vowel_min_openness]
     closed = _hits(norm, bilabial, fps, np.min, lambda v: v <= closed_below)

@@ -11,7 +11,7 @@ import ctypes
 import ctypes.util
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -380,6 +380,11 @@ def openness_per_frame(
     centres = (np.arange(n_frames) + 0.5) * 1000.0 / fps - shift_ms
     idx = np.clip(np.round(centres).astype(int), 0, len(curve) - 1)
     return curve[idx]
+
+
+def shift_timeline(phonemes: list[Phoneme], ms: float) -> list[Phoneme]:
+    """The timeline moved by `ms` (negative: earlier), e.g. to where the mouth shapes each phoneme."""
+    return [replace(p, start_ms=p.start_ms + ms, end_ms=p.end_ms + ms) for p in phonemes]
 
 
 def timeline_to_json(phonemes: list[Phoneme]) -> list[dict]:

@@ -165,10 +165,6 @@ def _fit(speech: ph.Speech, span: float) -> tuple[np.ndarray, list[ph.Phoneme]]:
     return pcm, kept
 
 
-def _shift_phonemes(phonemes: list[ph.Phoneme], ms: float) -> list[ph.Phoneme]:
-    return [ph.Phoneme(p.phoneme, p.start_ms + ms, p.end_ms + ms, p.viseme, p.openness) for p in phonemes]
-
-
 def make_clip(job: ClipJob) -> dict[str, Any]:
     """Render, speak and encode one clip; write its phoneme timeline; return its manifest row."""
     from pipeline.media import shift_audio, write_video
@@ -185,10 +181,10 @@ def make_clip(job: ClipJob) -> dict[str, Any]:
     audio = np.zeros(n_samples, np.float32)
     start = int(lead_in * sr)
     audio[start : start + len(pcm)] = pcm[: n_samples - start]
-    mouth_timeline = _shift_phonemes(kept, lead_in * 1000)  # what the face says, in clip time
+    mouth_timeline = ph.shift_timeline(kept, lead_in * 1000)  # what the face says, in clip time
     offset_s = cfg.offset_frames / cfg.fps
     audio = shift_audio(audio, sr, offset_s)
-    heard_timeline = _shift_phonemes(mouth_timeline, offset_s * 1000)  # what the audio says
+    heard_timeline = ph.shift_timeline(mouth_timeline, offset_s * 1000)  # what the audio says
 
     rig = express(build_rig(spk.look, cfg.frame_size, cfg.max_opening), job.emotion)
     openness = ph.openness_per_frame(mouth_timeline, n_frames, cfg.fps, shift_ms=-cfg.mouth_lead_ms)

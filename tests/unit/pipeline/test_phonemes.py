@@ -130,6 +130,14 @@ def test_unknown_language_lists_the_voices() -> None:
     assert "klingon" in message and "en" in message.split("available:")[1] and "hi" in message
 
 
+def test_shift_timeline_moves_every_phoneme_and_keeps_the_rest() -> None:
+    timeline = [ph.Phoneme("m", 100.0, 180.0, "bilabial", 0.0), ph.Phoneme("a", 180.0, 300.0, "open", 1.0)]
+    early = ph.shift_timeline(timeline, -80.0)
+    assert [(p.start_ms, p.end_ms) for p in early] == [(20.0, 100.0), (100.0, 220.0)]
+    assert [(p.phoneme, p.viseme, p.openness) for p in early] == [("m", "bilabial", 0.0), ("a", "open", 1.0)]
+    assert ph.shift_timeline(early, 80.0) == timeline
+
+
 def test_openness_curve_is_smooth_and_follows_timeline() -> None:
     timeline = [ph.Phoneme("a", 100, 300, "open_vowel", 1.0), ph.Phoneme("m", 300, 400, "bilabial", 0.0)]
     curve = ph.openness_curve(timeline, 600)
