@@ -15,13 +15,18 @@ import pyarrow.parquet as pq
 
 
 def read_parquet(fh: Any, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet table from an open (fsspec) file, its bytes read first.
+    """A Parquet table from an open (fsspec) file, its bytes first copied into memory Arrow owns.
 
-    Measured, not explained: `lipsync select` refusals reading through the Python file object aborted at
-    interpreter exit in 2 of 40 runs ("terminate called without an active exception"); read from the bytes,
-    0 of 60. pyarrow's I/O threads calling back into the Python file are the likely cause.
+    Arrow's dataset reader lets go of its input on a pool thread, after `read_table` has returned. When that
+    input is a Python object (the file, or the bytes `fh.read()` gave), the release needs the GIL; at
+    interpreter exit that thread is killed mid-destructor and the process aborts ("terminate called without
+    an active exception", exit 134 after the command's own exit code was decided). A core dump of a `lipsync
+    select` refusal showed exactly that (`arrow::py::PyBuffer::~PyBuffer` -> `PyGILState_Ensure` ->
+    `pthread_exit`). An Arrow-owned copy has no Python object for that thread to release.
     """
-    return pq.read_table(pa.BufferReader(fh.read()), columns=columns)
+    sink = pa.BufferOutputStream()
+    sink.write(fh.read())
+    return pq.read_table(pa.BufferReader(sink.getvalue()), columns=columns)
 
 
 def is_remote(uri: str) -> bool:
