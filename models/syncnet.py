@@ -72,12 +72,18 @@ class SyncNet(nn.Module):
         self, audio_sequences: torch.Tensor, face_sequences: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed a batch; argument and result order (audio, faces) as in the reference."""
+        return self.embed_audio(audio_sequences), self.embed_faces(face_sequences)
+
+    def embed_faces(self, face_sequences: torch.Tensor) -> torch.Tensor:
+        """Unit face embeddings of (B, 15, H/2, W) lower halves (one face pass serves many mel shifts)."""
         expected = (SYNC_FRAMES * 3, self.img_size // 2, self.img_size)
         if tuple(face_sequences.shape[1:]) != expected:
             raise ValueError(f"expected faces (B, {expected}), got {tuple(face_sequences.shape)}")
-        face_embedding = self.face_encoder(face_sequences).flatten(1)
-        audio_embedding = self.audio_encoder(audio_sequences).flatten(1)
-        return F.normalize(audio_embedding, p=2, dim=1), F.normalize(face_embedding, p=2, dim=1)
+        return F.normalize(self.face_encoder(face_sequences).flatten(1), p=2, dim=1)
+
+    def embed_audio(self, audio_sequences: torch.Tensor) -> torch.Tensor:
+        """Unit audio embeddings of (B, 1, 80, 16) mel windows."""
+        return F.normalize(self.audio_encoder(audio_sequences).flatten(1), p=2, dim=1)
 
 
 def sync_probability(audio_emb: torch.Tensor, face_emb: torch.Tensor) -> torch.Tensor:

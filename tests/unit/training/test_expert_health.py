@@ -88,3 +88,28 @@ def test_wav2lip_run_refuses_a_weak_expert_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="has not learnt sync"):
         check_expert(uri, 96, 0.75)
     assert check_expert(uri, 96, None) == uri
+
+
+def test_shift_scores_embed_the_faces_once_and_match_the_full_forward() -> None:
+    """The offset ranking's scores equal the network's own forward pass at every shift, and the face
+    encoder runs once per clip, not once per shift."""
+    import numpy as np
+    import torch
+    from support.training import shard_row
+
+    from models.registry import build_model
+    from models.syncnet import sync_probability
+
+    torch.manual_seed(0)
+    model = build_model("syncnet", 96, 0.125).eval()
+    inputs = eh.clip_windows(shard_row(), 96, windows=6)
+    assert inputs is not None
+    faces, mels = inputs
+    with torch.no_grad():
+        full = [float(sync_probability(*model(m, faces)).mean()) for m in mels]
+    calls = []
+    hook = model.face_encoder.register_forward_hook(lambda *_: calls.append(1))
+    scores = eh.clip_shift_scores(model, shard_row(), cached=inputs)
+    hook.remove()
+    np.testing.assert_allclose(scores, full, rtol=1e-6)
+    assert len(scores) == len(eh.SHIFTS) and len(calls) == 1
