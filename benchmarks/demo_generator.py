@@ -11,7 +11,7 @@ seeded order; two runs of the demo's expert ended identical), so "-" should retr
 generator when the demo ran on the same code.
 
 Usage: python benchmarks/demo_generator.py [DEMO_OUT (default demo_out)] [--config configs/demo.yaml]
-[--variant - mouth_weight=2 steps=900,sync_weight=0.03] [--work /tmp/demo_generator].
+[--variant - mouth_weight=2 steps=900,sync_weight=0.03 windows.windows_per_clip=32] [--work /tmp/demo_generator].
 Writes benchmarks/results/demo_generator.json.
 Without a finished demo there is nothing to measure: it says so and exits 0 (`make demo` first).
 """
@@ -45,6 +45,18 @@ def variant_name(changes: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in changes.items()) or "demo"
 
 
+def changed(cfg: Any, changes: dict[str, Any]) -> Any:
+    """`cfg` with `changes` applied; a dotted key ("windows.windows_per_clip") changes a nested config."""
+    top = {k: v for k, v in changes.items() if "." not in k}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in changes.items():
+        if "." in key:
+            head, rest = key.split(".", 1)
+            nested.setdefault(head, {})[rest] = value
+    top |= {head: changed(getattr(cfg, head), inner) for head, inner in nested.items()}
+    return dataclasses.replace(cfg, **top)
+
+
 def retrain_and_score(demo: Path, config: str, changes: dict[str, Any], work: Path) -> dict[str, Any]:
     """Retrain the generator with `changes`, generate the demo's pairs, score them; figures per row."""
     import pyarrow.parquet as pq
@@ -67,7 +79,7 @@ def retrain_and_score(demo: Path, config: str, changes: dict[str, Any], work: Pa
     expert = found[0]
     started = time.perf_counter()
     trained = train(
-        dataclasses.replace(cfg.wav2lip, **changes),
+        changed(cfg.wav2lip, changes),
         str(demo / "preprocessed"),
         str(out / "wav2lip"),
         expert,
