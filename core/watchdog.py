@@ -127,7 +127,12 @@ def _pool_actors(op: Any) -> list[Any]:
 class StallReport(_execution_callback_base()):  # type: ignore[misc]
     """Ray Data execution callback: keeps the operators' state, and when the run times out puts a description
     of the stalled stage on Ray Data's no-progress error (as `lipsync_stall`) and kills the pools' actors:
-    Ray Data only lets go of them, and one stuck in its input would hold its CPUs until that returns."""
+    Ray Data only lets go of them, and one stuck in its input would hold its CPUs until that returns.
+
+    It holds handles to the pools' actors only while the execution runs: a handle kept after it would keep
+    the actor and its CPUs alive until the executor is garbage-collected (it sits in a reference cycle), and
+    a training run started next in the same process waited for those CPUs forever.
+    """
 
     def __init__(self) -> None:
         self.snapshot = Snapshot()
@@ -148,15 +153,19 @@ class StallReport(_execution_callback_base()):  # type: ignore[misc]
         self.snapshot = Snapshot(operators, _usage(executor))
         self.actors = [actor for op in topology for actor in _pool_actors(op)]
 
+    def after_execution_succeeds(self, executor: Any) -> None:
+        self.actors = []
+
     def after_execution_fails(self, executor: Any, error: Exception) -> None:
         import ray
         from ray.data.exceptions import ExecutionTimeoutError
 
+        actors, self.actors = self.actors, []
         if isinstance(error, ExecutionTimeoutError):
             stage = self.snapshot.stalled()
             parts = [stage.describe() if stage else "no stage running", self.snapshot.usage]
             error.lipsync_stall = "; ".join(p for p in parts if p)  # type: ignore[attr-defined]
-            for actor in self.actors:
+            for actor in actors:
                 with contextlib.suppress(Exception):  # gone already
                     ray.kill(actor)
 

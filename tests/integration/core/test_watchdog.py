@@ -8,6 +8,7 @@ probe (a FIFO nobody writes to), a training loop and a sweep whose CPUs another 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import re
@@ -46,6 +47,38 @@ def test_a_ray_data_stage_that_sleeps_fails_naming_it(ray_session) -> None:  # n
     assert time.monotonic() - started < 60
     assert ray_session.data.DataContext.get_current().execution_no_progress_timeout_s != 3  # put back
     assert released(ray_session, 2.0)  # the stuck actor was killed, not left holding its CPU
+
+
+def test_a_finished_pool_under_the_guard_lets_go_of_its_cpus_without_the_garbage_collector(
+    ray_session,  # noqa: ANN001
+) -> None:
+    """The guard's callback held the pool's actor handles after the run; with the executor in a reference
+    cycle, the actors kept their CPUs until Python's garbage collector ran, and a training run started next
+    in the same process (the demo, a test) waited for those CPUs forever."""
+    from core.ray import run_on_actor_pool
+    from core.watchdog import data_stall_guard
+
+    class Echo:
+        """A pool stage that returns its input (defined here: workers cannot import tests)."""
+
+        def __init__(self, **_: object) -> None:
+            pass
+
+        def __call__(self, batch: dict) -> dict:
+            return batch
+
+    free = ray_session.available_resources().get("CPU")
+    rows = [{"input_id": str(i)} for i in range(4)]
+    gc.disable()  # what a process that allocates little does between two runs
+    try:
+        with data_stall_guard(60, "resources.stall_seconds"):
+            out = run_on_actor_pool(
+                rows, Echo, {}, actors=2, cpus_per_actor=0.9, max_restarts=0, key="input_id"
+            )
+        assert len(out) == 4
+        assert released(ray_session, free, within_s=15)
+    finally:
+        gc.enable()
 
 
 @contextlib.contextmanager
